@@ -1,0 +1,37 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// WebSocket gateway: accepts ws:// and wss:// upgrades and relays them to TCP, Unix-socket
+/// or WebSocket upstreams.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wsgate",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// Configuration file (TOML) to run with.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a configuration, its certificates and keys, then exit 0 (valid) or 1.
+    Check {
+        /// Configuration file (TOML) to check.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+}

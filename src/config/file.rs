@@ -1,0 +1,59 @@
+//! The serde mirror of the TOML file. Every field is `Spanned` so that validation can point
+//! at the line and column of a bad value; unknown keys are rejected so typos are not ignored.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub gateway: Option<GatewaySection>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<Spanned<ListenerSection>>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Spanned<RouteSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    pub shutdown_timeout: Option<Spanned<String>>,
+    pub handshake_timeout: Option<Spanned<String>>,
+    pub close_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub name: Option<Spanned<String>>,
+    pub bind: Spanned<String>,
+    pub tls: Option<Spanned<TlsSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub path: Spanned<String>,
+    pub host: Option<Spanned<String>>,
+    pub upstream: Spanned<String>,
+    pub subprotocols: Option<Spanned<Vec<String>>>,
+    pub max_message_size: Option<Spanned<SizeValue>>,
+    pub allowed_origins: Option<Spanned<Vec<String>>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub ca: Option<Spanned<String>>,
+}
+
+/// A size is either a plain number of bytes or a string with a unit.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}

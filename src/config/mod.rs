@@ -1,0 +1,186 @@
+//! Configuration: the TOML file (`file`), turned into checked, typed values (`validate`).
+//!
+//! Two stages on purpose: serde mirrors the file exactly (unknown keys are errors), and
+//! validation turns strings into addresses, durations, sizes and upstream URLs while
+//! collecting every problem with its line and column, so an operator fixes a file in one pass.
+
+mod file;
+mod units;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use units::{parse_duration, parse_size};
+
+/// Defaults that apply when a key is absent. The README's configuration reference lists the
+/// same values; a test keeps the two in step.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Large enough for VNC framebuffer updates and typical JSON APIs; every frame up to this
+    /// size is held in memory whole, so this is also the per-direction memory bound.
+    pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
+}
+
+/// A validated configuration: everything here has been parsed and checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from, for messages (`<string>` when parsed from memory).
+    pub source: String,
+    pub gateway: GatewayConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub shutdown_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub close_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
+            close_timeout: defaults::CLOSE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Normalised prefix: starts with `/`, no trailing `/` except for the root.
+    pub path: String,
+    /// Lower-case host name or `*.suffix` pattern.
+    pub host: Option<String>,
+    pub upstream: Upstream,
+    pub subprotocols: Vec<String>,
+    pub max_message_size: usize,
+    /// `None` accepts any Origin (and requests without one).
+    pub allowed_origins: Option<Vec<String>>,
+    pub connect_timeout: Duration,
+    /// CA bundle that verifies a `wss://` upstream instead of the built-in web roots.
+    pub ca: Option<PathBuf>,
+}
+
+/// Where a route's connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// Raw TCP: message payloads become a byte stream (the websockify use case).
+    Tcp { host: String, port: u16 },
+    /// Unix-domain stream socket, relayed like `Tcp`.
+    Unix { path: PathBuf },
+    /// Another WebSocket server; messages, pings and closes pass through.
+    Ws {
+        tls: bool,
+        host: String,
+        port: u16,
+        /// Path and query of the upstream URL; empty when the URL had no path, which means
+        /// "forward the client's path unchanged".
+        path: String,
+    },
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Upstream::Tcp { host, port } => write!(f, "tcp://{}", authority(host, *port)),
+            Upstream::Unix { path } => write!(f, "unix:{}", path.display()),
+            Upstream::Ws {
+                tls,
+                host,
+                port,
+                path,
+            } => {
+                let scheme = if *tls { "wss" } else { "ws" };
+                write!(f, "{scheme}://{}{path}", authority(host, *port))
+            }
+        }
+    }
+}
+
+/// `host:port`, with IPv6 literals in brackets.
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// One problem in a configuration file, printed as `file:line:column: key: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+/// Why a configuration could not be used. Each issue renders as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the configuration file: {source}; check the --config path")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_issues(file, issues))]
+    Invalid {
+        file: String,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+fn render_issues(file: &str, issues: &[ConfigIssue]) -> String {
+    issues
+        .iter()
+        .map(|i| {
+            if i.key.is_empty() {
+                format!("{file}:{}:{}: {}", i.line, i.column, i.message)
+            } else {
+                format!("{file}:{}:{}: {}: {}", i.line, i.column, i.key, i.message)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates configuration text; `source` names it in messages.
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        validate::parse(text, source)
+    }
+}

@@ -1,0 +1,615 @@
+//! File → `Config`: every value parsed and checked, every problem reported with its position.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use toml::Spanned;
+
+use super::file::{FileConfig, RouteSection, SizeValue};
+use super::units::{parse_duration, parse_size};
+use super::{
+    Config, ConfigError, ConfigIssue, GatewayConfig, ListenerConfig, RouteConfig, TlsFiles,
+    Upstream, defaults,
+};
+
+pub(super) fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map(|s| s.start).unwrap_or(0);
+        let (line, column) = line_column(text, offset);
+        ConfigError::Invalid {
+            file: source.to_string(),
+            issues: vec![ConfigIssue {
+                line,
+                column,
+                key: key_on_line(text, offset),
+                message: e.message().trim().to_string(),
+            }],
+        }
+    })?;
+    let mut v = Validator {
+        text,
+        issues: Vec::new(),
+    };
+    let config = v.config(file, source);
+    if v.issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid {
+            file: source.to_string(),
+            issues: v.issues,
+        })
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// The `key` of a `key = value` line that holds `offset`, so parse errors can name it.
+fn key_on_line(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let end = text[offset..]
+        .find('\n')
+        .map(|i| offset + i)
+        .unwrap_or(text.len());
+    let line = &text[start..end];
+    match line.find('=') {
+        Some(eq) if start + eq < offset => line[..eq].trim().to_string(),
+        _ => String::new(),
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    issues: Vec<ConfigIssue>,
+}
+
+impl Validator<'_> {
+    fn issue<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = line_column(self.text, at.span().start);
+        self.issues.push(ConfigIssue {
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, file: FileConfig, source: &str) -> Config {
+        let mut gateway = GatewayConfig::default();
+        if let Some(section) = file.gateway {
+            let mut duration = |value: Option<Spanned<String>>, key: &str, slot: &mut _| {
+                if let Some(value) = value {
+                    match parse_duration(value.get_ref()) {
+                        Ok(d) => *slot = d,
+                        Err(e) => self.issue(&value, format!("gateway.{key}"), e),
+                    }
+                }
+            };
+            duration(
+                section.shutdown_timeout,
+                "shutdown_timeout",
+                &mut gateway.shutdown_timeout,
+            );
+            duration(
+                section.handshake_timeout,
+                "handshake_timeout",
+                &mut gateway.handshake_timeout,
+            );
+            duration(
+                section.close_timeout,
+                "close_timeout",
+                &mut gateway.close_timeout,
+            );
+        }
+
+        if file.listeners.is_empty() {
+            self.issues.push(ConfigIssue {
+                line: 1,
+                column: 1,
+                key: "listener".into(),
+                message: "no [[listener]] table; add one with bind = \"127.0.0.1:8080\"".into(),
+            });
+        }
+        let mut listeners = Vec::new();
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for (i, section) in file.listeners.into_iter().enumerate() {
+            let key = format!("listener[{i}]");
+            let section = section.into_inner();
+            let bind = match section.bind.get_ref().parse::<SocketAddr>() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    self.issue(
+                        &section.bind,
+                        format!("{key}.bind"),
+                        format!(
+                            "`{}` is not an address; write an IP address and port, like \"127.0.0.1:8080\" or \"[::]:8443\"",
+                            section.bind.get_ref()
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if bind.port() != 0 && !binds.insert(bind) {
+                self.issue(
+                    &section.bind,
+                    format!("{key}.bind"),
+                    format!(
+                        "{bind} is bound by an earlier listener; give each listener its own address"
+                    ),
+                );
+            }
+            let name = match section.name {
+                Some(name) => {
+                    if name.get_ref().trim().is_empty() {
+                        self.issue(
+                            &name,
+                            format!("{key}.name"),
+                            "a listener name must not be empty",
+                        );
+                    }
+                    if !names.insert(name.get_ref().clone()) {
+                        self.issue(
+                            &name,
+                            format!("{key}.name"),
+                            format!(
+                                "the name `{}` is used twice; listener names must be unique",
+                                name.get_ref()
+                            ),
+                        );
+                    }
+                    name.into_inner()
+                }
+                None => bind.to_string(),
+            };
+            let tls = section.tls.map(|tls| {
+                let tls = tls.into_inner();
+                TlsFiles {
+                    cert: PathBuf::from(tls.cert.into_inner()),
+                    key: PathBuf::from(tls.key.into_inner()),
+                }
+            });
+            listeners.push(ListenerConfig { name, bind, tls });
+        }
+
+        if file.routes.is_empty() {
+            self.issues.push(ConfigIssue {
+                line: 1,
+                column: 1,
+                key: "route".into(),
+                message: "no [[route]] table; add one with path = \"/\" and upstream = \"tcp://127.0.0.1:5900\"".into(),
+            });
+        }
+        let mut routes = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, section) in file.routes.into_iter().enumerate() {
+            let at = Spanned::new(section.span(), ());
+            if let Some(route) = self.route(i, section.into_inner()) {
+                if !seen.insert((route.host.clone(), route.path.clone())) {
+                    self.issue(
+                        &at,
+                        format!("route[{i}]"),
+                        format!(
+                            "an earlier route has the same path `{}` and host; remove one",
+                            route.path
+                        ),
+                    );
+                }
+                routes.push(route);
+            }
+        }
+
+        Config {
+            source: source.to_string(),
+            gateway,
+            listeners,
+            routes,
+        }
+    }
+
+    fn route(&mut self, i: usize, section: RouteSection) -> Option<RouteConfig> {
+        let key = format!("route[{i}]");
+        let issues_before = self.issues.len();
+
+        let path = normalize_path(section.path.get_ref());
+        if path.is_none() {
+            self.issue(
+                &section.path,
+                format!("{key}.path"),
+                format!(
+                    "`{}` is not a path prefix; write one that starts with `/` and has no query, like \"/vnc\"",
+                    section.path.get_ref()
+                ),
+            );
+        }
+
+        let host = section.host.and_then(|host| {
+            let value = host.get_ref().trim().trim_end_matches('.').to_ascii_lowercase();
+            let bare = value.strip_prefix("*.").unwrap_or(&value);
+            if bare.is_empty()
+                || !bare
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            {
+                self.issue(
+                    &host,
+                    format!("{key}.host"),
+                    format!(
+                        "`{}` is not a host name; write one like \"app.example.com\" or \"*.example.com\" (no port)",
+                        host.get_ref()
+                    ),
+                );
+                None
+            } else {
+                Some(value)
+            }
+        });
+
+        let upstream = match parse_upstream(section.upstream.get_ref()) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                self.issue(&section.upstream, format!("{key}.upstream"), e);
+                None
+            }
+        };
+
+        let mut subprotocols = Vec::new();
+        if let Some(list) = section.subprotocols {
+            if matches!(upstream, Some(Upstream::Ws { .. })) {
+                self.issue(
+                    &list,
+                    format!("{key}.subprotocols"),
+                    "applies to tcp:// and unix: upstreams only; a ws:// upstream chooses from what the client offers, so remove this key",
+                );
+            }
+            for p in list.get_ref() {
+                if p.is_empty() || !p.bytes().all(is_token_byte) {
+                    self.issue(
+                        &list,
+                        format!("{key}.subprotocols"),
+                        format!("`{p}` is not a valid subprotocol token (letters, digits and !#$%&'*+-.^_`|~)"),
+                    );
+                }
+            }
+            subprotocols = list.into_inner();
+        }
+
+        let mut max_message_size = defaults::MAX_MESSAGE_SIZE;
+        if let Some(size) = section.max_message_size {
+            let parsed = match size.get_ref() {
+                SizeValue::Bytes(n) => Ok(*n),
+                SizeValue::Text(t) => parse_size(t),
+            };
+            match parsed {
+                Ok(0) => self.issue(
+                    &size,
+                    format!("{key}.max_message_size"),
+                    "must be at least 1 byte",
+                ),
+                Ok(n) => match usize::try_from(n) {
+                    Ok(n) if n <= 1 << 30 => max_message_size = n,
+                    _ => self.issue(
+                        &size,
+                        format!("{key}.max_message_size"),
+                        "must be at most 1GiB",
+                    ),
+                },
+                Err(e) => self.issue(&size, format!("{key}.max_message_size"), e),
+            }
+        }
+
+        let allowed_origins = section.allowed_origins.map(|list| {
+            let mut origins = Vec::new();
+            for origin in list.get_ref() {
+                match normalize_origin(origin) {
+                    Some(o) => origins.push(o),
+                    None => self.issue(
+                        &list,
+                        format!("{key}.allowed_origins"),
+                        format!("`{origin}` is not an origin; write scheme://host[:port] without a path, like \"https://app.example.com\""),
+                    ),
+                }
+            }
+            origins
+        });
+
+        let mut connect_timeout = defaults::CONNECT_TIMEOUT;
+        if let Some(value) = section.connect_timeout {
+            match parse_duration(value.get_ref()) {
+                Ok(d) if !d.is_zero() => connect_timeout = d,
+                Ok(_) => self.issue(
+                    &value,
+                    format!("{key}.connect_timeout"),
+                    "must be longer than zero",
+                ),
+                Err(e) => self.issue(&value, format!("{key}.connect_timeout"), e),
+            }
+        }
+
+        let ca = section.ca.and_then(|ca| {
+            if !matches!(upstream, Some(Upstream::Ws { tls: true, .. })) {
+                self.issue(
+                    &ca,
+                    format!("{key}.ca"),
+                    "applies to wss:// upstreams only; remove it or change the upstream to wss://",
+                );
+                None
+            } else {
+                Some(PathBuf::from(ca.into_inner()))
+            }
+        });
+
+        if self.issues.len() > issues_before {
+            return None;
+        }
+        Some(RouteConfig {
+            path: path?,
+            host,
+            upstream: upstream?,
+            subprotocols,
+            max_message_size,
+            allowed_origins,
+            connect_timeout,
+            ca,
+        })
+    }
+}
+
+/// RFC 7230 `tchar`, the alphabet of subprotocol names.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn normalize_path(path: &str) -> Option<String> {
+    if !path.starts_with('/') || path.contains(['?', '#']) || path.contains(char::is_whitespace) {
+        return None;
+    }
+    let trimmed = path.trim_end_matches('/');
+    Some(if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        trimmed.to_string()
+    })
+}
+
+fn normalize_origin(origin: &str) -> Option<String> {
+    let (scheme, rest) = origin.split_once("://")?;
+    if scheme.is_empty()
+        || rest.is_empty()
+        || rest.contains('/')
+        || rest.contains(char::is_whitespace)
+    {
+        return None;
+    }
+    Some(origin.to_ascii_lowercase())
+}
+
+/// Parses `tcp://host:port`, `ws://host[:port][/path]`, `wss://…` or `unix:/path`.
+pub(crate) fn parse_upstream(text: &str) -> Result<Upstream, String> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err("`unix:` needs a socket path, like \"unix:/run/app.sock\"".into());
+        }
+        return Ok(Upstream::Unix {
+            path: PathBuf::from(path),
+        });
+    }
+    let bad_scheme = || {
+        format!(
+            "`{text}` is not an upstream; write tcp://host:port, ws://host:port/path, wss://host:port/path or unix:/path"
+        )
+    };
+    let uri: http::Uri = text.parse().map_err(|_| bad_scheme())?;
+    let scheme = uri
+        .scheme_str()
+        .ok_or_else(bad_scheme)?
+        .to_ascii_lowercase();
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("`{text}` has no host"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "`{text}`: credentials in the upstream URL are not supported"
+        ));
+    }
+    // http::Uri reports "/" for a URL without a path; an absent path has its own meaning
+    // for ws:// upstreams (forward the client's path), so look at the text itself.
+    let after_authority = text.split_once("://").map_or("", |(_, rest)| rest);
+    let path = if after_authority.contains(['/', '?']) {
+        uri.path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("")
+            .to_string()
+    } else {
+        String::new()
+    };
+    match scheme.as_str() {
+        "tcp" => {
+            let port = uri
+                .port_u16()
+                .ok_or_else(|| format!("`{text}` needs a port, like tcp://127.0.0.1:5900"))?;
+            if !(path.is_empty() || path == "/") {
+                return Err(format!(
+                    "`{text}`: a tcp:// upstream has no path; remove `{path}`"
+                ));
+            }
+            Ok(Upstream::Tcp { host, port })
+        }
+        "ws" | "wss" => {
+            let tls = scheme == "wss";
+            let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+            Ok(Upstream::Ws {
+                tls,
+                host,
+                port,
+                path,
+            })
+        }
+        _ => Err(bad_scheme()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> String {
+        match Config::parse(text, "test.toml") {
+            Ok(_) => panic!("config was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const MINIMAL: &str = "[[listener]]\nbind = \"127.0.0.1:8080\"\n\n[[route]]\npath = \"/\"\nupstream = \"tcp://127.0.0.1:5900\"\n";
+
+    #[test]
+    fn minimal_file_uses_defaults() {
+        let config = Config::parse(MINIMAL, "test.toml").unwrap();
+        assert_eq!(config.listeners[0].name, "127.0.0.1:8080");
+        let route = &config.routes[0];
+        assert_eq!(route.path, "/");
+        assert_eq!(route.max_message_size, defaults::MAX_MESSAGE_SIZE);
+        assert_eq!(route.connect_timeout, defaults::CONNECT_TIMEOUT);
+        assert_eq!(config.gateway.shutdown_timeout, defaults::SHUTDOWN_TIMEOUT);
+        assert_eq!(
+            route.upstream,
+            Upstream::Tcp {
+                host: "127.0.0.1".into(),
+                port: 5900
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_line_column_and_key() {
+        let text = MINIMAL.replace("path = \"/\"", "path = \"/\"\npaht = \"/x\"");
+        let message = errors(&text);
+        assert!(message.starts_with("test.toml:6:1: "), "{message}");
+        assert!(message.contains("paht"), "{message}");
+    }
+
+    #[test]
+    fn bad_address_names_line_and_key() {
+        let text = MINIMAL.replace("127.0.0.1:8080", "localhost:80x");
+        let message = errors(&text);
+        assert!(
+            message
+                .starts_with("test.toml:2:8: listener[0].bind: `localhost:80x` is not an address"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = MINIMAL.replace("path = \"/\"", "path = 5");
+        let message = errors(&text);
+        assert!(message.starts_with("test.toml:5:8: path: "), "{message}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "[gateway]\nshutdown_timeout = \"soon\"\n[[listener]]\nbind = \"nowhere\"\n[[route]]\npath = \"vnc\"\nupstream = \"http://x\"\n";
+        let message = errors(text);
+        let lines: Vec<&str> = message.lines().collect();
+        assert_eq!(lines.len(), 4, "{message}");
+        assert!(
+            lines[0].starts_with("test.toml:2:20: gateway.shutdown_timeout"),
+            "{message}"
+        );
+        assert!(
+            lines[1].starts_with("test.toml:4:8: listener[0].bind"),
+            "{message}"
+        );
+        assert!(
+            lines[2].starts_with("test.toml:6:8: route[0].path"),
+            "{message}"
+        );
+        assert!(
+            lines[3].starts_with("test.toml:7:12: route[0].upstream"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn upstream_forms() {
+        assert_eq!(
+            parse_upstream("ws://backend/chat?room=1"),
+            Ok(Upstream::Ws {
+                tls: false,
+                host: "backend".into(),
+                port: 80,
+                path: "/chat?room=1".into()
+            })
+        );
+        assert_eq!(
+            parse_upstream("wss://[::1]:9443"),
+            Ok(Upstream::Ws {
+                tls: true,
+                host: "::1".into(),
+                port: 9443,
+                path: "".into()
+            })
+        );
+        assert_eq!(
+            parse_upstream("unix:/run/app.sock"),
+            Ok(Upstream::Unix {
+                path: "/run/app.sock".into()
+            })
+        );
+        assert!(parse_upstream("tcp://host").is_err());
+        assert!(parse_upstream("tcp://host:1/path").is_err());
+        assert!(parse_upstream("http://host:1").is_err());
+        assert!(parse_upstream("127.0.0.1:5900").is_err());
+    }
+
+    #[test]
+    fn ca_only_for_wss_and_subprotocols_only_for_tcp() {
+        let text = MINIMAL.replace(
+            "upstream = \"tcp://127.0.0.1:5900\"",
+            "upstream = \"tcp://127.0.0.1:5900\"\nca = \"ca.pem\"",
+        );
+        assert!(errors(&text).contains("route[0].ca: applies to wss://"));
+        let text = MINIMAL.replace(
+            "upstream = \"tcp://127.0.0.1:5900\"",
+            "upstream = \"ws://127.0.0.1:5900\"\nsubprotocols = [\"chat\"]",
+        );
+        assert!(errors(&text).contains("route[0].subprotocols: applies to tcp://"));
+    }
+
+    #[test]
+    fn sizes_accept_numbers_and_units() {
+        let text = MINIMAL.replace("path = \"/\"", "path = \"/\"\nmax_message_size = \"64KiB\"");
+        assert_eq!(
+            Config::parse(&text, "t").unwrap().routes[0].max_message_size,
+            65536
+        );
+        let text = MINIMAL.replace("path = \"/\"", "path = \"/\"\nmax_message_size = 1000");
+        assert_eq!(
+            Config::parse(&text, "t").unwrap().routes[0].max_message_size,
+            1000
+        );
+    }
+
+    #[test]
+    fn paths_are_normalised() {
+        assert_eq!(normalize_path("/vnc/").as_deref(), Some("/vnc"));
+        assert_eq!(normalize_path("///").as_deref(), Some("/"));
+        assert_eq!(normalize_path("vnc"), None);
+        assert_eq!(normalize_path("/a?b"), None);
+    }
+}

@@ -1,0 +1,94 @@
+//! A configuration made ready to serve: the router built and every TLS file loaded. Built
+//! once at start-up (and by `wsgate check`), so that a bad certificate is a start-up error
+//! and never a per-connection one.
+
+use std::sync::Arc;
+
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{Config, RouteConfig, Upstream};
+use crate::routing::Router;
+use crate::tls::{self, TlsError};
+use crate::upstream;
+
+pub struct Gateway {
+    pub config: Config,
+    router: Router,
+    /// TLS acceptor per listener, in configuration order (`None` for plain ws://).
+    acceptors: Vec<Option<TlsAcceptor>>,
+    /// TLS connector per route, for wss:// upstreams.
+    connectors: Vec<Option<TlsConnector>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("listener {name:?}: {source}")]
+    ListenerTls {
+        name: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("route[{index}] (path {path:?}): {source}")]
+    RouteTls {
+        index: usize,
+        path: String,
+        #[source]
+        source: TlsError,
+    },
+}
+
+impl Gateway {
+    pub fn prepare(config: Config) -> Result<Gateway, PrepareError> {
+        let acceptors = config
+            .listeners
+            .iter()
+            .map(|l| match &l.tls {
+                None => Ok(None),
+                Some(files) => tls::server_config(files)
+                    .map(|c| Some(TlsAcceptor::from(c)))
+                    .map_err(|source| PrepareError::ListenerTls {
+                        name: l.name.clone(),
+                        source,
+                    }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let connectors = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(index, r)| match r.upstream {
+                Upstream::Ws { tls: true, .. } => upstream::tls::connector(r.ca.as_deref())
+                    .map(Some)
+                    .map_err(|source| PrepareError::RouteTls {
+                        index,
+                        path: r.path.clone(),
+                        source,
+                    }),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Gateway {
+            router: Router::new(&config.routes),
+            config,
+            acceptors,
+            connectors,
+        })
+    }
+
+    /// The route for a request and its TLS connector, if any.
+    pub fn route(
+        &self,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<(&RouteConfig, Option<&TlsConnector>)> {
+        let index = self.router.find(host, path)?;
+        Some((&self.config.routes[index], self.connectors[index].as_ref()))
+    }
+
+    pub fn acceptor(&self, listener: usize) -> Option<&TlsAcceptor> {
+        self.acceptors.get(listener).and_then(Option::as_ref)
+    }
+}
+
+/// Shared by every connection task.
+pub type SharedGateway = Arc<Gateway>;

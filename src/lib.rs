@@ -1,0 +1,51 @@
+//! wsgate: a WebSocket gateway.
+//!
+//! It accepts HTTP/1.1 WebSocket upgrades (ws:// and wss://), validates them per RFC 6455,
+//! connects the route's upstream, answers 101, and relays data both ways: to raw TCP or
+//! Unix-socket services (message payloads ↔ byte stream) or to WebSocket servers (frames
+//! pass through). `../shared/SPEC.md` in the project is the behaviour contract.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file (serde mirror) and its validation into typed values.
+//! - [`gateway`]: a configuration made ready to serve: router plus loaded TLS material.
+//! - [`server`]: bind, accept loop, per-connection TLS + HTTP, the upgrade flow.
+//! - [`handshake`]: RFC 6455 §4.2 request validation, `Sec-WebSocket-Accept`, the 101.
+//! - [`routing`]: (host, path) → route; upstream path mapping.
+//! - [`upstream`]: connect with deadlines; TLS and the client handshake for ws upstreams.
+//! - [`relay`]: the two pumps per connection; close codes, half-close, limits.
+//! - [`tls`], [`shutdown`], [`telemetry`]: TLS settings, signals, logs and counters.
+//!
+//! # Data path
+//!
+//! ```text
+//! accept (server) → TLS (tls) → HTTP/1.1 (hyper) → handshake::validate → routing
+//!   → handshake::check_origin → upstream::connect (TCP/Unix, or TLS + WS handshake)
+//!   → 101 → relay::relay_stream | relay::relay_ws → close → one log line
+//! ```
+//!
+//! The library takes bound listeners and a shutdown token, so tests run the real server
+//! in-process on port 0:
+//!
+//! ```no_run
+//! # async fn example(config: wsgate::config::Config) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! let gateway = Arc::new(wsgate::gateway::Gateway::prepare(config)?);
+//! let listeners = wsgate::server::bind(&gateway).await?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let stats = Arc::new(wsgate::telemetry::Stats::default());
+//! wsgate::server::run(gateway, listeners, stats, shutdown).await;
+//! # Ok(()) }
+//! ```
+
+pub mod cli;
+pub mod config;
+pub mod gateway;
+pub mod handshake;
+pub mod relay;
+pub mod routing;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,208 @@
+//! Client WebSocket ↔ byte-stream upstream (tcp://, unix:), the websockify use case.
+//!
+//! Client → upstream: the payload of every data message, in order, nothing added.
+//! Upstream → client: each read becomes one binary message.
+//! Half-close (SPEC §4): a client Close shuts down the upstream's write side; what the
+//! upstream still sends is delivered, and its EOF completes the close with the client's
+//! own code echoed. An upstream EOF is delivered as Close 1000 after all of its data.
+
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_util::sync::CancellationToken;
+
+use super::frames::{self, MessageCheck, ReadError};
+use super::{Peer, RelaySettings, Side, State, Summary, drive, on_shutdown};
+
+type ClientIo = TokioIo<Upgraded>;
+type ClientWs = fastwebsockets::WebSocket<ClientIo>;
+type ClientPeer = Peer<WriteHalf<ClientIo>>;
+
+/// Upstream reads are this large at most. 16 KiB matches a TLS record, so one read becomes
+/// one record toward a wss:// client, and keeps the per-connection buffer small.
+const READ_CHUNK: usize = 16 * 1024;
+
+pub async fn relay_stream<U>(
+    client: ClientWs,
+    upstream: U,
+    settings: RelaySettings,
+    shutdown: CancellationToken,
+) -> Summary
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rx, client_tx) = client.split(tokio::io::split);
+    client_rx.set_auto_close(false);
+    client_rx.set_auto_pong(true);
+    // fastwebsockets rejects frames of `max` bytes or more; the route's limit is inclusive.
+    client_rx.set_max_message_size(settings.max_message_size.saturating_add(1));
+    let client = Peer::new(client_tx);
+    let (upstream_rx, upstream_tx) = tokio::io::split(upstream);
+    let state = State::new();
+
+    let pumps = async {
+        tokio::join!(
+            client_to_upstream(&mut client_rx, upstream_tx, &client, &state, settings),
+            upstream_to_client(upstream_rx, &client, &state),
+        );
+    };
+    let shutdown = on_shutdown(&shutdown, async {
+        if client
+            .close(frames::GOING_AWAY, "gateway shutting down")
+            .await
+        {
+            state.record(
+                Side::Gateway,
+                Some(frames::GOING_AWAY),
+                Some("shutdown".into()),
+            );
+        }
+    });
+    drive(&state, settings.close_timeout, pumps, shutdown).await;
+    state.summary()
+}
+
+async fn client_to_upstream<U: AsyncWrite>(
+    client_rx: &mut WebSocketRead<ReadHalf<ClientIo>>,
+    mut upstream: WriteHalf<U>,
+    client: &ClientPeer,
+    state: &State,
+    settings: RelaySettings,
+) {
+    let mut message = MessageCheck::new(settings.max_message_size, true);
+    let mut upstream_open = true;
+    let mut pong = |frame| client.send_obligated(frame);
+    loop {
+        let mut frame = match client_rx.read_frame(&mut pong).await {
+            Ok(frame) => frame,
+            Err(e) => match frames::classify(e) {
+                ReadError::Vanished(detail) => return state.fail(Side::Client, None, detail),
+                ReadError::Protocol(f) => return fail_client(client, state, f).await,
+            },
+        };
+        if !frames::is_masked(&mut frame) {
+            let f = frames::Failure {
+                code: frames::PROTOCOL_ERROR,
+                reason: "client frames must be masked",
+            };
+            return fail_client(client, state, f).await;
+        }
+        if let Err(f) = frames::check_control(&frame) {
+            return fail_client(client, state, f).await;
+        }
+        match frame.opcode {
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                if let Err(f) = message.check(&frame) {
+                    return fail_client(client, state, f).await;
+                }
+                if !upstream_open {
+                    continue;
+                }
+                match upstream.write_all(&frame.payload).await {
+                    Ok(()) => state.count_from_client(frame.payload.len(), frame.fin),
+                    Err(e) => {
+                        // The upstream is broken; its reader will see the same. Tell the
+                        // client and keep reading until it answers the Close.
+                        upstream_open = false;
+                        if client
+                            .close(frames::INTERNAL_ERROR, "upstream connection failed")
+                            .await
+                        {
+                            state.record(
+                                Side::Upstream,
+                                Some(frames::INTERNAL_ERROR),
+                                Some(e.to_string()),
+                            );
+                        }
+                    }
+                }
+            }
+            OpCode::Close => {
+                let code = match frames::check_close(&frame.payload) {
+                    Ok(code) => code,
+                    Err(f) => return fail_client(client, state, f).await,
+                };
+                if client.close_sent() {
+                    // The answer to our Close: the handshake is complete.
+                    state.abort.cancel();
+                    return;
+                }
+                client.remember_close(&frame.payload);
+                state.record(Side::Client, code, None);
+                // Half-close: the upstream reads EOF, and may still answer before closing.
+                let _ = upstream.shutdown().await;
+                return;
+            }
+            // Pings are answered by fastwebsockets (auto_pong); pongs need no answer.
+            OpCode::Ping | OpCode::Pong => {}
+        }
+    }
+}
+
+async fn upstream_to_client<U: AsyncRead>(
+    mut upstream: ReadHalf<U>,
+    client: &ClientPeer,
+    state: &State,
+) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        // A plain socket read is cancel-safe, so it may race the abort signal.
+        let read = tokio::select! {
+            biased;
+            _ = state.abort.cancelled() => return,
+            read = upstream.read(&mut buf) => read,
+        };
+        match read {
+            Ok(0) => {
+                // Everything the upstream sent has been delivered; now the Close.
+                let payload = client.close_reply();
+                if client.close_with(&payload).await {
+                    let code = frames::check_close(&payload).ok().flatten();
+                    state.record(Side::Upstream, code, None);
+                }
+                return;
+            }
+            Ok(n) => {
+                if client.close_sent() {
+                    // RFC 6455 §5.5.1: no data frames after our Close.
+                    return;
+                }
+                let frame = Frame::binary(Payload::Borrowed(&buf[..n]));
+                match client.send(frame).await {
+                    Ok(()) => state.count_to_client(n, true),
+                    Err(e) => {
+                        if !client.close_sent() {
+                            state.fail(Side::Client, None, format!("write to client failed: {e}"));
+                        }
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                if client
+                    .close(frames::INTERNAL_ERROR, "upstream connection failed")
+                    .await
+                {
+                    state.record(
+                        Side::Upstream,
+                        Some(frames::INTERNAL_ERROR),
+                        Some(e.to_string()),
+                    );
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Fails the connection because of the client (RFC 6455 §7.1.7): Close with the reason,
+/// then drop both sides without waiting for an answer.
+async fn fail_client(client: &ClientPeer, state: &State, failure: frames::Failure) {
+    client.close(failure.code, failure.reason).await;
+    state.fail(
+        Side::Gateway,
+        Some(failure.code),
+        failure.reason.to_string(),
+    );
+}

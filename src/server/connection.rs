@@ -1,0 +1,87 @@
+//! One client connection before its upgrade: TLS, then HTTP/1.1 with hyper.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use crate::gateway::Gateway;
+use crate::telemetry::Stats;
+
+/// What every connection of one listener needs.
+pub(super) struct ListenerContext {
+    pub index: usize,
+    pub name: String,
+    pub gateway: Arc<Gateway>,
+    pub stats: Arc<Stats>,
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+/// Per connection: who it is and on which listener.
+pub(super) struct ConnectionContext {
+    pub peer: SocketAddr,
+    pub listener: Arc<ListenerContext>,
+    pub tls: bool,
+}
+
+pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerContext>) {
+    // `handshake_timeout` covers the TLS handshake and the request head together.
+    let deadline = Instant::now() + listener.gateway.config.gateway.handshake_timeout;
+    match listener.gateway.acceptor(listener.index).cloned() {
+        None => serve_http(TokioIo::new(stream), peer, listener, deadline, false).await,
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), peer, listener, deadline, true).await,
+            Ok(Err(e)) => {
+                debug!(client = %peer, listener = %listener.name, error = %e, "TLS handshake failed")
+            }
+            Err(_) => {
+                debug!(client = %peer, listener = %listener.name, "TLS handshake timed out (handshake_timeout)")
+            }
+        },
+    }
+}
+
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    listener: Arc<ListenerContext>,
+    deadline: Instant,
+    tls: bool,
+) where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let shutdown = listener.shutdown.clone();
+    let ctx = Arc::new(ConnectionContext {
+        peer,
+        listener,
+        tls,
+    });
+    let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(deadline.saturating_duration_since(Instant::now()));
+    let conn = builder.serve_connection(io, service).with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            // Finish the request in progress, if any, then close; upgraded connections are
+            // no longer hyper's and are drained by their relays.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+    }
+}

@@ -1,0 +1,282 @@
+//! The client side of the WebSocket handshake toward a ws:// or wss:// upstream.
+//!
+//! Done here with hyper's client connection rather than `fastwebsockets::handshake::client`,
+//! because that one does not verify `Sec-WebSocket-Accept`, compares `Connection` as a whole
+//! value instead of a token list, and spawns a task that can outlive a timed-out handshake.
+
+use std::pin::pin;
+
+use bytes::Bytes;
+use fastwebsockets::{Role, WebSocket};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, StatusCode};
+use http_body_util::Empty;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::UpstreamError;
+use crate::handshake::{accept_key, has_token};
+
+/// A WebSocket connection to an upstream, after its handshake.
+pub type UpstreamWs = WebSocket<TokioIo<Upgraded>>;
+
+/// What the upstream handshake forwards from the client's request.
+pub struct ClientHandshake<'a> {
+    /// Request target for the upstream (path and query), already mapped from the route.
+    pub path_and_query: String,
+    /// The client's offered subprotocols, passed on in order.
+    pub protocols: &'a [String],
+    /// The client's request headers; end-to-end ones are forwarded (Origin, Cookie,
+    /// Authorization, User-Agent, …), hop-by-hop and handshake ones are not.
+    pub headers: &'a HeaderMap,
+}
+
+pub(super) enum Failure {
+    Http(hyper::Error),
+    Status(StatusCode),
+    Invalid(String),
+}
+
+impl From<hyper::Error> for Failure {
+    fn from(e: hyper::Error) -> Self {
+        Failure::Http(e)
+    }
+}
+
+impl Failure {
+    pub(super) fn into_upstream_error(self, target: &str) -> UpstreamError {
+        let target = target.to_string();
+        match self {
+            Failure::Status(status) => UpstreamError::Status { target, status },
+            Failure::Http(e) => UpstreamError::Handshake {
+                target,
+                reason: e.to_string(),
+            },
+            Failure::Invalid(reason) => UpstreamError::Handshake { target, reason },
+        }
+    }
+}
+
+/// Headers that describe one hop, or that the gateway sets itself for the upstream hop.
+const NOT_FORWARDED: &[HeaderName] = &[
+    header::HOST,
+    header::CONNECTION,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::CONTENT_LENGTH,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::SEC_WEBSOCKET_PROTOCOL,
+    header::SEC_WEBSOCKET_ACCEPT,
+    // Extensions (permessage-deflate) change the frames; the relay passes frames through
+    // unchanged, so none is negotiated on either side.
+    header::SEC_WEBSOCKET_EXTENSIONS,
+];
+
+pub(super) async fn handshake<S>(
+    stream: S,
+    host: &str,
+    hs: &ClientHandshake<'_>,
+) -> Result<(UpstreamWs, Option<String>), Failure>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let key = fastwebsockets::handshake::generate_key();
+    let request = build_request(host, &key, hs)?;
+
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    // The connection is driven here, not spawned, so a handshake cut by the deadline leaves
+    // nothing running behind it.
+    let mut conn = pin!(conn.with_upgrades());
+    let mut response = tokio::select! {
+        response = sender.send_request(request) => response?,
+        done = &mut conn => {
+            done?;
+            return Err(Failure::Invalid("closed the connection without answering".into()));
+        }
+    };
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Failure::Status(response.status()));
+    }
+    let protocol = verify(response.headers(), &key, hs.protocols)?;
+    let (upgraded, _) = tokio::join!(hyper::upgrade::on(&mut response), conn);
+    let ws = WebSocket::after_handshake(TokioIo::new(upgraded?), Role::Client);
+    Ok((ws, protocol))
+}
+
+fn build_request(
+    host: &str,
+    key: &str,
+    hs: &ClientHandshake<'_>,
+) -> Result<Request<Empty<Bytes>>, Failure> {
+    let invalid =
+        |e: http::Error| Failure::Invalid(format!("cannot build the upstream request: {e}"));
+    let mut request = Request::builder()
+        .method("GET")
+        .uri(hs.path_and_query.as_str())
+        .body(Empty::new())
+        .map_err(invalid)?;
+    let connection_tokens: Vec<String> = hs
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let headers = request.headers_mut();
+    for (name, value) in hs.headers {
+        let hop_by_hop = NOT_FORWARDED.contains(name)
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection"
+            || connection_tokens.iter().any(|t| t == name.as_str());
+        if !hop_by_hop {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let value = |s: &str| {
+        HeaderValue::from_str(s)
+            .map_err(|_| Failure::Invalid(format!("`{s}` is not a valid header value")))
+    };
+    headers.insert(header::HOST, value(host)?);
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::SEC_WEBSOCKET_KEY, value(key)?);
+    headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    if !hs.protocols.is_empty() {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            value(&hs.protocols.join(", "))?,
+        );
+    }
+    Ok(request)
+}
+
+/// RFC 6455 §4.1, the client's checks of the server's 101 response.
+fn verify(headers: &HeaderMap, key: &str, offered: &[String]) -> Result<Option<String>, Failure> {
+    if !has_token(headers, &header::UPGRADE, "websocket") {
+        return Err(Failure::Invalid(
+            "the 101 response has no `Upgrade: websocket`".into(),
+        ));
+    }
+    if !has_token(headers, &header::CONNECTION, "upgrade") {
+        return Err(Failure::Invalid(
+            "the 101 response has no `Connection: upgrade`".into(),
+        ));
+    }
+    let expected = accept_key(key.as_bytes());
+    match headers.get(header::SEC_WEBSOCKET_ACCEPT) {
+        Some(accept) if accept.as_bytes() == expected.as_bytes() => {}
+        Some(accept) => {
+            return Err(Failure::Invalid(format!(
+                "Sec-WebSocket-Accept is {accept:?}, expected {expected:?}"
+            )));
+        }
+        None => {
+            return Err(Failure::Invalid(
+                "the 101 response has no Sec-WebSocket-Accept".into(),
+            ));
+        }
+    }
+    if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+        return Err(Failure::Invalid(
+            "the upstream chose an extension, but none was offered".into(),
+        ));
+    }
+    match headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
+        None => Ok(None),
+        Some(chosen) => {
+            let chosen = chosen.to_str().unwrap_or_default().trim();
+            if offered.iter().any(|p| p == chosen) {
+                Ok(Some(chosen.to_string()))
+            } else {
+                Err(Failure::Invalid(format!(
+                    "the upstream chose subprotocol {chosen:?}, which the client did not offer"
+                )))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response_headers(accept: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_str(accept).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn accept_is_verified() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        assert!(verify(&response_headers("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), key, &[]).is_ok());
+        assert!(verify(&response_headers("AAAAAAAAAAAAAAAAAAAAAAAAAAA="), key, &[]).is_err());
+    }
+
+    #[test]
+    fn chosen_protocol_must_be_offered() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let mut h = response_headers("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("chat"),
+        );
+        assert_eq!(
+            verify(&h, key, &["chat".to_string()])
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("chat")
+        );
+        assert!(verify(&h, key, &["other".to_string()]).is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut client = HeaderMap::new();
+        client.insert(header::HOST, HeaderValue::from_static("public.example"));
+        client.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, X-Hop"),
+        );
+        client.insert("x-hop", HeaderValue::from_static("1"));
+        client.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://app.example"),
+        );
+        client.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate"),
+        );
+        let hs = ClientHandshake {
+            path_and_query: "/x?y=1".into(),
+            protocols: &["a".to_string(), "b".to_string()],
+            headers: &client,
+        };
+        let Ok(req) = build_request("backend:9000", "k", &hs) else {
+            panic!("request not built")
+        };
+        let h = req.headers();
+        assert_eq!(req.uri(), "/x?y=1");
+        assert_eq!(h[header::HOST], "backend:9000");
+        assert_eq!(h[header::ORIGIN], "https://app.example");
+        assert_eq!(h[header::SEC_WEBSOCKET_PROTOCOL], "a, b");
+        assert!(!h.contains_key("x-hop"));
+        assert!(!h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS));
+    }
+}
