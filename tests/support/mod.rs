@@ -1,0 +1,612 @@
+//! Shared test harness: the gateway in-process on port 0, real upstreams on port 0, clients
+//! (tokio-tungstenite, a different WebSocket implementation from the gateway's), raw HTTP and
+//! raw frames for what a well-behaved client would never send, and rcgen certificates.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use wsgate::config::Config;
+use wsgate::gateway::Gateway;
+use wsgate::telemetry::Stats;
+
+/// Every wait in the tests is bounded by this; it is a ceiling, not a pause.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("wsgate=debug")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Fails the test when `future` does not finish within `DEADLINE`.
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, future).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: not done within {DEADLINE:?}"),
+    }
+}
+
+/// Polls `condition` until it holds, failing after `DEADLINE`.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !condition() {
+        if start.elapsed() > DEADLINE {
+            panic!("{what}: still false after {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The gateway
+
+pub struct TestGateway {
+    pub addrs: Vec<SocketAddr>,
+    pub stats: Arc<Stats>,
+    pub shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl TestGateway {
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr())
+    }
+
+    /// Triggers shutdown and waits for `run` to return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        within("gateway shutdown", self.task)
+            .await
+            .expect("gateway task panicked");
+    }
+
+    /// Waits until no relay is left running.
+    pub async fn wait_idle(&self) {
+        let stats = self.stats.clone();
+        wait_until("all relays finished", move || stats.active_relays() == 0).await;
+    }
+}
+
+/// Starts the gateway from configuration text; listeners should bind port 0.
+pub async fn start_gateway(toml: &str) -> TestGateway {
+    let config = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("test config:\n{e}"));
+    start_config(config).await
+}
+
+pub async fn start_config(config: Config) -> TestGateway {
+    init_logs();
+    let gateway = Arc::new(Gateway::prepare(config).unwrap_or_else(|e| panic!("prepare: {e}")));
+    let listeners = wsgate::server::bind(&gateway).await.expect("bind");
+    let addrs = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr"))
+        .collect();
+    let stats = Arc::new(Stats::default());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(wsgate::server::run(
+        gateway,
+        listeners,
+        stats.clone(),
+        shutdown.clone(),
+    ));
+    TestGateway {
+        addrs,
+        stats,
+        shutdown,
+        task,
+    }
+}
+
+/// A one-listener, one-route configuration.
+pub fn simple_config(upstream: &str, route_extra: &str) -> String {
+    format!(
+        "[gateway]\nclose_timeout = \"2s\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nupstream = \"{upstream}\"\n{route_extra}\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Upstreams
+
+/// A TCP echo server: echoes until EOF, then closes its write side.
+pub async fn tcp_echo() -> SocketAddr {
+    tcp_upstream(|mut stream| async move {
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// A TCP server that runs `handler` for each accepted connection.
+pub async fn tcp_upstream<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move { handler(stream).await });
+        }
+    });
+    addr
+}
+
+/// What a WebSocket upstream saw of its clients.
+#[derive(Default, Debug)]
+pub struct Seen {
+    /// Request target (path and query) of each handshake.
+    pub paths: Vec<String>,
+    /// Offered `Sec-WebSocket-Protocol` of each handshake.
+    pub protocols: Vec<Option<String>>,
+    pub origins: Vec<Option<String>>,
+    pub hosts: Vec<Option<String>>,
+    pub pings: Vec<Vec<u8>>,
+    pub closes: Vec<Option<(u16, String)>>,
+}
+
+pub struct WsUpstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Seen>>,
+}
+
+/// A WebSocket echo server (tokio-tungstenite). It picks the last offered subprotocol (so a
+/// test can tell it apart from a gateway that picks the first), echoes data messages, and on
+/// the text message `close <code> <reason>` closes with that code and reason.
+pub async fn ws_echo() -> WsUpstream {
+    ws_echo_with_tls(None).await
+}
+
+pub async fn ws_echo_with_tls(tls: Option<tokio_rustls::TlsAcceptor>) -> WsUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let shared = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = shared.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            serve_ws_echo(stream, seen).await
+                        }
+                    }
+                    None => serve_ws_echo(stream, seen).await,
+                }
+            });
+        }
+    });
+    WsUpstream { addr, seen }
+}
+
+async fn serve_ws_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<Mutex<Seen>>) {
+    let record = seen.clone();
+    let callback = move |req: &Request, mut resp: Response| {
+        let mut s = record.lock().unwrap();
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        s.paths.push(req.uri().to_string());
+        let offered = header("sec-websocket-protocol");
+        if let Some(last) = offered
+            .as_deref()
+            .and_then(|o| o.split(',').map(str::trim).last())
+        {
+            resp.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_str(last).unwrap(),
+            );
+        }
+        s.protocols.push(offered);
+        s.origins.push(header("origin"));
+        s.hosts.push(header("host"));
+        Ok(resp)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        return;
+    };
+    while let Some(Ok(message)) = ws.next().await {
+        match message {
+            Message::Text(text) if text.starts_with("close ") => {
+                let mut parts = text.splitn(3, ' ').skip(1);
+                let code: u16 = parts.next().and_then(|c| c.parse().ok()).unwrap_or(1000);
+                let reason = parts.next().unwrap_or("").to_string();
+                let _ = ws
+                    .send(Message::Close(Some(CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: reason.into(),
+                    })))
+                    .await;
+            }
+            Message::Text(_) | Message::Binary(_) => {
+                if ws.send(message).await.is_err() {
+                    return;
+                }
+            }
+            Message::Ping(payload) => seen.lock().unwrap().pings.push(payload.to_vec()),
+            Message::Close(frame) => {
+                seen.lock()
+                    .unwrap()
+                    .closes
+                    .push(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+            }
+            _ => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+
+pub type Client = WebSocketStream<TcpStream>;
+
+/// Connects a tokio-tungstenite client; panics on failure.
+pub async fn connect(url: &str) -> Client {
+    within("client connect", async {
+        let host_port = url.split('/').nth(2).expect("url host");
+        let stream = TcpStream::connect(host_port).await.expect("tcp connect");
+        let (ws, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .expect("websocket handshake");
+        ws
+    })
+    .await
+}
+
+/// Connects with extra request headers (subprotocols, Origin); returns the response too.
+pub async fn connect_with(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<
+    (
+        Client,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    let host_port = url.split('/').nth(2).expect("url host").to_string();
+    let stream = TcpStream::connect(host_port).await.expect("tcp connect");
+    tokio_tungstenite::client_async(request, stream).await
+}
+
+/// Next data message, skipping pings and pongs; panics on close or error.
+pub async fn next_data<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Message {
+    within("next message", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(m)) => return m,
+                other => panic!("expected a message, got {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Reads until the peer's Close; returns its code and reason. Data before it is returned
+/// in order in the first element.
+pub async fn read_until_close<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> (Vec<Message>, Option<(u16, String)>) {
+    within("close", async {
+        let mut data = Vec::new();
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => {
+                    return (
+                        data,
+                        frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                    );
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(m)) => data.push(m),
+                other => panic!("expected a Close, got {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw HTTP and raw frames
+
+/// A parsed HTTP response head.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `request` as written and reads the response (head, and body by Content-Length).
+pub async fn raw_request(addr: SocketAddr, request: &str) -> RawResponse {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("write request");
+    read_response(&mut stream).await
+}
+
+pub async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> RawResponse {
+    within("HTTP response", async {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut byte).await.expect("read response");
+            assert!(
+                n > 0,
+                "connection closed before the response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8(buf).expect("utf-8 head");
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let length = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).await.expect("read body");
+        RawResponse {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    })
+    .await
+}
+
+/// An upgrade request with the given extra header lines (each ending in \r\n).
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// Opens a raw upgraded connection: the test then writes frames byte by byte.
+pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(upgrade_request(path, "").as_bytes())
+        .await
+        .expect("write upgrade");
+    let response = read_response(&mut stream).await;
+    assert_eq!(response.status, 101, "{response:?}");
+    stream
+}
+
+/// Encodes one frame. `mask` None sends it unmasked (a protocol error from a client).
+pub fn frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![(fin as u8) << 7 | opcode];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n < 65536 => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(key) => {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// A masked frame, as a client must send.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    frame(fin, opcode, payload, Some([0x12, 0x34, 0x56, 0x78]))
+}
+
+/// Reads one unmasked server frame: (fin, opcode, payload).
+pub async fn read_raw_frame<S: AsyncRead + Unpin>(stream: &mut S) -> (bool, u8, Vec<u8>) {
+    within("raw frame", async {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.expect("frame head");
+        assert_eq!(head[1] & 0x80, 0, "server frames must not be masked");
+        let len = match head[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                stream.read_exact(&mut b).await.expect("len16");
+                u16::from_be_bytes(b) as usize
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                stream.read_exact(&mut b).await.expect("len64");
+                u64::from_be_bytes(b) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await.expect("payload");
+        (head[0] & 0x80 != 0, head[0] & 0x0f, payload)
+    })
+    .await
+}
+
+/// Reads raw frames until a Close and returns its code.
+pub async fn read_raw_close<S: AsyncRead + Unpin>(stream: &mut S) -> u16 {
+    loop {
+        let (_, opcode, payload) = read_raw_frame(stream).await;
+        if opcode == 0x8 {
+            assert!(payload.len() >= 2, "close without a code");
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates
+
+/// A test CA and a server certificate it signed, written as PEM files.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca_der: rustls_pki_types::CertificateDer<'static>,
+    pub cert_der: rustls_pki_types::CertificateDer<'static>,
+    pub key_der: Vec<u8>,
+}
+
+/// Makes a CA and a certificate for `names` (DNS names or IP addresses).
+pub fn make_pki(names: &[&str]) -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "wsgate test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let key = KeyPair::generate().expect("key");
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let params = CertificateParams::new(names).expect("params");
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, contents: &str| -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).expect("write pem");
+        path
+    };
+    TestPki {
+        ca_cert: write("ca.crt", &ca_cert.pem()),
+        cert: write("server.crt", &cert.pem()),
+        key: write("server.key", &key.serialize_pem()),
+        ca_der: ca_cert.der().clone(),
+        cert_der: cert.der().clone(),
+        key_der: key.serialize_der(),
+        dir,
+    }
+}
+
+impl TestPki {
+    /// A TLS acceptor for a test upstream that presents this certificate.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![self.cert_der.clone()], key)
+        .expect("server config");
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// A TLS connector for test clients that trusts only this CA.
+    pub fn connector(&self) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).expect("add root");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    pub fn path_str(path: &Path) -> String {
+        path.display().to_string()
+    }
+}
+
+/// A wss:// client through `connector`.
+pub async fn connect_tls(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    url: &str,
+) -> WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
+    within("wss connect", async {
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = connector
+            .connect(name, stream)
+            .await
+            .expect("TLS handshake");
+        let (ws, _) = tokio_tungstenite::client_async(url, tls)
+            .await
+            .expect("websocket handshake");
+        ws
+    })
+    .await
+}
