@@ -93,18 +93,27 @@ where
     // The connection is driven here, not spawned, so a handshake cut by the deadline leaves
     // nothing running behind it.
     let mut conn = pin!(conn.with_upgrades());
+    let mut send = pin!(sender.send_request(request));
+    // The connection future finishes as soon as it hands the socket to the upgrade, which
+    // can happen in the same poll that delivers the 101; it must not be polled again then.
+    let mut conn_done = false;
     let mut response = tokio::select! {
-        response = sender.send_request(request) => response?,
+        response = &mut send => response?,
         done = &mut conn => {
             done?;
-            return Err(Failure::Invalid("closed the connection without answering".into()));
+            conn_done = true;
+            send.await?
         }
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Err(Failure::Status(response.status()));
     }
     let protocol = verify(response.headers(), &key, hs.protocols)?;
-    let (upgraded, _) = tokio::join!(hyper::upgrade::on(&mut response), conn);
+    let upgraded = if conn_done {
+        hyper::upgrade::on(&mut response).await
+    } else {
+        tokio::join!(hyper::upgrade::on(&mut response), conn).0
+    };
     let ws = WebSocket::after_handshake(TokioIo::new(upgraded?), Role::Client);
     Ok((ws, protocol))
 }

@@ -1,0 +1,270 @@
+//! SPEC §4 for ws:// upstreams: messages keep type and bytes, subprotocols and close codes
+//! pass through, pings travel end to end, paths map like nginx's proxy_pass.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+
+async fn echo_gateway(path: &str, route_extra: &str) -> (TestGateway, WsUpstream) {
+    let upstream = ws_echo().await;
+    let gw = start_gateway(&simple_config(
+        &format!("ws://{}{path}", upstream.addr),
+        route_extra,
+    ))
+    .await;
+    (gw, upstream)
+}
+
+#[tokio::test]
+async fn messages_keep_type_and_bytes() {
+    let (gw, _up) = echo_gateway("", "").await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    for len in [0usize, 1, 125, 126, 65535, 65536, 1 << 20] {
+        let binary: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+        ws.send(Message::binary(binary.clone())).await.unwrap();
+        assert_eq!(
+            next_data(&mut ws).await,
+            Message::binary(binary),
+            "binary {len}"
+        );
+        let text = "ü".repeat(len / 2);
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text(text), "text {len}");
+    }
+    ws.close(None).await.unwrap();
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn fragmented_and_pipelined_messages() {
+    let (gw, _up) = echo_gateway("", "").await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    ws.send(Message::Frame(Frame::message(
+        b"hel".to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    ws.send(Message::Frame(Frame::message(
+        b"lo".to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("hello"));
+    for i in 0..1000 {
+        ws.feed(Message::text(format!("#{i}"))).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    for i in 0..1000 {
+        assert_eq!(next_data(&mut ws).await, Message::text(format!("#{i}")));
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn subprotocol_round_trip() {
+    let (gw, up) = echo_gateway("", "").await;
+    let (mut ws, response) = connect_with(
+        &gw.ws_url("/"),
+        &[("sec-websocket-protocol", "v1.chat, v2.chat")],
+    )
+    .await
+    .expect("handshake");
+    // The test upstream picks the last offered protocol; the gateway returns its choice.
+    assert_eq!(
+        response.headers().get("sec-websocket-protocol").unwrap(),
+        "v2.chat"
+    );
+    assert_eq!(
+        up.seen.lock().unwrap().protocols,
+        vec![Some("v1.chat, v2.chat".to_string())]
+    );
+    ws.send(Message::text("x")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("x"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn close_code_and_reason_pass_client_to_upstream() {
+    let (gw, up) = echo_gateway("", "").await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::from(4321),
+        reason: "client says bye".into(),
+    })))
+    .await
+    .unwrap();
+    let (_, close) = read_until_close(&mut ws).await;
+    // tungstenite echoes the code it got; it came back through the gateway.
+    assert_eq!(close.map(|c| c.0), Some(4321));
+    let seen = up.seen.clone();
+    wait_until("upstream saw the close", move || {
+        !seen.lock().unwrap().closes.is_empty()
+    })
+    .await;
+    assert_eq!(
+        up.seen.lock().unwrap().closes[0],
+        Some((4321, "client says bye".to_string()))
+    );
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn close_code_and_reason_pass_upstream_to_client() {
+    let (gw, _up) = echo_gateway("", "").await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    ws.send(Message::text("close 4002 upstream says bye"))
+        .await
+        .unwrap();
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_eq!(close, Some((4002, "upstream says bye".to_string())));
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn pings_pass_through_to_the_upstream() {
+    let (gw, up) = echo_gateway("", "").await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    ws.send(Message::Ping(b"end-to-end".to_vec().into()))
+        .await
+        .unwrap();
+    let pong = within("pong", async {
+        loop {
+            if let Some(Ok(Message::Pong(p))) = ws.next().await {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert_eq!(&pong[..], b"end-to-end");
+    // The upstream itself saw the ping: the gateway did not answer it locally.
+    assert_eq!(up.seen.lock().unwrap().pings, vec![b"end-to-end".to_vec()]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn path_query_and_headers_are_forwarded() {
+    let (gw, up) = echo_gateway("/base", "").await;
+    let (mut ws, _) = connect_with(
+        &gw.ws_url("/room/7?user=ann"),
+        &[("origin", "https://app.example")],
+    )
+    .await
+    .expect("handshake");
+    ws.send(Message::text("x")).await.unwrap();
+    next_data(&mut ws).await;
+    let seen = up.seen.lock().unwrap();
+    assert_eq!(seen.paths, vec!["/base/room/7?user=ann".to_string()]);
+    assert_eq!(seen.origins, vec![Some("https://app.example".to_string())]);
+    assert_eq!(seen.hosts, vec![Some(up.addr.to_string())]);
+    drop(seen);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_without_path_gets_the_client_path() {
+    let upstream = ws_echo().await;
+    let config = format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\npath = \"/chat\"\nupstream = \"ws://{}\"\n",
+        upstream.addr
+    );
+    let gw = start_gateway(&config).await;
+    let mut ws = connect(&gw.ws_url("/chat/lobby")).await;
+    ws.send(Message::text("x")).await.unwrap();
+    next_data(&mut ws).await;
+    assert_eq!(
+        upstream.seen.lock().unwrap().paths,
+        vec!["/chat/lobby".to_string()]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_dying_mid_stream_closes_client_with_1011() {
+    // A WebSocket upstream that completes the handshake, reads one message, then drops TCP.
+    let upstream = tcp_upstream(|stream| async move {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+            return;
+        };
+        let _ = ws.next().await;
+        drop(ws);
+    })
+    .await;
+    let gw = start_gateway(&simple_config(&format!("ws://{upstream}/"), "")).await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    ws.send(Message::text("bye")).await.unwrap();
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_eq!(close.map(|c| c.0), Some(1011));
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn client_protocol_error_is_1002_and_upstream_is_told() {
+    let (gw, up) = echo_gateway("", "").await;
+    let mut stream = raw_upgrade(gw.addr(), "/").await;
+    stream
+        .write_all(&frame(true, 0x2, b"unmasked", None))
+        .await
+        .unwrap();
+    assert_eq!(read_raw_close(&mut stream).await, 1002);
+    let seen = up.seen.clone();
+    wait_until("upstream told", move || {
+        !seen.lock().unwrap().closes.is_empty()
+    })
+    .await;
+    assert_eq!(
+        up.seen.lock().unwrap().closes[0].as_ref().map(|c| c.0),
+        Some(1001)
+    );
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_message_toward_ws_upstream_is_1009() {
+    let (gw, _up) = echo_gateway("", "max_message_size = 100").await;
+    let mut stream = raw_upgrade(gw.addr(), "/").await;
+    stream
+        .write_all(&client_frame(false, 0x2, &[0u8; 60]))
+        .await
+        .unwrap();
+    stream
+        .write_all(&client_frame(true, 0x0, &[0u8; 60]))
+        .await
+        .unwrap();
+    assert_eq!(read_raw_close(&mut stream).await, 1009);
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn client_vanishing_leaves_no_task() {
+    let (gw, up) = echo_gateway("", "").await;
+    for _ in 0..5 {
+        let mut stream = raw_upgrade(gw.addr(), "/").await;
+        let f = client_frame(true, 0x1, &[b'a'; 300]);
+        stream.write_all(&f[..100]).await.unwrap();
+        drop(stream);
+    }
+    gw.wait_idle().await;
+    assert_eq!(gw.stats.relays_total(), 5);
+    let seen = up.seen.clone();
+    wait_until("upstreams told the client went away", move || {
+        seen.lock().unwrap().closes.len() == 5
+    })
+    .await;
+    gw.stop().await;
+}
