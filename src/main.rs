@@ -1,4 +1,6 @@
 //! `wsgate`: CLI → config → logging → bind → run → exit code. Nothing else lives here.
+//!
+//! Start-up errors go to stderr as one plain line each (no log decoration), then exit 1.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -59,7 +61,7 @@ fn run(path: &std::path::Path, log_json: bool) -> ExitCode {
     let gateway = match Gateway::prepare(config) {
         Ok(gateway) => Arc::new(gateway),
         Err(e) => {
-            tracing::error!("{}: {e}", path.display());
+            eprintln!("{}: {e}", path.display());
             return ExitCode::FAILURE;
         }
     };
@@ -69,7 +71,7 @@ fn run(path: &std::path::Path, log_json: bool) -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
+            eprintln!("wsgate: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -77,7 +79,7 @@ fn run(path: &std::path::Path, log_json: bool) -> ExitCode {
         let listeners = match wsgate::server::bind(&gateway).await {
             Ok(listeners) => listeners,
             Err(e) => {
-                tracing::error!("{e}");
+                eprintln!("{}: {e}", path.display());
                 return ExitCode::FAILURE;
             }
         };

@@ -1,5 +1,6 @@
 //! Logging setup and the gateway's live counters.
 
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tracing_subscriber::EnvFilter;
@@ -11,6 +12,7 @@ pub fn init_logging(json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let result = if json {
         builder.json().try_init()

@@ -335,7 +335,7 @@ async fn invalid_utf8_text_closes_with_1007() {
         .await
         .unwrap();
     stream
-        .write_all(&client_frame(true, 0x0, &[b'b']))
+        .write_all(&client_frame(true, 0x0, b"b"))
         .await
         .unwrap();
     assert_eq!(read_raw_close(&mut stream).await, 1007, "fragmented");

@@ -165,11 +165,12 @@ async fn path_query_and_headers_are_forwarded() {
     .expect("handshake");
     ws.send(Message::text("x")).await.unwrap();
     next_data(&mut ws).await;
-    let seen = up.seen.lock().unwrap();
-    assert_eq!(seen.paths, vec!["/base/room/7?user=ann".to_string()]);
-    assert_eq!(seen.origins, vec![Some("https://app.example".to_string())]);
-    assert_eq!(seen.hosts, vec![Some(up.addr.to_string())]);
-    drop(seen);
+    {
+        let seen = up.seen.lock().unwrap();
+        assert_eq!(seen.paths, vec!["/base/room/7?user=ann".to_string()]);
+        assert_eq!(seen.origins, vec![Some("https://app.example".to_string())]);
+        assert_eq!(seen.hosts, vec![Some(up.addr.to_string())]);
+    }
     gw.stop().await;
 }
 

@@ -213,6 +213,7 @@ pub async fn ws_echo_with_tls(tls: Option<tokio_rustls::TlsAcceptor>) -> WsUpstr
 
 async fn serve_ws_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<Mutex<Seen>>) {
     let record = seen.clone();
+    #[allow(clippy::result_large_err)] // the signature is tungstenite's
     let callback = move |req: &Request, mut resp: Response| {
         let mut s = record.lock().unwrap();
         let header = |name: &str| {
@@ -225,7 +226,7 @@ async fn serve_ws_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<M
         let offered = header("sec-websocket-protocol");
         if let Some(last) = offered
             .as_deref()
-            .and_then(|o| o.split(',').map(str::trim).last())
+            .and_then(|o| o.split(',').map(str::trim).next_back())
         {
             resp.headers_mut().insert(
                 "sec-websocket-protocol",
@@ -254,6 +255,7 @@ async fn serve_ws_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<M
                     .await;
             }
             Message::Text(_) | Message::Binary(_) => {
+                #[allow(clippy::collapsible_match)] // the guard would move the message
                 if ws.send(message).await.is_err() {
                     return;
                 }
@@ -336,6 +338,8 @@ pub async fn read_until_close<S: AsyncRead + AsyncWrite + Unpin>(
         loop {
             match ws.next().await {
                 Some(Ok(Message::Close(frame))) => {
+                    // tungstenite queues its answer to a Close; flushing sends it now.
+                    let _ = ws.flush().await;
                     return (
                         data,
                         frame.map(|f| (u16::from(f.code), f.reason.to_string())),

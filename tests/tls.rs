@@ -1,0 +1,192 @@
+//! wss:// termination with certificates made by rcgen in the test, and wss:// upstreams
+//! verified against a private CA.
+
+mod support;
+
+use futures_util::SinkExt;
+use support::*;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+fn tls_listener_config(pki: &TestPki, routes: &str) -> String {
+    format!(
+        "[gateway]\nclose_timeout = \"1s\"\n\n[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\n\n{routes}",
+        pki.cert.display(),
+        pki.key.display()
+    )
+}
+
+#[tokio::test]
+async fn wss_listener_relays_to_tcp_and_ws_upstreams() {
+    let pki = make_pki(&["localhost", "127.0.0.1"]);
+    let tcp = tcp_echo().await;
+    let ws_up = ws_echo().await;
+    let routes = format!(
+        "[[route]]\npath = \"/tcp\"\nupstream = \"tcp://{tcp}\"\n\n[[route]]\npath = \"/ws\"\nupstream = \"ws://{}\"\n",
+        ws_up.addr
+    );
+    let gw = start_gateway(&tls_listener_config(&pki, &routes)).await;
+    let connector = pki.connector();
+    let tls_addr = gw.addrs[0];
+
+    let mut ws = connect_tls(
+        &connector,
+        tls_addr,
+        &format!("wss://localhost:{}/tcp", tls_addr.port()),
+    )
+    .await;
+    for len in [0usize, 100, 70_000, 1 << 20] {
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        ws.send(Message::binary(data.clone())).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < len {
+            got.extend_from_slice(&next_data(&mut ws).await.into_data());
+        }
+        assert_eq!(got, data, "tcp over TLS, {len} bytes");
+    }
+    ws.close(None).await.unwrap();
+
+    let mut ws = connect_tls(
+        &connector,
+        tls_addr,
+        &format!("wss://localhost:{}/ws", tls_addr.port()),
+    )
+    .await;
+    for len in [0usize, 100, 70_000, 1 << 20] {
+        let text = "x".repeat(len);
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(
+            next_data(&mut ws).await,
+            Message::text(text),
+            "ws over TLS, {len} bytes"
+        );
+    }
+    ws.close(None).await.unwrap();
+
+    // The plain listener beside it serves the same routes.
+    let mut plain = connect(&format!("ws://{}/ws", gw.addrs[1])).await;
+    plain.send(Message::text("plain")).await.unwrap();
+    assert_eq!(next_data(&mut plain).await, Message::text("plain"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn tls_listener_offers_http11_alpn_and_refuses_untrusted_clients_cleanly() {
+    let pki = make_pki(&["localhost"]);
+    let gw = start_gateway(&tls_listener_config(
+        &pki,
+        &format!(
+            "[[route]]\npath = \"/\"\nupstream = \"tcp://{}\"\n",
+            tcp_echo().await
+        ),
+    ))
+    .await;
+    // A client that trusts another CA fails the handshake; the gateway keeps serving.
+    let other = make_pki(&["localhost"]);
+    let stream = TcpStream::connect(gw.addrs[0]).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    assert!(
+        other
+            .connector()
+            .connect(name.clone(), stream)
+            .await
+            .is_err()
+    );
+    // ALPN: a client offering h2 and http/1.1 gets http/1.1.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let stream = TcpStream::connect(gw.addrs[0]).await.unwrap();
+    let tls = connector.connect(name, stream).await.expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn wss_upstream_with_private_ca() {
+    let upstream_pki = make_pki(&["localhost", "127.0.0.1"]);
+    let upstream = ws_echo_with_tls(Some(upstream_pki.acceptor())).await;
+    let config = simple_config(
+        &format!("wss://localhost:{}/secure", upstream.addr.port()),
+        &format!("ca = \"{}\"", upstream_pki.ca_cert.display()),
+    );
+    let gw = start_gateway(&config).await;
+    let mut ws = connect(&gw.ws_url("/x")).await;
+    ws.send(Message::binary(vec![1u8; 100_000])).await.unwrap();
+    assert_eq!(
+        next_data(&mut ws).await,
+        Message::binary(vec![1u8; 100_000])
+    );
+    assert_eq!(
+        upstream.seen.lock().unwrap().paths,
+        vec!["/secure/x".to_string()]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn wss_upstream_with_untrusted_certificate_is_502() {
+    let upstream_pki = make_pki(&["localhost"]);
+    let unrelated_ca = make_pki(&["localhost"]);
+    let upstream = ws_echo_with_tls(Some(upstream_pki.acceptor())).await;
+    // Trusting another CA, and (second gateway) the built-in web roots: both must refuse.
+    let with_wrong_ca = simple_config(
+        &format!("wss://localhost:{}/", upstream.addr.port()),
+        &format!("ca = \"{}\"", unrelated_ca.ca_cert.display()),
+    );
+    let with_web_roots = simple_config(&format!("wss://localhost:{}/", upstream.addr.port()), "");
+    for config in [with_wrong_ca, with_web_roots] {
+        let gw = start_gateway(&config).await;
+        let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+        assert_eq!(r.status, 502);
+        gw.stop().await;
+    }
+    // Trusting the right CA but naming a host the certificate does not cover.
+    let wrong_name = simple_config(
+        &format!("wss://127.0.0.1:{}/", upstream.addr.port()),
+        &format!("ca = \"{}\"", upstream_pki.ca_cert.display()),
+    );
+    let gw = start_gateway(&wrong_name).await;
+    let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    assert_eq!(
+        r.status, 502,
+        "certificate for localhost, connected as 127.0.0.1"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn slow_tls_handshake_is_cut_by_handshake_timeout() {
+    let pki = make_pki(&["localhost"]);
+    let config = tls_listener_config(
+        &pki,
+        &format!(
+            "[[route]]\npath = \"/\"\nupstream = \"tcp://{}\"\n",
+            tcp_echo().await
+        ),
+    )
+    .replace(
+        "close_timeout = \"1s\"",
+        "close_timeout = \"1s\"\nhandshake_timeout = \"200ms\"",
+    );
+    let gw = start_gateway(&config).await;
+    // Connect and send nothing: the gateway must hang up on its own.
+    let mut stream = TcpStream::connect(gw.addrs[0]).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = within(
+        "gateway closes the idle TLS connection",
+        tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+    )
+    .await
+    .unwrap_or(0);
+    assert_eq!(n, 0, "expected EOF");
+    gw.stop().await;
+}
