@@ -437,3 +437,59 @@ async fn backpressure_a_client_that_does_not_read_stops_the_upstream() {
     gw.wait_idle().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn unix_socket_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echo.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let gw = start_gateway(&simple_config(&format!("unix:{}", path.display()), "")).await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    ws.send(Message::binary(pattern(70_000, 3))).await.unwrap();
+    assert_eq!(read_bytes(&mut ws, 70_000).await, pattern(70_000, 3));
+    gw.stop().await;
+}
+
+/// fastwebsockets' `read_frame` loses a half-read frame if its future is dropped. A frame
+/// split around the moment shutdown starts must still arrive whole, and the client's
+/// Close answer after it must be recognised (the relay ends long before close_timeout).
+#[tokio::test]
+async fn frame_split_across_shutdown_is_not_lost() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let upstream = tcp_upstream(move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            let mut received = Vec::new();
+            let _ = stream.read_to_end(&mut received).await;
+            let _ = tx.send(received);
+        }
+    })
+    .await;
+    let config = simple_config(&format!("tcp://{upstream}"), "")
+        .replace("close_timeout = \"2s\"", "close_timeout = \"60s\"");
+    let gw = start_gateway(&config).await;
+    let mut stream = raw_upgrade(gw.addr(), "/").await;
+    let payload = pattern(4000, 9);
+    let bytes = client_frame(true, 0x2, &payload);
+    stream.write_all(&bytes[..1500]).await.unwrap();
+    let stats = gw.stats.clone();
+    wait_until("relay running", move || stats.active_relays() == 1).await;
+    gw.shutdown.cancel();
+    assert_eq!(read_raw_close(&mut stream).await, 1001);
+    stream.write_all(&bytes[1500..]).await.unwrap();
+    stream
+        .write_all(&client_frame(true, 0x8, &1001u16.to_be_bytes()))
+        .await
+        .unwrap();
+    gw.wait_idle().await;
+    assert_eq!(within("upstream data", rx.recv()).await.unwrap(), payload);
+    gw.stop().await;
+}

@@ -71,8 +71,9 @@ async fn sigterm_drains_and_exits_zero() {
     // The bound address comes from the "listening" log line (port 0 in the file).
     let stderr = child.get().stderr.take().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut tx = Some(tx);
+        let mut lines = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(addr) = line
                 .split("addr=")
@@ -82,7 +83,9 @@ async fn sigterm_drains_and_exits_zero() {
             {
                 let _ = tx.send(addr.to_string());
             }
+            lines.push(line);
         }
+        lines
     });
     let addr = within("listening line", rx).await.expect("address logged");
     let mut ws = connect(&format!("ws://{addr}/")).await;
@@ -106,6 +109,31 @@ async fn sigterm_drains_and_exits_zero() {
     .unwrap()
     .unwrap();
     assert_eq!(status.code(), Some(0));
+
+    // SPEC §5: one line per finished connection, with who closed it and how.
+    let lines = reader.join().unwrap();
+    let closed: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("connection closed"))
+        .collect();
+    assert_eq!(closed.len(), 1, "{lines:#?}");
+    for field in [
+        "client=127.0.0.1:",
+        "listener=127.0.0.1:0",
+        "route=/",
+        &format!("upstream=tcp://{upstream}"),
+        "duration_ms=",
+        "bytes_from_client=2",
+        "bytes_to_client=2",
+        "close_code=1001",
+        "closed_by=gateway",
+    ] {
+        assert!(
+            closed[0].contains(field),
+            "{field} missing in {}",
+            closed[0]
+        );
+    }
 }
 
 /// Kills the child if the test fails before it exits on its own.

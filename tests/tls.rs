@@ -4,6 +4,7 @@
 mod support;
 
 use futures_util::SinkExt;
+use rustls_pki_types::pem::PemObject;
 use support::*;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -189,4 +190,130 @@ async fn slow_tls_handshake_is_cut_by_handshake_timeout() {
     .unwrap_or(0);
     assert_eq!(n, 0, "expected EOF");
     gw.stop().await;
+}
+
+fn openssl(args: &[&str]) {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("the openssl command (installed by .ci/run)");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+/// The dev-certificate script's output works as is (PKCS#8 key, full chain), and so do
+/// PKCS#1 RSA and SEC1 EC keys from openssl, each signed by the script's CA.
+#[tokio::test]
+async fn dev_certificates_and_key_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).display().to_string();
+    let status = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/certs/make-dev-certs.sh"
+    ))
+    .arg(dir.path())
+    .stdout(std::process::Stdio::null())
+    .status()
+    .expect("run certs/make-dev-certs.sh");
+    assert!(status.success());
+    std::fs::write(
+        d("ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&["genrsa", "-traditional", "-out", &d("rsa.key"), "2048"]);
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &d("sec1.key"),
+    ]);
+    for key in ["rsa", "sec1"] {
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            &d(&format!("{key}.key")),
+            "-subj",
+            "/CN=localhost",
+            "-out",
+            &d(&format!("{key}.csr")),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &d(&format!("{key}.csr")),
+            "-CA",
+            &d("ca.crt"),
+            "-CAkey",
+            &d("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &d("ext"),
+            "-out",
+            &d(&format!("{key}.crt")),
+        ]);
+    }
+    assert!(
+        std::fs::read_to_string(d("rsa.key"))
+            .unwrap()
+            .starts_with("-----BEGIN RSA PRIVATE KEY-----")
+    );
+    assert!(
+        std::fs::read_to_string(d("sec1.key"))
+            .unwrap()
+            .starts_with("-----BEGIN EC PRIVATE KEY-----")
+    );
+    assert!(
+        std::fs::read_to_string(d("localhost.key"))
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
+
+    let ca = rustls_pki_types::CertificateDer::from_pem_file(d("ca.crt")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let client_config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_config));
+    let upstream = tcp_echo().await;
+    for (cert, key) in [
+        ("localhost.crt", "localhost.key"),
+        ("rsa.crt", "rsa.key"),
+        ("sec1.crt", "sec1.key"),
+    ] {
+        let config = format!(
+            "[[listener]]\nbind = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n[[route]]\npath = \"/\"\nupstream = \"tcp://{upstream}\"\n",
+            d(cert),
+            d(key)
+        );
+        let gw = start_gateway(&config).await;
+        let mut ws = connect_tls(
+            &connector,
+            gw.addr(),
+            &format!("wss://localhost:{}/", gw.addr().port()),
+        )
+        .await;
+        ws.send(Message::binary(key.as_bytes().to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_data(&mut ws).await.into_data(),
+            key.as_bytes(),
+            "{key}"
+        );
+        ws.close(None).await.unwrap();
+        gw.stop().await;
+    }
 }

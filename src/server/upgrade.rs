@@ -182,15 +182,15 @@ fn log_summary(
         client = %conn.peer,
         listener = %conn.listener.name,
         tls = conn.tls,
-        route,
-        upstream,
+        route = %route,
+        upstream = %upstream,
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_from_client = s.bytes_from_client,
         bytes_to_client = s.bytes_to_client,
         messages_from_client = s.messages_from_client,
         messages_to_client = s.messages_to_client,
         close_code,
-        closed_by = s.closed_by.as_str(),
+        closed_by = %s.closed_by.as_str(),
         detail = s.detail.as_deref().unwrap_or(""),
         "connection closed"
     );
