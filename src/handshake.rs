@@ -10,6 +10,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use sha1::{Digest, Sha1};
 
+use crate::origin::OriginRule;
+
 /// RFC 6455 §1.3. ASCII hyphens: a widely copied tutorial prints U+2010 here instead.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -134,23 +136,17 @@ pub fn validate<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError> {
     })
 }
 
-/// Checks the request's Origin against a route's allow-list (`None` allows everything).
-/// Browsers always send Origin; a request without one comes from a non-browser client,
-/// which cross-site WebSocket hijacking cannot use, so it passes.
+/// Checks the request's Origin against a route's allow-list (see [`crate::origin`]).
 pub fn check_origin(
     origin: Option<&str>,
-    allowed: Option<&[String]>,
+    allowed: Option<&[OriginRule]>,
 ) -> Result<(), HandshakeError> {
-    match (allowed, origin) {
-        (None, _) | (Some(_), None) => Ok(()),
-        (Some(list), Some(origin)) => {
-            let lower = origin.to_ascii_lowercase();
-            if list.contains(&lower) {
-                Ok(())
-            } else {
-                Err(HandshakeError::OriginNotAllowed(origin.to_string()))
-            }
-        }
+    if crate::origin::allowed(allowed, origin) {
+        Ok(())
+    } else {
+        Err(HandshakeError::OriginNotAllowed(
+            origin.unwrap_or_default().to_string(),
+        ))
     }
 }
 
@@ -334,9 +330,10 @@ mod tests {
 
     #[test]
     fn origin_allow_list() {
-        let allowed = vec!["https://app.example.com".to_string()];
+        let allowed = vec![OriginRule::parse("https://app.example.com").unwrap()];
         assert!(check_origin(Some("https://APP.example.com"), Some(&allowed)).is_ok());
-        assert!(check_origin(Some("https://evil.example"), Some(&allowed)).is_err());
+        let err = check_origin(Some("https://evil.example"), Some(&allowed)).unwrap_err();
+        assert_eq!(err.status(), StatusCode::FORBIDDEN);
         assert!(check_origin(None, Some(&allowed)).is_ok());
         assert!(check_origin(Some("https://evil.example"), None).is_ok());
     }

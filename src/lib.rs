@@ -42,6 +42,7 @@ pub mod cli;
 pub mod config;
 pub mod gateway;
 pub mod handshake;
+pub mod origin;
 pub mod relay;
 pub mod routing;
 pub mod server;

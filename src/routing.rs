@@ -155,7 +155,10 @@ mod tests {
             },
             subprotocols: vec![],
             max_message_size: defaults::MAX_MESSAGE_SIZE,
+            max_frame_size: defaults::MAX_MESSAGE_SIZE,
             allowed_origins: None,
+            idle_timeout: None,
+            ping: None,
             connect_timeout: Duration::from_secs(1),
             ca: None,
         }

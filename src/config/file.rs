@@ -8,6 +8,7 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub gateway: Option<GatewaySection>,
+    pub admin: Option<AdminSection>,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<Spanned<ListenerSection>>,
     #[serde(default, rename = "route")]
@@ -20,6 +21,16 @@ pub struct GatewaySection {
     pub shutdown_timeout: Option<Spanned<String>>,
     pub handshake_timeout: Option<Spanned<String>>,
     pub close_timeout: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub max_request_head_size: Option<Spanned<SizeValue>>,
+    pub log_format: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub bind: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -28,6 +39,7 @@ pub struct ListenerSection {
     pub name: Option<Spanned<String>>,
     pub bind: Spanned<String>,
     pub tls: Option<Spanned<TlsSection>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +57,10 @@ pub struct RouteSection {
     pub upstream: Spanned<String>,
     pub subprotocols: Option<Spanned<Vec<String>>>,
     pub max_message_size: Option<Spanned<SizeValue>>,
+    pub max_frame_size: Option<Spanned<SizeValue>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub ping_interval: Option<Spanned<String>>,
+    pub ping_timeout: Option<Spanned<String>>,
     pub allowed_origins: Option<Spanned<Vec<String>>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub ca: Option<Spanned<String>>,

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 pub use units::{parse_duration, parse_size};
 
+use crate::origin::OriginRule;
+
 /// Defaults that apply when a key is absent. The README's configuration reference lists the
 /// same values; a test keeps the two in step.
 pub mod defaults {
@@ -27,6 +29,13 @@ pub mod defaults {
     /// Large enough for VNC framebuffer updates and typical JSON APIs; every frame up to this
     /// size is held in memory whole, so this is also the per-direction memory bound.
     pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
+    /// Far above what one 2-core machine relays well, low enough that a flood of upgrades
+    /// meets a clear 503 before file descriptors run out.
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// Browsers send a few KiB of headers (cookies included); 16 KiB leaves room and caps
+    /// what an unauthenticated peer can make the gateway hold. hyper needs at least 8 KiB.
+    pub const MAX_REQUEST_HEAD_SIZE: usize = 16 << 10;
+    pub const MIN_REQUEST_HEAD_SIZE: usize = 8 << 10;
 }
 
 /// A validated configuration: everything here has been parsed and checked.
@@ -35,6 +44,7 @@ pub struct Config {
     /// Where the configuration came from, for messages (`<string>` when parsed from memory).
     pub source: String,
     pub gateway: GatewayConfig,
+    pub admin: Option<AdminConfig>,
     pub listeners: Vec<ListenerConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -44,6 +54,13 @@ pub struct GatewayConfig {
     pub shutdown_timeout: Duration,
     pub handshake_timeout: Duration,
     pub close_timeout: Duration,
+    /// Upgraded connections over all listeners; more get 503.
+    pub max_connections: usize,
+    /// Upgraded connections per client IP address; `None` for no limit.
+    pub max_connections_per_ip: Option<usize>,
+    /// Request line plus headers; larger heads get 431.
+    pub max_request_head_size: usize,
+    pub log_format: LogFormat,
 }
 
 impl Default for GatewayConfig {
@@ -52,8 +69,24 @@ impl Default for GatewayConfig {
             shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
             handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
             close_timeout: defaults::CLOSE_TIMEOUT,
+            max_connections: defaults::MAX_CONNECTIONS,
+            max_connections_per_ip: None,
+            max_request_head_size: defaults::MAX_REQUEST_HEAD_SIZE,
+            log_format: LogFormat::Text,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The admin listener: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +94,8 @@ pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// Upgraded connections on this listener; `None` for no limit beyond the gateway's.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,11 +113,23 @@ pub struct RouteConfig {
     pub upstream: Upstream,
     pub subprotocols: Vec<String>,
     pub max_message_size: usize,
+    /// Largest single frame; every frame is held in memory whole, so this bounds memory.
+    pub max_frame_size: usize,
     /// `None` accepts any Origin (and requests without one).
-    pub allowed_origins: Option<Vec<String>>,
+    pub allowed_origins: Option<Vec<OriginRule>>,
+    /// No data message in either direction for this long closes with 1001.
+    pub idle_timeout: Option<Duration>,
+    /// Keepalive toward the client: ping every interval, drop when no pong within timeout.
+    pub ping: Option<PingConfig>,
     pub connect_timeout: Duration,
     /// CA bundle that verifies a `wss://` upstream instead of the built-in web roots.
     pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PingConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 /// Where a route's connections go.

@@ -9,9 +9,11 @@ use toml::Spanned;
 use super::file::{FileConfig, RouteSection, SizeValue};
 use super::units::{parse_duration, parse_size};
 use super::{
-    Config, ConfigError, ConfigIssue, GatewayConfig, ListenerConfig, RouteConfig, TlsFiles,
-    Upstream, defaults,
+    AdminConfig, Config, ConfigError, ConfigIssue, GatewayConfig, ListenerConfig, LogFormat,
+    PingConfig, RouteConfig, TlsFiles, Upstream, defaults,
 };
+use crate::origin::OriginRule;
+use std::time::Duration;
 
 pub(super) fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
     let file: FileConfig = toml::from_str(text).map_err(|e| {
@@ -83,6 +85,59 @@ impl Validator<'_> {
         });
     }
 
+    /// A whole number of connections, at least 1.
+    fn count(&mut self, value: &Spanned<i64>, key: &str) -> Option<usize> {
+        match usize::try_from(*value.get_ref()) {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                self.issue(value, key, "must be a whole number of at least 1");
+                None
+            }
+        }
+    }
+
+    fn size(&mut self, value: &Spanned<SizeValue>, key: &str) -> Option<usize> {
+        let parsed = match value.get_ref() {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(t) => parse_size(t),
+        };
+        match parsed.map(usize::try_from) {
+            Ok(Ok(n)) => Some(n),
+            Ok(Err(_)) => {
+                self.issue(value, key, "is too large");
+                None
+            }
+            Err(e) => {
+                self.issue(value, key, e);
+                None
+            }
+        }
+    }
+
+    /// A message or frame limit: 1 byte to 1 GiB.
+    fn message_size(&mut self, value: &Spanned<SizeValue>, key: &str) -> Option<usize> {
+        match self.size(value, key)? {
+            0 => self.issue(value, key, "must be at least 1 byte"),
+            n if n > 1 << 30 => self.issue(value, key, "must be at most 1GiB"),
+            n => return Some(n),
+        }
+        None
+    }
+
+    fn positive_duration(&mut self, value: &Spanned<String>, key: &str) -> Option<Duration> {
+        match parse_duration(value.get_ref()) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                self.issue(value, key, "must be longer than zero");
+                None
+            }
+            Err(e) => {
+                self.issue(value, key, e);
+                None
+            }
+        }
+    }
+
     fn config(&mut self, file: FileConfig, source: &str) -> Config {
         let mut gateway = GatewayConfig::default();
         if let Some(section) = file.gateway {
@@ -109,7 +164,54 @@ impl Validator<'_> {
                 "close_timeout",
                 &mut gateway.close_timeout,
             );
+            if let Some(n) = section.max_connections
+                && let Some(n) = self.count(&n, "gateway.max_connections")
+            {
+                gateway.max_connections = n;
+            }
+            if let Some(n) = section.max_connections_per_ip {
+                gateway.max_connections_per_ip = self.count(&n, "gateway.max_connections_per_ip");
+            }
+            if let Some(size) = section.max_request_head_size
+                && let Some(n) = self.size(&size, "gateway.max_request_head_size")
+            {
+                if n < defaults::MIN_REQUEST_HEAD_SIZE {
+                    self.issue(
+                        &size,
+                        "gateway.max_request_head_size",
+                        "must be at least 8KiB",
+                    );
+                } else {
+                    gateway.max_request_head_size = n;
+                }
+            }
+            if let Some(format) = section.log_format {
+                match format.get_ref().as_str() {
+                    "text" => gateway.log_format = LogFormat::Text,
+                    "json" => gateway.log_format = LogFormat::Json,
+                    other => self.issue(
+                        &format,
+                        "gateway.log_format",
+                        format!("`{other}` is not a log format; write \"text\" or \"json\""),
+                    ),
+                }
+            }
         }
+
+        let admin = file.admin.and_then(|admin| match admin.bind.get_ref().parse::<SocketAddr>() {
+            Ok(bind) => Some(AdminConfig { bind }),
+            Err(_) => {
+                self.issue(
+                    &admin.bind,
+                    "admin.bind",
+                    format!(
+                        "`{}` is not an address; write an IP address and port, like \"127.0.0.1:9090\"",
+                        admin.bind.get_ref()
+                    ),
+                );
+                None
+            }
+        });
 
         if file.listeners.is_empty() {
             self.issues.push(ConfigIssue {
@@ -178,7 +280,15 @@ impl Validator<'_> {
                     key: PathBuf::from(tls.key.into_inner()),
                 }
             });
-            listeners.push(ListenerConfig { name, bind, tls });
+            let max_connections = section
+                .max_connections
+                .and_then(|n| self.count(&n, &format!("{key}.max_connections")));
+            listeners.push(ListenerConfig {
+                name,
+                bind,
+                tls,
+                max_connections,
+            });
         }
 
         if file.routes.is_empty() {
@@ -211,6 +321,7 @@ impl Validator<'_> {
         Config {
             source: source.to_string(),
             gateway,
+            admin,
             listeners,
             routes,
         }
@@ -283,57 +394,58 @@ impl Validator<'_> {
             subprotocols = list.into_inner();
         }
 
-        let mut max_message_size = defaults::MAX_MESSAGE_SIZE;
-        if let Some(size) = section.max_message_size {
-            let parsed = match size.get_ref() {
-                SizeValue::Bytes(n) => Ok(*n),
-                SizeValue::Text(t) => parse_size(t),
-            };
-            match parsed {
-                Ok(0) => self.issue(
-                    &size,
-                    format!("{key}.max_message_size"),
-                    "must be at least 1 byte",
-                ),
-                Ok(n) => match usize::try_from(n) {
-                    Ok(n) if n <= 1 << 30 => max_message_size = n,
-                    _ => self.issue(
-                        &size,
-                        format!("{key}.max_message_size"),
-                        "must be at most 1GiB",
-                    ),
-                },
-                Err(e) => self.issue(&size, format!("{key}.max_message_size"), e),
-            }
-        }
+        let max_message_size = section
+            .max_message_size
+            .and_then(|size| self.message_size(&size, &format!("{key}.max_message_size")))
+            .unwrap_or(defaults::MAX_MESSAGE_SIZE);
+        // Browsers send each message as one frame, so by default a frame may be as large as
+        // a message; a smaller limit only suits clients known to fragment.
+        let max_frame_size = section
+            .max_frame_size
+            .and_then(|size| self.message_size(&size, &format!("{key}.max_frame_size")))
+            .unwrap_or(max_message_size);
 
         let allowed_origins = section.allowed_origins.map(|list| {
             let mut origins = Vec::new();
             for origin in list.get_ref() {
-                match normalize_origin(origin) {
+                match OriginRule::parse(origin) {
                     Some(o) => origins.push(o),
                     None => self.issue(
                         &list,
                         format!("{key}.allowed_origins"),
-                        format!("`{origin}` is not an origin; write scheme://host[:port] without a path, like \"https://app.example.com\""),
+                        format!("`{origin}` is not an origin; write scheme://host[:port] without a path, like \"https://app.example.com\", or a pattern like \"https://*.example.com\""),
                     ),
                 }
             }
             origins
         });
 
-        let mut connect_timeout = defaults::CONNECT_TIMEOUT;
-        if let Some(value) = section.connect_timeout {
-            match parse_duration(value.get_ref()) {
-                Ok(d) if !d.is_zero() => connect_timeout = d,
-                Ok(_) => self.issue(
-                    &value,
-                    format!("{key}.connect_timeout"),
-                    "must be longer than zero",
-                ),
-                Err(e) => self.issue(&value, format!("{key}.connect_timeout"), e),
+        let connect_timeout = section
+            .connect_timeout
+            .and_then(|v| self.positive_duration(&v, &format!("{key}.connect_timeout")))
+            .unwrap_or(defaults::CONNECT_TIMEOUT);
+        let idle_timeout = section
+            .idle_timeout
+            .and_then(|v| self.positive_duration(&v, &format!("{key}.idle_timeout")));
+        let ping_interval = section
+            .ping_interval
+            .and_then(|v| self.positive_duration(&v, &format!("{key}.ping_interval")));
+        let ping_timeout = section.ping_timeout.and_then(|v| {
+            if ping_interval.is_none() {
+                self.issue(
+                    &v,
+                    format!("{key}.ping_timeout"),
+                    "needs ping_interval; set both or neither",
+                );
+                None
+            } else {
+                self.positive_duration(&v, &format!("{key}.ping_timeout"))
             }
-        }
+        });
+        let ping = ping_interval.map(|interval| PingConfig {
+            interval,
+            timeout: ping_timeout.unwrap_or(interval),
+        });
 
         let ca = section.ca.and_then(|ca| {
             if !matches!(upstream, Some(Upstream::Ws { tls: true, .. })) {
@@ -357,7 +469,10 @@ impl Validator<'_> {
             upstream: upstream?,
             subprotocols,
             max_message_size,
+            max_frame_size,
             allowed_origins,
+            idle_timeout,
+            ping,
             connect_timeout,
             ca,
         })
@@ -379,18 +494,6 @@ fn normalize_path(path: &str) -> Option<String> {
     } else {
         trimmed.to_string()
     })
-}
-
-fn normalize_origin(origin: &str) -> Option<String> {
-    let (scheme, rest) = origin.split_once("://")?;
-    if scheme.is_empty()
-        || rest.is_empty()
-        || rest.contains('/')
-        || rest.contains(char::is_whitespace)
-    {
-        return None;
-    }
-    Some(origin.to_ascii_lowercase())
 }
 
 /// Parses `tcp://host:port`, `ws://host[:port][/path]`, `wss://…` or `unix:/path`.
