@@ -18,9 +18,13 @@ pub struct Cli {
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Log as JSON lines instead of text.
+    /// Log as JSON lines instead of text (same as log_format = "json").
     #[arg(long)]
     pub log_json: bool,
+
+    /// Write the process ID to this file while running (for `wsgate reload`).
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -33,5 +37,11 @@ pub enum Command {
         /// Configuration file (TOML) to check.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Ask a running wsgate to re-read its configuration (sends SIGHUP to the PID in the file).
+    Reload {
+        /// The file the running wsgate was started with as --pid-file.
+        #[arg(long, value_name = "FILE")]
+        pid_file: PathBuf,
     },
 }

@@ -2,11 +2,9 @@
 //! once at start-up (and by `wsgate check`), so that a bad certificate is a start-up error
 //! and never a per-connection one.
 
-use std::sync::Arc;
-
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::{Config, RouteConfig, Upstream};
+use crate::config::{Config, ListenerConfig, RouteConfig, Upstream};
 use crate::routing::Router;
 use crate::tls::{self, TlsError};
 use crate::upstream;
@@ -88,7 +86,30 @@ impl Gateway {
     pub fn acceptor(&self, listener: usize) -> Option<&TlsAcceptor> {
         self.acceptors.get(listener).and_then(Option::as_ref)
     }
+
+    /// The listener a running socket belongs to in this configuration, with its index.
+    pub fn listener(&self, key: &ListenerKey) -> Option<(usize, &ListenerConfig)> {
+        self.config
+            .listeners
+            .iter()
+            .enumerate()
+            .find(|(_, l)| ListenerKey::of(l) == *key)
+    }
 }
 
-/// Shared by every connection task.
-pub type SharedGateway = Arc<Gateway>;
+/// What makes a listener "the same one" across reloads: its address; for port 0, which
+/// binds anew each time, its address and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    bind: std::net::SocketAddr,
+    name: Option<String>,
+}
+
+impl ListenerKey {
+    pub fn of(listener: &ListenerConfig) -> ListenerKey {
+        ListenerKey {
+            bind: listener.bind,
+            name: (listener.bind.port() == 0).then(|| listener.name.clone()),
+        }
+    }
+}

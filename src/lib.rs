@@ -9,7 +9,9 @@
 //!
 //! - [`config`]: the TOML file (serde mirror) and its validation into typed values.
 //! - [`gateway`]: a configuration made ready to serve: router plus loaded TLS material.
-//! - [`server`]: bind, accept loop, per-connection TLS + HTTP, the upgrade flow.
+//! - [`server`]: bind, accept loop, limits, per-connection TLS + HTTP, the upgrade flow,
+//!   hot reload and drain; the admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`origin`]: the Origin allow-list.
 //! - [`handshake`]: RFC 6455 §4.2 request validation, `Sec-WebSocket-Accept`, the 101.
 //! - [`routing`]: (host, path) → route; upstream path mapping.
 //! - [`upstream`]: connect with deadlines; TLS and the client handshake for ws upstreams.
@@ -24,20 +26,22 @@
 //!   → 101 → relay::relay_stream | relay::relay_ws → close → one log line
 //! ```
 //!
-//! The library takes bound listeners and a shutdown token, so tests run the real server
-//! in-process on port 0:
+//! The library binds what the configuration names (port 0 included) and hands back a
+//! handle, so tests run the real server in-process:
 //!
 //! ```no_run
 //! # async fn example(config: wsgate::config::Config) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! let gateway = Arc::new(wsgate::gateway::Gateway::prepare(config)?);
-//! let listeners = wsgate::server::bind(&gateway).await?;
-//! let shutdown = tokio_util::sync::CancellationToken::new();
-//! let stats = Arc::new(wsgate::telemetry::Stats::default());
-//! wsgate::server::run(gateway, listeners, stats, shutdown).await;
+//! let gateway = wsgate::gateway::Gateway::prepare(config)?;
+//! let server = wsgate::server::Server::start(gateway, Arc::new(wsgate::telemetry::Metrics::new())).await?;
+//! println!("listening on {:?}", server.local_addrs());
+//! let running = tokio::spawn(server.clone().run());
+//! server.shutdown(); // what SIGTERM does: drain, then `run` returns
+//! running.await?;
 //! # Ok(()) }
 //! ```
 
+mod admin;
 pub mod cli;
 pub mod config;
 pub mod gateway;

@@ -2,21 +2,24 @@
 //!
 //! Start-up errors go to stderr as one plain line each (no log decoration), then exit 1.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use wsgate::cli::{Cli, Command};
-use wsgate::config::Config;
+use wsgate::config::{Config, LogFormat};
 use wsgate::gateway::Gateway;
+use wsgate::server::Server;
+use wsgate::telemetry::Metrics;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { config }) => check(&config),
+        Some(Command::Reload { pid_file }) => reload(&pid_file),
         None => match cli.config {
-            Some(config) => run(&config, cli.log_json),
+            Some(config) => run(&config, cli.log_json, cli.pid_file),
             None => {
                 eprintln!(
                     "wsgate: no configuration given; run `wsgate --config gateway.toml` (see --help)"
@@ -28,13 +31,14 @@ fn main() -> ExitCode {
 }
 
 /// `wsgate check`: everything `run` loads, without binding.
-fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+fn check(path: &Path) -> ExitCode {
+    let result = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
         let (listeners, routes) = (c.listeners.len(), c.routes.len());
         Gateway::prepare(c)
             .map(|_| (listeners, routes))
             .map_err(|e| format!("{}: {e}", path.display()))
-    }) {
+    });
+    match result {
         Ok((listeners, routes)) => {
             println!(
                 "{}: ok ({listeners} listeners, {routes} routes)",
@@ -49,7 +53,41 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn run(path: &std::path::Path, log_json: bool) -> ExitCode {
+/// `wsgate reload`: SIGHUP to the process named in the PID file.
+fn reload(pid_file: &Path) -> ExitCode {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let pid = match std::fs::read_to_string(pid_file) {
+        Ok(text) => match text.trim().parse::<i32>() {
+            Ok(pid) if pid > 0 => pid,
+            _ => {
+                eprintln!("{}: does not hold a process ID", pid_file.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        Err(e) => {
+            eprintln!(
+                "{}: cannot read: {e}; is wsgate running with --pid-file?",
+                pid_file.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match kill(Pid::from_raw(pid), Signal::SIGHUP) {
+        Ok(()) => {
+            println!(
+                "sent SIGHUP to wsgate (pid {pid}); its log says whether the reload was accepted"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot signal pid {pid} from {}: {e}", pid_file.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &Path, log_json: bool, pid_file: Option<PathBuf>) -> ExitCode {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
@@ -57,9 +95,9 @@ fn run(path: &std::path::Path, log_json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wsgate::telemetry::init_logging(log_json);
+    wsgate::telemetry::init_logging(log_json || config.gateway.log_format == LogFormat::Json);
     let gateway = match Gateway::prepare(config) {
-        Ok(gateway) => Arc::new(gateway),
+        Ok(gateway) => gateway,
         Err(e) => {
             eprintln!("{}: {e}", path.display());
             return ExitCode::FAILURE;
@@ -76,27 +114,39 @@ fn run(path: &std::path::Path, log_json: bool) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let listeners = match wsgate::server::bind(&gateway).await {
-            Ok(listeners) => listeners,
+        let server = match Server::start(gateway, Arc::new(Metrics::new())).await {
+            Ok(server) => server,
             Err(e) => {
                 eprintln!("{}: {e}", path.display());
                 return ExitCode::FAILURE;
             }
         };
-        let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(wsgate::shutdown::on_signal(shutdown.clone()));
-        let stats = Arc::new(wsgate::telemetry::Stats::default());
-        let server = wsgate::server::run(gateway, listeners, stats, shutdown.clone());
-        tokio::pin!(server);
+        if let Some(pid_file) = &pid_file
+            && let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id()))
+        {
+            eprintln!("{}: cannot write the PID file: {e}", pid_file.display());
+            server.shutdown();
+            server.run().await;
+            return ExitCode::FAILURE;
+        }
+        let signals = tokio::spawn(wsgate::shutdown::handle_signals(
+            server.clone(),
+            path.to_path_buf(),
+        ));
+        let running = server.clone().run();
+        tokio::pin!(running);
         tokio::select! {
-            _ = &mut server => {}
+            _ = &mut running => {}
             result = signals => {
                 if let Ok(Err(e)) = result {
                     tracing::error!("cannot install signal handlers: {e}");
-                    shutdown.cancel();
+                    server.shutdown();
                 }
-                server.await;
+                running.await;
             }
+        }
+        if let Some(pid_file) = &pid_file {
+            let _ = std::fs::remove_file(pid_file);
         }
         ExitCode::SUCCESS
     })

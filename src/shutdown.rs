@@ -1,21 +1,32 @@
-//! Process signals → the shutdown token.
+//! Process signals: SIGHUP reloads the configuration, SIGTERM and SIGINT start the drain.
 
-use tokio_util::sync::CancellationToken;
+use std::path::PathBuf;
 
-/// Cancels `token` at the first SIGINT or SIGTERM. A second signal is left to the default
-/// handler only after the drain: operators who want out at once use SIGKILL.
-pub async fn on_signal(token: CancellationToken) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::server::Server;
+
+/// Handles signals until the first SIGTERM or SIGINT, which starts the drain and returns.
+/// A reload that fails leaves the running configuration in place (logged by `reload_from`).
+pub async fn handle_signals(server: Server, config: PathBuf) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(
-        signal = name,
-        "shutting down: no new connections, closing open ones with 1001"
-    );
-    token.cancel();
-    Ok(())
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = hup.recv() => {
+                tracing::info!(signal = "SIGHUP", config = %config.display(), "reloading configuration");
+                let _ = server.reload_from(&config).await;
+                continue;
+            }
+        };
+        tracing::info!(
+            signal = name,
+            "shutting down: no new connections, closing open ones with 1001"
+        );
+        server.shutdown();
+        return Ok(());
+    }
 }

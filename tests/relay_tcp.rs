@@ -474,7 +474,7 @@ async fn frame_split_across_shutdown_is_not_lost() {
     })
     .await;
     let config = simple_config(&format!("tcp://{upstream}"), "")
-        .replace("close_timeout = \"2s\"", "close_timeout = \"60s\"");
+        .replace("close_timeout = \"1s\"", "close_timeout = \"60s\"");
     let gw = start_gateway(&config).await;
     let mut stream = raw_upgrade(gw.addr(), "/").await;
     let payload = pattern(4000, 9);
@@ -482,7 +482,7 @@ async fn frame_split_across_shutdown_is_not_lost() {
     stream.write_all(&bytes[..1500]).await.unwrap();
     let stats = gw.stats.clone();
     wait_until("relay running", move || stats.active_relays() == 1).await;
-    gw.shutdown.cancel();
+    gw.begin_shutdown();
     assert_eq!(read_raw_close(&mut stream).await, 1001);
     stream.write_all(&bytes[1500..]).await.unwrap();
     stream

@@ -25,7 +25,7 @@ async fn shutdown_sends_1001_to_every_client_and_returns() {
         next_data(&mut ws).await;
         clients.push(ws);
     }
-    gw.shutdown.cancel();
+    gw.begin_shutdown();
     for ws in &mut clients {
         let (_, close) = read_until_close(ws).await;
         assert_eq!(close.map(|c| c.0), Some(1001));

@@ -271,7 +271,19 @@ impl Validator<'_> {
                     }
                     name.into_inner()
                 }
-                None => bind.to_string(),
+                None => {
+                    let name = bind.to_string();
+                    if !names.insert(name.clone()) {
+                        self.issue(
+                            &section.bind,
+                            format!("{key}.name"),
+                            format!(
+                                "another listener is also named `{name}`; give each listener a name"
+                            ),
+                        );
+                    }
+                    name
+                }
             };
             let tls = section.tls.map(|tls| {
                 let tls = tls.into_inner();

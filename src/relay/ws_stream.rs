@@ -5,15 +5,18 @@
 //! Half-close (SPEC §4): a client Close shuts down the upstream's write side; what the
 //! upstream still sends is delivered, and its EOF completes the close with the client's
 //! own code echoed. An upstream EOF is delivered as Close 1000 after all of its data.
+//! Shutdown: what the upstream has already sent (readable now) is delivered, then Close 1001.
+
+use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio_util::sync::CancellationToken;
 
 use super::frames::{self, MessageCheck, ReadError};
-use super::{Peer, RelaySettings, Side, State, Summary, drive, on_shutdown};
+use super::{Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive};
+use crate::telemetry::metrics::Flow;
 
 type ClientIo = TokioIo<Upgraded>;
 type ClientWs = fastwebsockets::WebSocket<ClientIo>;
@@ -27,39 +30,30 @@ pub async fn relay_stream<U>(
     client: ClientWs,
     upstream: U,
     settings: RelaySettings,
-    shutdown: CancellationToken,
+    shutdown: ShutdownSignals,
+    flow: Flow,
 ) -> Summary
 where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut client_rx, client_tx) = client.split(tokio::io::split);
     client_rx.set_auto_close(false);
-    client_rx.set_auto_pong(true);
+    // Pings are answered here, after the checks: an unmasked Ping is a protocol error.
+    client_rx.set_auto_pong(false);
     // fastwebsockets rejects frames of `max` bytes or more; the route's limit is inclusive.
-    client_rx.set_max_message_size(settings.max_message_size.saturating_add(1));
-    let client = Peer::new(client_tx);
+    client_rx.set_max_message_size(settings.max_frame_size.saturating_add(1));
+    let state = State::new(&settings, flow);
+    let client = Peer::new(client_tx, &state);
     let (upstream_rx, upstream_tx) = tokio::io::split(upstream);
-    let state = State::new();
 
     let pumps = async {
         tokio::join!(
-            client_to_upstream(&mut client_rx, upstream_tx, &client, &state, settings),
-            upstream_to_client(upstream_rx, &client, &state),
+            client_to_upstream(&mut client_rx, upstream_tx, &client, &state, &settings),
+            upstream_to_client(upstream_rx, &client, &state, &shutdown),
         );
+        client.settle().await;
     };
-    let shutdown = on_shutdown(&shutdown, async {
-        if client
-            .close(frames::GOING_AWAY, "gateway shutting down")
-            .await
-        {
-            state.record(
-                Side::Gateway,
-                Some(frames::GOING_AWAY),
-                Some("shutdown".into()),
-            );
-        }
-    });
-    drive(&state, settings.close_timeout, pumps, shutdown).await;
+    drive(&state, &settings, &shutdown, &client, pumps, false).await;
     state.summary()
 }
 
@@ -68,19 +62,19 @@ async fn client_to_upstream<U: AsyncWrite>(
     mut upstream: WriteHalf<U>,
     client: &ClientPeer,
     state: &State,
-    settings: RelaySettings,
+    settings: &RelaySettings,
 ) {
     let mut message = MessageCheck::new(settings.max_message_size, true);
     let mut upstream_open = true;
-    let mut pong = |frame| client.send_obligated(frame);
     loop {
-        let mut frame = match client_rx.read_frame(&mut pong).await {
+        let mut frame = match client_rx.read_frame(&mut super::nothing_to_send).await {
             Ok(frame) => frame,
             Err(e) => match frames::classify(e) {
                 ReadError::Vanished(detail) => return state.fail(Side::Client, None, detail),
                 ReadError::Protocol(f) => return fail_client(client, state, f).await,
             },
         };
+        state.client_frame_seen();
         if !frames::is_masked(&mut frame) {
             let f = frames::Failure {
                 code: frames::PROTOCOL_ERROR,
@@ -124,7 +118,8 @@ async fn client_to_upstream<U: AsyncWrite>(
                     Err(f) => return fail_client(client, state, f).await,
                 };
                 if client.close_sent() {
-                    // The answer to our Close: the handshake is complete.
+                    // The answer to our Close: the handshake is complete once ours is out.
+                    client.settle().await;
                     state.abort.cancel();
                     return;
                 }
@@ -134,8 +129,13 @@ async fn client_to_upstream<U: AsyncWrite>(
                 let _ = upstream.shutdown().await;
                 return;
             }
-            // Pings are answered by fastwebsockets (auto_pong); pongs need no answer.
-            OpCode::Ping | OpCode::Pong => {}
+            OpCode::Ping => {
+                if let Err(e) = client.send(Frame::pong(frame.payload)).await {
+                    return state.fail(Side::Client, None, format!("write to client failed: {e}"));
+                }
+            }
+            // Pongs only show liveness (recorded above).
+            OpCode::Pong => {}
         }
     }
 }
@@ -144,13 +144,17 @@ async fn upstream_to_client<U: AsyncRead>(
     mut upstream: ReadHalf<U>,
     client: &ClientPeer,
     state: &State,
+    shutdown: &ShutdownSignals,
 ) {
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        // A plain socket read is cancel-safe, so it may race the abort signal.
+        // A plain socket read is cancel-safe, so it may race the other signals.
         let read = tokio::select! {
             biased;
             _ = state.abort.cancelled() => return,
+            _ = shutdown.graceful.cancelled(), if !state.closing.is_cancelled() => {
+                return drain_and_close(upstream, buf, client, state).await;
+            }
             read = upstream.read(&mut buf) => read,
         };
         match read {
@@ -164,19 +168,8 @@ async fn upstream_to_client<U: AsyncRead>(
                 return;
             }
             Ok(n) => {
-                if client.close_sent() {
-                    // RFC 6455 §5.5.1: no data frames after our Close.
+                if !forward(&buf[..n], client, state).await {
                     return;
-                }
-                let frame = Frame::binary(Payload::Borrowed(&buf[..n]));
-                match client.send(frame).await {
-                    Ok(()) => state.count_to_client(n, true),
-                    Err(e) => {
-                        if !client.close_sent() {
-                            state.fail(Side::Client, None, format!("write to client failed: {e}"));
-                        }
-                        return;
-                    }
                 }
             }
             Err(e) => {
@@ -193,6 +186,53 @@ async fn upstream_to_client<U: AsyncRead>(
                 return;
             }
         }
+    }
+}
+
+/// Sends one chunk as a binary message; false when the relay should stop forwarding.
+async fn forward(data: &[u8], client: &ClientPeer, state: &State) -> bool {
+    if client.close_sent() {
+        // RFC 6455 §5.5.1: no data frames after our Close.
+        return false;
+    }
+    match client.send(Frame::binary(Payload::Borrowed(data))).await {
+        Ok(true) => {
+            state.count_to_client(data.len(), true);
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            if !client.close_sent() {
+                state.fail(Side::Client, None, format!("write to client failed: {e}"));
+            }
+            false
+        }
+    }
+}
+
+/// Graceful shutdown: deliver what the upstream has already sent (what is readable without
+/// waiting), then Close 1001. The client's answer is read by the other pump.
+async fn drain_and_close<U: AsyncRead>(
+    mut upstream: ReadHalf<U>,
+    mut buf: Vec<u8>,
+    client: &ClientPeer,
+    state: &State,
+) {
+    // A zero timeout polls the read once: ready data comes back, nothing is waited for.
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::ZERO, upstream.read(&mut buf)).await {
+        if n == 0 || !forward(&buf[..n], client, state).await {
+            break;
+        }
+    }
+    if client
+        .close(frames::GOING_AWAY, "gateway shutting down")
+        .await
+    {
+        state.record(
+            Side::Gateway,
+            Some(frames::GOING_AWAY),
+            Some("shutdown".into()),
+        );
     }
 }
 

@@ -2,17 +2,16 @@
 //!
 //! Frames are forwarded one by one as they arrive, so fragmentation, message types, pings,
 //! pongs and Close codes with their reasons pass through unchanged, and no message is ever
-//! assembled in memory. The client's masking key is reused toward the upstream (the payload
-//! is re-masked with it by fastwebsockets), which costs no randomness per frame.
+//! assembled in memory.
 
 use fastwebsockets::{Frame, OpCode, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio_util::sync::CancellationToken;
 
 use super::frames::{self, Failure, MessageCheck, ReadError};
-use super::{Peer, RelaySettings, Side, State, Summary, drive, on_shutdown};
+use super::{Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive};
+use crate::telemetry::metrics::Flow;
 
 type Io = TokioIo<Upgraded>;
 type Ws = fastwebsockets::WebSocket<Io>;
@@ -30,7 +29,8 @@ pub async fn relay_ws(
     client: Ws,
     upstream: Ws,
     settings: RelaySettings,
-    shutdown: CancellationToken,
+    shutdown: ShutdownSignals,
+    flow: Flow,
 ) -> Summary {
     let (mut client_rx, client_tx) = client.split(tokio::io::split);
     let (mut upstream_rx, upstream_tx) = upstream.split(tokio::io::split);
@@ -38,11 +38,11 @@ pub async fn relay_ws(
         // Pings, pongs and closes are the endpoints' business: pass them through.
         rx.set_auto_close(false);
         rx.set_auto_pong(false);
-        rx.set_max_message_size(settings.max_message_size.saturating_add(1));
+        rx.set_max_message_size(settings.max_frame_size.saturating_add(1));
     }
-    let client = Peer::new(client_tx);
-    let upstream = Peer::new(upstream_tx);
-    let state = State::new();
+    let state = State::new(&settings, flow);
+    let client = Peer::new(client_tx, &state);
+    let upstream = Peer::new(upstream_tx, &state);
 
     let pumps = async {
         tokio::join!(
@@ -52,7 +52,7 @@ pub async fn relay_ws(
                 &client,
                 &upstream,
                 &state,
-                settings
+                &settings
             ),
             pump(
                 Direction::UpstreamToClient,
@@ -60,22 +60,13 @@ pub async fn relay_ws(
                 &upstream,
                 &client,
                 &state,
-                settings
+                &settings
             ),
         );
+        client.settle().await;
+        upstream.settle().await;
     };
-    let shutdown = on_shutdown(&shutdown, async {
-        let reason = "gateway shutting down";
-        if client.close(frames::GOING_AWAY, reason).await {
-            state.record(
-                Side::Gateway,
-                Some(frames::GOING_AWAY),
-                Some("shutdown".into()),
-            );
-        }
-        upstream.close(frames::GOING_AWAY, reason).await;
-    });
-    drive(&state, settings.close_timeout, pumps, shutdown).await;
+    drive(&state, &settings, &shutdown, &client, pumps, true).await;
     state.summary()
 }
 
@@ -86,17 +77,15 @@ async fn pump(
     from: &WsPeer,
     to: &WsPeer,
     state: &State,
-    settings: RelaySettings,
+    settings: &RelaySettings,
 ) {
     let source = match direction {
         Direction::ClientToUpstream => Side::Client,
         Direction::UpstreamToClient => Side::Upstream,
     };
     let mut message = MessageCheck::new(settings.max_message_size, false);
-    // With auto_pong and auto_close off, fastwebsockets has nothing to send by itself.
-    let mut nothing_to_send = |_frame: Frame<'_>| std::future::ready(Ok::<(), std::io::Error>(()));
     loop {
-        let mut frame = match from_rx.read_frame(&mut nothing_to_send).await {
+        let mut frame = match from_rx.read_frame(&mut super::nothing_to_send).await {
             Ok(frame) => frame,
             Err(e) => {
                 return match frames::classify(e) {
@@ -107,6 +96,9 @@ async fn pump(
                 };
             }
         };
+        if direction == Direction::ClientToUpstream {
+            state.client_frame_seen();
+        }
         // RFC 6455 §5.1: clients mask every frame, servers none.
         if frames::is_masked(&mut frame) != (direction == Direction::ClientToUpstream) {
             let reason = match direction {
@@ -128,16 +120,14 @@ async fn pump(
                     Ok(code) => code,
                     Err(f) => return violated(direction, from, to, state, f).await,
                 };
-                let answers_ours = from.close_sent();
-                if !answers_ours {
+                if !from.close_sent() {
+                    // This side starts the close (rather than answering ours).
                     state.record(source, code, None);
                     from.remember_close(&frame.payload);
                 }
+                // Forward it (a no-op when `to` was already sent a Close). Nothing more comes
+                // from this side; the relay ends when the other side has closed too.
                 to.close_with(&frame.payload).await;
-                if answers_ours {
-                    // Both directions have seen a Close: the handshake is complete.
-                    state.abort.cancel();
-                }
                 return;
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
@@ -149,22 +139,37 @@ async fn pump(
                     continue;
                 }
                 let (len, fin) = (frame.payload.len(), frame.fin);
-                if let Err(e) = to.send(frame).await {
-                    return broken(direction, from, to, state, e.to_string()).await;
-                }
-                match direction {
-                    Direction::ClientToUpstream => state.count_from_client(len, fin),
-                    Direction::UpstreamToClient => state.count_to_client(len, fin),
+                match to.send(fresh_mask(direction, frame)).await {
+                    Ok(true) => match direction {
+                        Direction::ClientToUpstream => state.count_from_client(len, fin),
+                        Direction::UpstreamToClient => state.count_to_client(len, fin),
+                    },
+                    Ok(false) => {}
+                    Err(e) => return broken(direction, from, to, state, e.to_string()).await,
                 }
             }
+            OpCode::Pong
+                if direction == Direction::ClientToUpstream
+                    && super::is_keepalive_pong(&frame.payload) =>
+            {
+                // The answer to the gateway's own keepalive: not the upstream's business.
+            }
             OpCode::Ping | OpCode::Pong => {
-                if !to.close_sent()
-                    && let Err(e) = to.send(frame).await
-                {
+                if let Err(e) = to.send(fresh_mask(direction, frame)).await {
                     return broken(direction, from, to, state, e.to_string()).await;
                 }
             }
         }
+    }
+}
+
+/// Toward the upstream every frame gets a new masking key (fastwebsockets draws one when the
+/// frame has none). Reusing the client's key would let a client choose the exact bytes on the
+/// gateway→upstream link, which masking exists to prevent (RFC 6455 §10.3).
+fn fresh_mask(direction: Direction, frame: Frame<'_>) -> Frame<'_> {
+    match direction {
+        Direction::ClientToUpstream => Frame::new(frame.fin, frame.opcode, None, frame.payload),
+        Direction::UpstreamToClient => frame,
     }
 }
 

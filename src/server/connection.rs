@@ -9,22 +9,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::ListenerContext;
 use crate::gateway::Gateway;
-use crate::telemetry::Stats;
-
-/// What every connection of one listener needs.
-pub(super) struct ListenerContext {
-    pub index: usize,
-    pub name: String,
-    pub gateway: Arc<Gateway>,
-    pub stats: Arc<Stats>,
-    pub tracker: TaskTracker,
-    pub shutdown: CancellationToken,
-}
 
 /// Per connection: who it is and on which listener.
 pub(super) struct ConnectionContext {
@@ -34,18 +22,31 @@ pub(super) struct ConnectionContext {
 }
 
 pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerContext>) {
+    // The configuration in force when the connection arrived decides its TLS and limits.
+    let gateway = listener.server.gateway.load_full();
+    let Some((index, _)) = gateway.listener(&listener.key) else {
+        return; // removed by a reload a moment ago
+    };
     // `handshake_timeout` covers the TLS handshake and the request head together.
-    let deadline = Instant::now() + listener.gateway.config.gateway.handshake_timeout;
-    match listener.gateway.acceptor(listener.index).cloned() {
-        None => serve_http(TokioIo::new(stream), peer, listener, deadline, false).await,
+    let deadline = Instant::now() + gateway.config.gateway.handshake_timeout;
+    match gateway.acceptor(index).cloned() {
+        None => {
+            serve_http(
+                TokioIo::new(stream),
+                peer,
+                listener,
+                &gateway,
+                deadline,
+                false,
+            )
+            .await
+        }
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => serve_http(TokioIo::new(tls), peer, listener, deadline, true).await,
-            Ok(Err(e)) => {
-                debug!(client = %peer, listener = %listener.name, error = %e, "TLS handshake failed")
+            Ok(Ok(tls)) => {
+                serve_http(TokioIo::new(tls), peer, listener, &gateway, deadline, true).await
             }
-            Err(_) => {
-                debug!(client = %peer, listener = %listener.name, "TLS handshake timed out (handshake_timeout)")
-            }
+            Ok(Err(e)) => debug!(client = %peer, error = %e, "TLS handshake failed"),
+            Err(_) => debug!(client = %peer, "TLS handshake timed out (handshake_timeout)"),
         },
     }
 }
@@ -54,12 +55,13 @@ async fn serve_http<I>(
     io: TokioIo<I>,
     peer: SocketAddr,
     listener: Arc<ListenerContext>,
+    gateway: &Gateway,
     deadline: Instant,
     tls: bool,
 ) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let shutdown = listener.shutdown.clone();
+    let shutdown = listener.server.shutdown.graceful.clone();
     let ctx = Arc::new(ConnectionContext {
         peer,
         listener,
@@ -69,7 +71,10 @@ async fn serve_http<I>(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(deadline.saturating_duration_since(Instant::now()));
+        // A slowloris client that trickles its head is cut off at the deadline.
+        .header_read_timeout(deadline.saturating_duration_since(Instant::now()))
+        // Heads larger than this are answered 431 by hyper.
+        .max_buf_size(gateway.config.gateway.max_request_head_size);
     let conn = builder.serve_connection(io, service).with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {

@@ -1,24 +1,32 @@
-//! Listening: bind, accept with back-off, then one task per connection that does TLS and
-//! HTTP (`connection`) and, for upgrades, the handshake and relay (`upgrade`).
+//! Listening: bind, accept with back-off, one task per connection that does TLS and HTTP
+//! (`connection`) and, for upgrades, the handshake and relay (`upgrade`); connection budgets
+//! (`limits`); hot reload of configuration and listeners; the drain at shutdown.
 //!
 //! The accept loop only accepts: TLS and everything else slow happen in the spawned task,
 //! so one slow client cannot hold up the others.
 
 mod connection;
+pub mod limits;
 mod upgrade;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::gateway::Gateway;
-use crate::telemetry::Stats;
+use crate::config::{Config, ConfigError};
+use crate::gateway::{Gateway, ListenerKey, PrepareError};
+use crate::relay::ShutdownSignals;
+use crate::telemetry::Metrics;
+use crate::telemetry::ratelimit::LogLimiter;
 
 #[derive(Debug, thiserror::Error)]
 #[error("listener {name:?}: cannot listen on {addr}: {source}{hint}")]
@@ -30,95 +38,333 @@ pub struct BindError {
     hint: &'static str,
 }
 
-/// Binds every listener of the configuration, in order.
-pub async fn bind(gateway: &Gateway) -> Result<Vec<TcpListener>, BindError> {
-    let mut listeners = Vec::new();
-    for l in &gateway.config.listeners {
-        let listener = TcpListener::bind(l.bind).await.map_err(|source| {
-            let hint = match source.kind() {
-                io::ErrorKind::AddrInUse => {
-                    "; another process uses this port: stop it or choose another bind address"
+/// Why a reload was refused; the running configuration stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+/// A running gateway. Cloning gives another handle to the same one.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+/// What every connection task shares with the server.
+pub(crate) struct Inner {
+    /// The configuration in force; swapped whole on reload, read per connection and request.
+    pub gateway: ArcSwap<Gateway>,
+    pub metrics: Arc<Metrics>,
+    pub total: Arc<AtomicUsize>,
+    pub per_ip: Arc<limits::PerIp>,
+    pub tracker: TaskTracker,
+    pub shutdown: ShutdownSignals,
+    /// Rejected upgrades are logged at most this often (a flood must not fill the disk).
+    pub rejection_log: LogLimiter,
+    listeners: Mutex<Vec<Running>>,
+    admin: Mutex<Option<SocketAddr>>,
+    /// Stops the admin listener at the very end, after the drain (so `/readyz` shows it).
+    admin_stop: CancellationToken,
+    /// Serialises reloads: binding, swapping and stopping must not interleave.
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// A listening socket with its accept loop.
+struct Running {
+    key: ListenerKey,
+    local: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// What the accept loop of one listener and its connections hold.
+pub(crate) struct ListenerContext {
+    pub key: ListenerKey,
+    pub server: Arc<Inner>,
+    /// Upgraded connections through this listener, for its `max_connections`.
+    pub active: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Server {
+    /// Binds every listener of the configuration and starts accepting.
+    pub async fn start(gateway: Gateway, metrics: Arc<Metrics>) -> Result<Server, BindError> {
+        let bound = bind_all(&gateway, &[]).await?;
+        let admin = match &gateway.config.admin {
+            Some(admin) => {
+                Some(
+                    TcpListener::bind(admin.bind)
+                        .await
+                        .map_err(|source| BindError {
+                            name: "admin".into(),
+                            addr: admin.bind,
+                            hint: hint(&source),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        let inner = Arc::new(Inner {
+            gateway: ArcSwap::from_pointee(gateway),
+            metrics,
+            total: Arc::new(AtomicUsize::new(0)),
+            per_ip: Arc::new(limits::PerIp::default()),
+            tracker: TaskTracker::new(),
+            shutdown: ShutdownSignals::default(),
+            rejection_log: LogLimiter::new(20),
+            listeners: Mutex::new(Vec::new()),
+            admin: Mutex::new(None),
+            admin_stop: CancellationToken::new(),
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        let server = Server { inner };
+        if let Some(listener) = admin {
+            let addr = listener.local_addr().ok();
+            info!(addr = ?addr, "admin listening: /metrics /healthz /readyz");
+            if let Ok(mut slot) = server.inner.admin.lock() {
+                *slot = addr;
+            }
+            tokio::spawn(crate::admin::serve(
+                listener,
+                server.inner.clone(),
+                server.inner.admin_stop.clone(),
+            ));
+        }
+        server.spawn_listeners(bound);
+        Ok(server)
+    }
+
+    /// Local addresses of the listeners, in configuration order (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        let gateway = self.inner.gateway.load();
+        let running = self.lock_listeners();
+        gateway
+            .config
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                let key = ListenerKey::of(l);
+                running.iter().find(|r| r.key == key).map(|r| r.local)
+            })
+            .collect()
+    }
+
+    /// The admin listener's local address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.inner.admin.lock().ok().and_then(|a| *a)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The configuration in force.
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.inner.gateway.load_full()
+    }
+
+    /// Starts the drain: stop accepting, Close 1001 to every client. `run` returns when the
+    /// drain is over.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.graceful.cancel();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.shutdown.graceful.is_cancelled()
+    }
+
+    /// Re-reads a configuration file and applies it (see [`Server::reload`]); the failure
+    /// or success is logged in one line and counted.
+    pub async fn reload_from(&self, path: &Path) -> Result<(), ReloadError> {
+        let result = async {
+            let config = Config::load(path)?;
+            let gateway = Gateway::prepare(config)?;
+            self.reload(gateway).await
+        }
+        .await;
+        match &result {
+            Ok(()) => info!(config = %path.display(), "configuration reloaded"),
+            Err(e) => {
+                error!(config = %path.display(), "reload refused, the running configuration stays: {e}")
+            }
+        }
+        result
+    }
+
+    /// Applies a new configuration: new connections use its routes, certificates and limits;
+    /// established connections are untouched. Listeners that appeared are bound and those that
+    /// disappeared stop accepting. If a new listener cannot bind, nothing changes.
+    pub async fn reload(&self, gateway: Gateway) -> Result<(), ReloadError> {
+        let _serial = self.inner.reload_lock.lock().await;
+        let keep: Vec<ListenerKey> = self
+            .lock_listeners()
+            .iter()
+            .map(|r| r.key.clone())
+            .collect();
+        let bound = match bind_all(&gateway, &keep).await {
+            Ok(bound) => bound,
+            Err(e) => {
+                self.inner.metrics.reload(false);
+                return Err(e.into());
+            }
+        };
+        let wanted: Vec<ListenerKey> = gateway
+            .config
+            .listeners
+            .iter()
+            .map(ListenerKey::of)
+            .collect();
+        if gateway.config.admin != self.inner.gateway.load().config.admin {
+            warn!("[admin] changed: the admin listener keeps its address until restart");
+        }
+        self.inner.gateway.store(Arc::new(gateway));
+        {
+            let mut running = self.lock_listeners();
+            running.retain(|r| {
+                let stays = wanted.contains(&r.key);
+                if !stays {
+                    info!(addr = %r.local, "listener removed by reload: no longer accepting");
+                    r.stop.cancel();
                 }
-                io::ErrorKind::PermissionDenied => {
-                    "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+                stays
+            });
+        }
+        self.spawn_listeners(bound);
+        self.inner.metrics.reload(true);
+        Ok(())
+    }
+
+    /// Serves until [`Server::shutdown`], then drains: relays send Close 1001 and get up to
+    /// `shutdown_timeout` to finish; whatever is left after that is dropped.
+    pub async fn run(self) {
+        let inner = &self.inner;
+        inner.shutdown.graceful.cancelled().await;
+        for running in self.lock_listeners().drain(..) {
+            running.stop.cancel();
+        }
+        inner.tracker.close();
+        let timeout = inner.gateway.load().config.gateway.shutdown_timeout;
+        info!(
+            open = inner.metrics.active_relays(),
+            "draining: waiting up to {timeout:?} for open connections"
+        );
+        if tokio::time::timeout(timeout, inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = inner.metrics.active_relays(),
+                "shutdown_timeout ({timeout:?}) passed; closing the connections that are still open"
+            );
+            inner.shutdown.force.cancel();
+            // Forced relays end at their next poll; this bound only guards against a bug.
+            let _ = tokio::time::timeout(Duration::from_secs(1), inner.tracker.wait()).await;
+        }
+        info!("all connections closed");
+        inner.admin_stop.cancel();
+    }
+
+    fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<Running>> {
+        // A panic while holding this lock cannot leave the list half-changed; carry on.
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn_listeners(&self, bound: Vec<(ListenerKey, TcpListener)>) {
+        for (key, listener) in bound {
+            let local = match listener.local_addr() {
+                Ok(addr) => addr,
+                Err(e) => {
+                    warn!(error = %e, "a bound listener has no local address; dropping it");
+                    continue;
                 }
-                io::ErrorKind::AddrNotAvailable => "; this machine has no such address",
-                _ => "",
             };
-            BindError {
+            let gateway = self.inner.gateway.load();
+            let (index, name) = match gateway.listener(&key) {
+                Some((i, l)) => (i, l.name.clone()),
+                None => continue,
+            };
+            info!(listener = %name, addr = %local, tls = gateway.acceptor(index).is_some(), "listening");
+            let stop = self.inner.shutdown.graceful.child_token();
+            let ctx = Arc::new(ListenerContext {
+                key: key.clone(),
+                server: self.inner.clone(),
+                active: Arc::new(AtomicUsize::new(0)),
+                stop: stop.clone(),
+            });
+            self.lock_listeners().push(Running { key, local, stop });
+            self.inner.tracker.spawn(accept_loop(listener, ctx));
+        }
+    }
+}
+
+/// Binds the listeners of `gateway` that are not in `keep`, in order; all or nothing.
+async fn bind_all(
+    gateway: &Gateway,
+    keep: &[ListenerKey],
+) -> Result<Vec<(ListenerKey, TcpListener)>, BindError> {
+    let mut bound = Vec::new();
+    for l in &gateway.config.listeners {
+        let key = ListenerKey::of(l);
+        if keep.contains(&key) {
+            continue;
+        }
+        let listener = TcpListener::bind(l.bind)
+            .await
+            .map_err(|source| BindError {
                 name: l.name.clone(),
                 addr: l.bind,
+                hint: hint(&source),
                 source,
-                hint,
-            }
-        })?;
-        listeners.push(listener);
+            })?;
+        bound.push((key, listener));
     }
-    Ok(listeners)
+    Ok(bound)
 }
 
-/// Serves until `shutdown` fires, then stops accepting, lets relays send Close 1001 and
-/// waits for them, at most `shutdown_timeout`.
-pub async fn run(
-    gateway: Arc<Gateway>,
-    listeners: Vec<TcpListener>,
-    stats: Arc<Stats>,
-    shutdown: CancellationToken,
-) {
-    let tracker = TaskTracker::new();
-    for (index, listener) in listeners.into_iter().enumerate() {
-        let name = gateway.config.listeners[index].name.clone();
-        match listener.local_addr() {
-            Ok(addr) => {
-                info!(listener = %name, %addr, tls = gateway.acceptor(index).is_some(), "listening")
-            }
-            Err(e) => warn!(listener = %name, error = %e, "listening (address unknown)"),
+fn hint(error: &io::Error) -> &'static str {
+    match error.kind() {
+        io::ErrorKind::AddrInUse => {
+            "; another process uses this port: stop it or choose another bind address"
         }
-        let ctx = connection::ListenerContext {
-            index,
-            name,
-            gateway: gateway.clone(),
-            stats: stats.clone(),
-            tracker: tracker.clone(),
-            shutdown: shutdown.clone(),
-        };
-        tracker.spawn(accept_loop(listener, Arc::new(ctx)));
-    }
-    shutdown.cancelled().await;
-    tracker.close();
-    let timeout = gateway.config.gateway.shutdown_timeout;
-    if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
-        warn!(
-            open = tracker.len(),
-            "shutdown_timeout ({timeout:?}) passed; closing the connections that are still open"
-        );
-    } else {
-        info!("all connections closed");
+        io::ErrorKind::PermissionDenied => "; ports below 1024 need root or CAP_NET_BIND_SERVICE",
+        io::ErrorKind::AddrNotAvailable => "; this machine has no such address",
+        _ => "",
     }
 }
 
-/// Accepts until shutdown. Errors (EMFILE when out of file descriptors, ECONNABORTED) are
-/// logged and retried after a growing pause, so the loop neither exits nor spins.
-async fn accept_loop(listener: TcpListener, ctx: Arc<connection::ListenerContext>) {
+/// Accepts until shutdown or until a reload removes the listener. Errors (EMFILE when out
+/// of file descriptors, ECONNABORTED) are logged and retried after a growing pause, so the
+/// loop neither exits nor spins; the pending connection waits in the kernel's backlog.
+async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(5);
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = FIRST_BACKOFF;
     loop {
         let accepted = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
+            _ = ctx.stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
-                backoff = Duration::from_millis(5);
+                backoff = FIRST_BACKOFF;
                 // Frames are written whole; Nagle would only delay interactive traffic.
                 let _ = stream.set_nodelay(true);
-                ctx.tracker
+                ctx.server
+                    .tracker
                     .spawn(connection::serve(stream, peer, ctx.clone()));
             }
             Err(e) => {
-                error!(listener = %ctx.name, error = %e, retry_in = ?backoff, "accept failed");
+                error!(addr = ?listener.local_addr().ok(), error = %e, retry_in = ?backoff, "accept failed");
                 tokio::select! {
-                    _ = ctx.shutdown.cancelled() => return,
+                    _ = ctx.stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);

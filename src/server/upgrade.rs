@@ -1,5 +1,6 @@
-//! One upgrade request, top to bottom: validate → route → Origin → connect the upstream →
-//! 101 → relay. Every failure becomes exactly one HTTP answer here (SPEC §3) and one log line.
+//! One upgrade request, top to bottom: validate → route → Origin → connection budget →
+//! connect the upstream → 101 → relay. Every failure becomes exactly one HTTP answer here
+//! (SPEC §3) and at most one log line (rate-limited).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -7,18 +8,21 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use fastwebsockets::{Role, WebSocket};
-use http::header::{self, HeaderValue};
-use http::{Request, Response};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn};
 
 use super::connection::ConnectionContext;
+use super::limits::{ConnectionPermit, LimitHit, PerIp, Permit};
 use crate::config::{RouteConfig, Upstream};
+use crate::gateway::Gateway;
 use crate::handshake::{self, HandshakeError};
 use crate::relay::{self, RelaySettings, Summary};
 use crate::routing;
+use crate::telemetry::ratelimit::Verdict;
 use crate::upstream::{self, ClientHandshake, Connected, UpstreamError};
 
 /// Why an upgrade request was not accepted.
@@ -27,18 +31,24 @@ enum Rejection {
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
     #[error(transparent)]
+    Limit(#[from] LimitHit),
+    #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
 
 impl Rejection {
     fn response(&self) -> Response<Full<Bytes>> {
+        // A few seconds lets connections finish without inviting a stampede.
+        const RETRY: &[(HeaderName, &str)] = &[(header::RETRY_AFTER, "5")];
         let (status, extra) = match self {
             Rejection::Handshake(e) => (e.status(), e.extra_headers()),
+            Rejection::Limit(_) => (StatusCode::SERVICE_UNAVAILABLE, RETRY),
             Rejection::Upstream(e) => (e.status(), &[][..]),
         };
         // The client learns the category; the details of the upstream stay in the log.
         let body = match self {
             Rejection::Handshake(e) => format!("{e}\n"),
+            Rejection::Limit(_) => "too many connections; try again later\n".into(),
             Rejection::Upstream(UpstreamError::Timeout { .. }) => {
                 "the upstream did not answer in time\n".into()
             }
@@ -51,6 +61,9 @@ impl Rejection {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        // One refusal per connection: a client cannot pipeline requests and hold the
+        // connection open by never reading the answers.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         for (name, value) in extra {
             headers.insert(name.clone(), HeaderValue::from_static(value));
         }
@@ -66,16 +79,19 @@ pub(super) async fn handle(
     match accept(&mut req, &conn, started).await {
         Ok(response) => Ok(response),
         Err(rejection) => {
-            conn.listener.stats.rejected();
+            let server = &conn.listener.server;
             let response = rejection.response();
             let status = response.status().as_u16();
-            let path = req.uri().path();
-            match &rejection {
-                Rejection::Upstream(e) => {
-                    warn!(client = %conn.peer, listener = %conn.listener.name, path, status, error = %e, "upgrade failed")
-                }
-                Rejection::Handshake(e) => {
-                    info!(client = %conn.peer, listener = %conn.listener.name, path, status, reason = %e, "upgrade refused")
+            server.metrics.rejected(status);
+            if let Verdict::Log { suppressed } = server.rejection_log.check() {
+                let path = req.uri().path();
+                match &rejection {
+                    Rejection::Upstream(e) => {
+                        warn!(client = %conn.peer, path, status, suppressed, error = %e, "upgrade failed")
+                    }
+                    _ => {
+                        info!(client = %conn.peer, path, status, suppressed, reason = %rejection, "upgrade refused")
+                    }
                 }
             }
             Ok(response)
@@ -97,10 +113,12 @@ async fn accept(
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok());
-    let gateway = conn.listener.gateway.clone();
+    // Each request sees the configuration in force when it arrives (hot reload).
+    let gateway = conn.listener.server.gateway.load_full();
     let (route, tls) = gateway.route(host, path).ok_or(HandshakeError::NoRoute)?;
     let upgrade = handshake::validate(req)?;
     handshake::check_origin(upgrade.origin.as_deref(), route.allowed_origins.as_deref())?;
+    let permit = acquire(conn, &gateway)?;
 
     let path_and_query = req
         .uri()
@@ -116,7 +134,19 @@ async fn accept(
         protocols: &upgrade.protocols,
         headers: req.headers(),
     };
-    let connected = upstream::connect(route, tls, &client_handshake).await?;
+    let upstream_name = route.upstream.to_string();
+    let metrics = &conn.listener.server.metrics;
+    let connect_started = Instant::now();
+    let connected = match upstream::connect(route, tls, &client_handshake).await {
+        Ok(connected) => {
+            metrics.upstream_connected(&upstream_name, connect_started.elapsed());
+            connected
+        }
+        Err(e) => {
+            metrics.upstream_failed(&upstream_name);
+            return Err(e.into());
+        }
+    };
     let protocol = match &connected {
         Connected::WebSocket { protocol, .. } => protocol.clone(),
         Connected::Stream(_) => {
@@ -124,8 +154,28 @@ async fn accept(
         }
     };
     let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
-    spawn_relay(req, conn, route, connected, started);
+    spawn_relay(req, conn, &gateway, route, connected, permit, started);
     Ok(response)
+}
+
+/// Takes a slot in each connection budget: the gateway's, the listener's, the client IP's.
+fn acquire(conn: &ConnectionContext, gateway: &Gateway) -> Result<ConnectionPermit, LimitHit> {
+    let server = &conn.listener.server;
+    let limits = &gateway.config.gateway;
+    let listener_max = gateway
+        .listener(&conn.listener.key)
+        .and_then(|(_, l)| l.max_connections);
+    let total = Permit::try_acquire(&server.total, Some(limits.max_connections))
+        .ok_or(LimitHit::Gateway(limits.max_connections))?;
+    let listener = Permit::try_acquire(&conn.listener.active, listener_max)
+        .ok_or(LimitHit::Listener(listener_max.unwrap_or_default()))?;
+    let ip = match limits.max_connections_per_ip {
+        Some(max) => {
+            Some(PerIp::try_acquire(&server.per_ip, conn.peer.ip(), max).ok_or(LimitHit::Ip(max))?)
+        }
+        None => None,
+    };
+    Ok(ConnectionPermit::new(total, listener, ip))
 }
 
 /// Starts the relay task. It waits for hyper to hand over the connection once the 101 has
@@ -133,21 +183,30 @@ async fn accept(
 fn spawn_relay(
     req: &mut Request<Incoming>,
     conn: &Arc<ConnectionContext>,
+    gateway: &Gateway,
     route: &RouteConfig,
     connected: Connected,
+    permit: ConnectionPermit,
     started: Instant,
 ) {
     let on_upgrade = hyper::upgrade::on(req);
     let conn = conn.clone();
     let settings = RelaySettings {
         max_message_size: route.max_message_size,
-        close_timeout: conn.listener.gateway.config.gateway.close_timeout,
+        max_frame_size: route.max_frame_size,
+        close_timeout: gateway.config.gateway.close_timeout,
+        idle_timeout: route.idle_timeout,
+        ping: route.ping,
     };
+    let listener_name = gateway
+        .listener(&conn.listener.key)
+        .map(|(_, l)| l.name.clone())
+        .unwrap_or_default();
     let route_path = route.path.clone();
     let upstream_name = route.upstream.to_string();
-    let shutdown = conn.listener.shutdown.clone();
-    let tracker = conn.listener.tracker.clone();
-    tracker.spawn(async move {
+    let server = conn.listener.server.clone();
+    server.tracker.clone().spawn(async move {
+        let _permit = permit;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
@@ -155,23 +214,40 @@ fn spawn_relay(
                 return;
             }
         };
-        let _active = conn.listener.stats.relay_started();
+        let metrics = &server.metrics;
+        let _active = metrics.relay_started(&listener_name, &route_path);
+        let flow = metrics.flow(&route_path);
+        let shutdown = server.shutdown.clone();
         let client = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Server);
         let summary = match connected {
             Connected::Stream(stream) => {
-                relay::relay_stream(client, stream, settings, shutdown).await
+                relay::relay_stream(client, stream, settings, shutdown, flow).await
             }
             Connected::WebSocket { ws, .. } => {
-                relay::relay_ws(client, ws, settings, shutdown).await
+                relay::relay_ws(client, ws, settings, shutdown, flow).await
             }
         };
-        log_summary(&conn, &route_path, &upstream_name, started, &summary);
+        metrics.finished(
+            &route_path,
+            summary.close_code,
+            summary.closed_by.as_str(),
+            started.elapsed(),
+        );
+        log_summary(
+            &conn,
+            &listener_name,
+            &route_path,
+            &upstream_name,
+            started,
+            &summary,
+        );
     });
 }
 
 /// The one line per finished connection (SPEC §5).
 fn log_summary(
     conn: &ConnectionContext,
+    listener: &str,
     route: &str,
     upstream: &str,
     started: Instant,
@@ -180,7 +256,7 @@ fn log_summary(
     let close_code = s.close_code.map(i64::from).unwrap_or(1006);
     info!(
         client = %conn.peer,
-        listener = %conn.listener.name,
+        listener = %listener,
         tls = conn.tls,
         route = %route,
         upstream = %upstream,

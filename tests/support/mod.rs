@@ -19,10 +19,10 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_util::sync::CancellationToken;
 use wsgate::config::Config;
 use wsgate::gateway::Gateway;
-use wsgate::telemetry::Stats;
+use wsgate::server::Server;
+use wsgate::telemetry::Metrics;
 
 /// Every wait in the tests is bounded by this; it is a ceiling, not a pause.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -61,8 +61,8 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 
 pub struct TestGateway {
     pub addrs: Vec<SocketAddr>,
-    pub stats: Arc<Stats>,
-    pub shutdown: CancellationToken,
+    pub stats: Arc<Metrics>,
+    pub server: Server,
     task: JoinHandle<()>,
 }
 
@@ -75,9 +75,14 @@ impl TestGateway {
         format!("ws://{}{path}", self.addr())
     }
 
+    /// Starts the drain (what SIGTERM does).
+    pub fn begin_shutdown(&self) {
+        self.server.shutdown();
+    }
+
     /// Triggers shutdown and waits for `run` to return.
     pub async fn stop(self) {
-        self.shutdown.cancel();
+        self.server.shutdown();
         within("gateway shutdown", self.task)
             .await
             .expect("gateway task panicked");
@@ -98,24 +103,15 @@ pub async fn start_gateway(toml: &str) -> TestGateway {
 
 pub async fn start_config(config: Config) -> TestGateway {
     init_logs();
-    let gateway = Arc::new(Gateway::prepare(config).unwrap_or_else(|e| panic!("prepare: {e}")));
-    let listeners = wsgate::server::bind(&gateway).await.expect("bind");
-    let addrs = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr"))
-        .collect();
-    let stats = Arc::new(Stats::default());
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(wsgate::server::run(
-        gateway,
-        listeners,
-        stats.clone(),
-        shutdown.clone(),
-    ));
+    let gateway = Gateway::prepare(config).unwrap_or_else(|e| panic!("prepare: {e}"));
+    let stats = Arc::new(Metrics::new());
+    let server = Server::start(gateway, stats.clone()).await.expect("start");
+    let addrs = server.local_addrs();
+    let task = tokio::spawn(server.clone().run());
     TestGateway {
         addrs,
         stats,
-        shutdown,
+        server,
         task,
     }
 }
@@ -123,7 +119,7 @@ pub async fn start_config(config: Config) -> TestGateway {
 /// A one-listener, one-route configuration.
 pub fn simple_config(upstream: &str, route_extra: &str) -> String {
     format!(
-        "[gateway]\nclose_timeout = \"2s\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nupstream = \"{upstream}\"\n{route_extra}\n"
+        "[gateway]\nclose_timeout = \"1s\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nupstream = \"{upstream}\"\n{route_extra}\n"
     )
 }
 

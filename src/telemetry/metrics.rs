@@ -1,0 +1,298 @@
+//! Prometheus metrics (prometheus-client), served by the admin listener at `/metrics`.
+//!
+//! Label values are bounded by the configuration (listener names, route paths, upstreams)
+//! and by fixed sets (status codes the gateway sends, close codes on the wire, sides), so a
+//! client cannot grow the label space. Per-frame counters are cloned once per connection,
+//! so the hot path pays one atomic add, not a map lookup.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub listener: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub route: String,
+    /// `client_to_upstream` or `upstream_to_client`.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// The close code, or 1006 when a side vanished without one.
+    pub code: u16,
+    /// Who closed: client, upstream or gateway.
+    pub side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn connect_buckets() -> Histogram {
+    // 0.5 ms … ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+fn duration_buckets() -> Histogram {
+    // 10 ms … ~1.5 days
+    Histogram::new(exponential_buckets(0.01, 4.0, 12))
+}
+
+/// All of the gateway's metrics, plus two plain counters that tests poll.
+pub struct Metrics {
+    registry: Registry,
+    connections_active: Family<ConnectionLabels, Gauge>,
+    connections_total: Family<ConnectionLabels, Counter>,
+    rejections: Family<StatusLabels, Counter>,
+    upstream_connect_errors: Family<UpstreamLabels, Counter>,
+    upstream_connect_seconds: HistogramFamily<UpstreamLabels>,
+    bytes: Family<FlowLabels, Counter>,
+    messages: Family<FlowLabels, Counter>,
+    closes: Family<CloseLabels, Counter>,
+    connection_seconds: HistogramFamily<RouteLabels>,
+    reloads: Family<ResultLabels, Counter>,
+    active_relays: AtomicUsize,
+    relays_total: AtomicU64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("active_relays", &self.active_relays())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Per-connection handles to the per-route flow counters.
+#[derive(Clone, Debug, Default)]
+pub struct Flow {
+    pub bytes_from_client: Counter,
+    pub bytes_to_client: Counter,
+    pub messages_from_client: Counter,
+    pub messages_to_client: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wsgate");
+        let connections_active = Family::default();
+        registry.register(
+            "connections_active",
+            "Relayed connections open now",
+            connections_active.clone(),
+        );
+        let connections_total = Family::default();
+        registry.register(
+            "connections",
+            "Relayed connections started",
+            connections_total.clone(),
+        );
+        let rejections = Family::default();
+        registry.register(
+            "handshake_rejections",
+            "Upgrade requests answered with an error status",
+            rejections.clone(),
+        );
+        let upstream_connect_errors = Family::default();
+        registry.register(
+            "upstream_connect_errors",
+            "Failed attempts to reach an upstream (connect, TLS or handshake)",
+            upstream_connect_errors.clone(),
+        );
+        let upstream_connect_seconds: HistogramFamily<UpstreamLabels> =
+            Family::new_with_constructor(connect_buckets);
+        registry.register(
+            "upstream_connect_seconds",
+            "Time to reach an upstream, including TLS and WebSocket handshake",
+            upstream_connect_seconds.clone(),
+        );
+        let bytes = Family::default();
+        registry.register("bytes", "Payload bytes relayed", bytes.clone());
+        let messages = Family::default();
+        registry.register(
+            "messages",
+            "Messages relayed (tcp upstreams: reads)",
+            messages.clone(),
+        );
+        let closes = Family::default();
+        registry.register(
+            "closes",
+            "Finished connections by close code and side",
+            closes.clone(),
+        );
+        let connection_seconds: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(duration_buckets);
+        registry.register(
+            "connection_duration_seconds",
+            "Lifetime of relayed connections",
+            connection_seconds.clone(),
+        );
+        let reloads = Family::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            reloads.clone(),
+        );
+        Self {
+            registry,
+            connections_active,
+            connections_total,
+            rejections,
+            upstream_connect_errors,
+            upstream_connect_seconds,
+            bytes,
+            messages,
+            closes,
+            connection_seconds,
+            reloads,
+            active_relays: AtomicUsize::new(0),
+            relays_total: AtomicU64::new(0),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Relayed connections open right now (after the 101, until both sides are closed).
+    pub fn active_relays(&self) -> usize {
+        self.active_relays.load(Ordering::Acquire)
+    }
+
+    pub fn relays_total(&self) -> u64 {
+        self.relays_total.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn rejected(&self, status: u16) {
+        self.rejections
+            .get_or_create(&StatusLabels { status })
+            .inc();
+    }
+
+    pub(crate) fn upstream_connected(&self, upstream: &str, took: Duration) {
+        self.upstream_connect_seconds
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn upstream_failed(&self, upstream: &str) {
+        self.upstream_connect_errors
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a relay as active until the guard is dropped, however its task ends.
+    pub(crate) fn relay_started(&self, listener: &str, route: &str) -> RelayGuard<'_> {
+        let labels = ConnectionLabels {
+            listener: listener.to_string(),
+            route: route.to_string(),
+        };
+        self.connections_total.get_or_create(&labels).inc();
+        let active = self.connections_active.get_or_create_owned(&labels);
+        active.inc();
+        self.active_relays.fetch_add(1, Ordering::AcqRel);
+        self.relays_total.fetch_add(1, Ordering::Relaxed);
+        RelayGuard {
+            metrics: self,
+            active,
+        }
+    }
+
+    /// The flow counters of a route, to be cloned into a connection.
+    pub(crate) fn flow(&self, route: &str) -> Flow {
+        let get = |family: &Family<FlowLabels, Counter>, direction| {
+            family.get_or_create_owned(&FlowLabels {
+                route: route.to_string(),
+                direction,
+            })
+        };
+        Flow {
+            bytes_from_client: get(&self.bytes, "client_to_upstream"),
+            bytes_to_client: get(&self.bytes, "upstream_to_client"),
+            messages_from_client: get(&self.messages, "client_to_upstream"),
+            messages_to_client: get(&self.messages, "upstream_to_client"),
+        }
+    }
+
+    pub(crate) fn finished(
+        &self,
+        route: &str,
+        code: Option<u16>,
+        side: &'static str,
+        took: Duration,
+    ) {
+        self.closes
+            .get_or_create(&CloseLabels {
+                code: code.unwrap_or(1006),
+                side,
+            })
+            .inc();
+        self.connection_seconds
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+}
+
+pub(crate) struct RelayGuard<'a> {
+    metrics: &'a Metrics,
+    active: Gauge,
+}
+
+impl Drop for RelayGuard<'_> {
+    fn drop(&mut self) {
+        self.active.dec();
+        self.metrics.active_relays.fetch_sub(1, Ordering::AcqRel);
+    }
+}
