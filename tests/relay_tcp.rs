@@ -250,6 +250,7 @@ async fn protocol_errors_close_with_1002() {
             ),
         ),
         ("fragmented ping", client_frame(false, 0x9, b"abc")),
+        ("unmasked ping", frame(true, 0x9, b"abc", None)),
         (
             "continuation without a message",
             client_frame(true, 0x0, b"abc"),

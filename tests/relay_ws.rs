@@ -269,3 +269,67 @@ async fn client_vanishing_leaves_no_task() {
     .await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_pings_reach_the_client_and_its_pong_goes_back() {
+    let (gw, up) = echo_gateway("", "").await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    ws.send(Message::text("ping from-upstream")).await.unwrap();
+    let ping = within("ping", async {
+        loop {
+            if let Some(Ok(Message::Ping(p))) = ws.next().await {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert_eq!(&ping[..], b"from-upstream");
+    // tungstenite answers while we keep the stream moving.
+    ws.send(Message::text("x")).await.unwrap();
+    next_data(&mut ws).await;
+    let seen = up.seen.clone();
+    wait_until("upstream got the pong", move || {
+        !seen.lock().unwrap().pongs.is_empty()
+    })
+    .await;
+    assert_eq!(up.seen.lock().unwrap().pongs[0], b"from-upstream");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_protocol_error_is_1011_to_the_client() {
+    // An upstream that completes the handshake properly, then sends a masked frame.
+    let upstream = tcp_upstream(|mut stream| async move {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("sec-websocket-key: ").or_else(|| l.strip_prefix("Sec-WebSocket-Key: ")))
+            .unwrap()
+            .trim()
+            .to_string();
+        let accept = wsgate::handshake::accept_key(key.as_bytes());
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        stream.write_all(response.as_bytes()).await.unwrap();
+        stream.write_all(&client_frame(true, 0x1, b"masked by a server")).await.unwrap();
+        let mut sink = [0u8; 256];
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let gw = start_gateway(&simple_config(&format!("ws://{upstream}/"), "")).await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_eq!(close, Some((1011, "upstream protocol error".to_string())));
+    gw.wait_idle().await;
+    gw.stop().await;
+}

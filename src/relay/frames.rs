@@ -17,9 +17,10 @@ pub const PROTOCOL_ERROR: u16 = 1002;
 pub const INVALID_PAYLOAD: u16 = 1007;
 pub const TOO_BIG: u16 = 1009;
 pub const INTERNAL_ERROR: u16 = 1011;
-pub const BAD_GATEWAY: u16 = 1014;
 pub const GOING_AWAY: u16 = 1001;
 pub const NORMAL: u16 = 1000;
+/// Logged for a Close frame that carried no code (RFC 6455 §7.4.1); never sent.
+pub const NO_STATUS: u16 = 1005;
 
 const fn failure(code: u16, reason: &'static str) -> Failure {
     Failure { code, reason }

@@ -77,7 +77,8 @@ pub struct Summary {
     pub bytes_to_client: u64,
     pub messages_from_client: u64,
     pub messages_to_client: u64,
-    /// The close code of the first Close frame, or `None` when a side vanished without one.
+    /// The close code of the first Close frame (1005 when it had none), or `None` when a
+    /// side vanished without a Close.
     pub close_code: Option<u16>,
     pub closed_by: Side,
     /// Why, in words, when it was not a plain close.

@@ -124,7 +124,7 @@ async fn client_to_upstream<U: AsyncWrite>(
                     return;
                 }
                 client.remember_close(&frame.payload);
-                state.record(Side::Client, code, None);
+                state.record(Side::Client, Some(code.unwrap_or(frames::NO_STATUS)), None);
                 // Half-close: the upstream reads EOF, and may still answer before closing.
                 let _ = upstream.shutdown().await;
                 return;
@@ -163,7 +163,11 @@ async fn upstream_to_client<U: AsyncRead>(
                 let payload = client.close_reply();
                 if client.close_with(&payload).await {
                     let code = frames::check_close(&payload).ok().flatten();
-                    state.record(Side::Upstream, code, None);
+                    state.record(
+                        Side::Upstream,
+                        Some(code.unwrap_or(frames::NO_STATUS)),
+                        None,
+                    );
                 }
                 return;
             }

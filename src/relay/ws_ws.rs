@@ -122,7 +122,7 @@ async fn pump(
                 };
                 if !from.close_sent() {
                     // This side starts the close (rather than answering ours).
-                    state.record(source, code, None);
+                    state.record(source, Some(code.unwrap_or(frames::NO_STATUS)), None);
                     from.remember_close(&frame.payload);
                 }
                 // Forward it (a no-op when `to` was already sent a Close). Nothing more comes
@@ -200,7 +200,7 @@ async fn vanished(direction: Direction, from: &WsPeer, to: &WsPeer, state: &Stat
 }
 
 /// The side we read from broke the protocol: it gets the failure code; the other side is
-/// told it is going away (client) or that its upstream failed (1014, Bad Gateway).
+/// told it is going away (client) or that its upstream failed (1011).
 async fn violated(direction: Direction, from: &WsPeer, to: &WsPeer, state: &State, f: Failure) {
     from.close(f.code, f.reason).await;
     match direction {
@@ -209,11 +209,13 @@ async fn violated(direction: Direction, from: &WsPeer, to: &WsPeer, state: &Stat
             state.fail(Side::Gateway, Some(f.code), format!("client: {}", f.reason));
         }
         Direction::UpstreamToClient => {
-            to.close(frames::BAD_GATEWAY, "upstream protocol error")
+            // 1011, not 1014 (Bad Gateway): 1014 is newer than many clients, and some
+            // (tungstenite among them) reject it as a protocol violation of their own.
+            to.close(frames::INTERNAL_ERROR, "upstream protocol error")
                 .await;
             state.fail(
                 Side::Gateway,
-                Some(frames::BAD_GATEWAY),
+                Some(frames::INTERNAL_ERROR),
                 format!("upstream: {}", f.reason),
             );
         }

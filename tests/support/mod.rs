@@ -166,6 +166,7 @@ pub struct Seen {
     pub origins: Vec<Option<String>>,
     pub hosts: Vec<Option<String>>,
     pub pings: Vec<Vec<u8>>,
+    pub pongs: Vec<Vec<u8>>,
     pub closes: Vec<Option<(u16, String)>>,
 }
 
@@ -176,7 +177,8 @@ pub struct WsUpstream {
 
 /// A WebSocket echo server (tokio-tungstenite). It picks the last offered subprotocol (so a
 /// test can tell it apart from a gateway that picks the first), echoes data messages, and on
-/// the text message `close <code> <reason>` closes with that code and reason.
+/// the text message `close <code> <reason>` closes with that code and reason; on
+/// `ping <payload>` it sends a Ping.
 pub async fn ws_echo() -> WsUpstream {
     ws_echo_with_tls(None).await
 }
@@ -239,6 +241,11 @@ async fn serve_ws_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<M
     };
     while let Some(Ok(message)) = ws.next().await {
         match message {
+            Message::Text(text) if text.starts_with("ping ") => {
+                let payload = text.as_bytes()[5..].to_vec();
+                let _ = ws.send(Message::Ping(payload.into())).await;
+            }
+            Message::Pong(payload) => seen.lock().unwrap().pongs.push(payload.to_vec()),
             Message::Text(text) if text.starts_with("close ") => {
                 let mut parts = text.splitn(3, ' ').skip(1);
                 let code: u16 = parts.next().and_then(|c| c.parse().ok()).unwrap_or(1000);
@@ -609,4 +616,42 @@ pub async fn connect_tls(
         ws
     })
     .await
+}
+
+/// Connects a client from a chosen loopback source address (127.0.0.2, …), for per-IP limits.
+pub async fn connect_from(
+    source: &str,
+    url: &str,
+) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+    let host_port = url.split('/').nth(2).expect("url host");
+    let target: SocketAddr = host_port.parse().expect("numeric address in url");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("source address"))
+        .expect("bind source");
+    let stream = socket.connect(target).await.expect("tcp connect");
+    tokio_tungstenite::client_async(url, stream)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// GET on the admin listener; returns status and body.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let r = raw_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    (r.status, r.body)
+}
+
+/// The value of one metric sample line (`name{labels} value`), 0 when absent.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }

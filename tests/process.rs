@@ -1,0 +1,289 @@
+//! The real binary as a child process: reload by signal and by `wsgate reload`, JSON logs,
+//! and an accept loop that survives running out of file descriptors.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use futures_util::SinkExt;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A wsgate child process whose stderr is collected; killed if the test ends early.
+struct Gateway {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gateway {
+    fn start(config: &Path, shell_prefix: &str, extra_args: &[&str]) -> Gateway {
+        let binary = env!("CARGO_BIN_EXE_wsgate");
+        let mut args = vec![
+            binary.to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{shell_prefix} exec {}", quoted.join(" ")))
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start wsgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Gateway {
+            child: Some(child),
+            lines,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    async fn wait_for_line(&self, needle: &str) -> String {
+        let lines = self.lines.clone();
+        let needle_owned = needle.to_string();
+        wait_until(&format!("log line with {needle:?}"), move || {
+            lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(&needle_owned))
+        })
+        .await;
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned()
+            .unwrap()
+    }
+
+    /// The address from the first `listening` line.
+    async fn addr(&self) -> String {
+        let line = self.wait_for_line("listening").await;
+        let after = line.split("addr=").nth(1).expect("addr field");
+        after
+            .trim_start_matches('"')
+            .split(|c: char| c == '"' || c.is_whitespace() || c == ',')
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn exit_code(mut self) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        within(
+            "wsgate exits",
+            tokio::task::spawn_blocking(move || child.wait()),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .code()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn config_text(upstream: &str, gateway_extra: &str) -> String {
+    format!(
+        "[gateway]\nclose_timeout = \"1s\"\n{gateway_extra}\n[[listener]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nupstream = \"{upstream}\"\n"
+    )
+}
+
+#[tokio::test]
+async fn sighup_and_reload_command_switch_routes_and_keep_connections() {
+    let up1 = ws_echo().await;
+    let up2 = ws_echo().await;
+    let up3 = ws_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    let pid_file = dir.path().join("wsgate.pid");
+    std::fs::write(&config, config_text(&format!("ws://{}/", up1.addr), "")).unwrap();
+    let gw = Gateway::start(&config, "", &["--pid-file", pid_file.to_str().unwrap()]);
+    let addr = gw.addr().await;
+    let mut old = connect(&format!("ws://{addr}/")).await;
+    old.send(Message::text("one")).await.unwrap();
+    next_data(&mut old).await;
+
+    // Real SIGHUP.
+    std::fs::write(&config, config_text(&format!("ws://{}/", up2.addr), "")).unwrap();
+    gw.signal("HUP");
+    gw.wait_for_line("configuration reloaded").await;
+    let mut new = connect(&format!("ws://{addr}/")).await;
+    new.send(Message::text("two")).await.unwrap();
+    next_data(&mut new).await;
+    assert_eq!(up2.seen.lock().unwrap().paths.len(), 1);
+
+    // `wsgate reload --pid-file`.
+    std::fs::write(&config, config_text(&format!("ws://{}/", up3.addr), "")).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["reload", "--pid-file", pid_file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let reloaded = gw.clone_count_waiter("configuration reloaded", 2).await;
+    assert!(reloaded);
+    let mut newest = connect(&format!("ws://{addr}/")).await;
+    newest.send(Message::text("three")).await.unwrap();
+    next_data(&mut newest).await;
+    assert_eq!(up3.seen.lock().unwrap().paths.len(), 1);
+
+    // An invalid file is refused with one line; the old config stays.
+    std::fs::write(&config, "[[route]]\npath = 5\n").unwrap();
+    gw.signal("HUP");
+    gw.wait_for_line("reload refused").await;
+    let mut after = connect(&format!("ws://{addr}/")).await;
+    after.send(Message::text("four")).await.unwrap();
+    next_data(&mut after).await;
+    assert_eq!(up3.seen.lock().unwrap().paths.len(), 2);
+
+    // The first connection never noticed.
+    old.send(Message::text("still one")).await.unwrap();
+    assert_eq!(next_data(&mut old).await, Message::text("still one"));
+    assert_eq!(up1.seen.lock().unwrap().paths.len(), 1);
+
+    gw.signal("TERM");
+    for ws in [&mut old, &mut new, &mut newest, &mut after] {
+        let (_, close) = read_until_close(ws).await;
+        assert_eq!(close.map(|c| c.0), Some(1001));
+    }
+    assert_eq!(gw.exit_code().await, Some(0));
+    assert!(!pid_file.exists(), "the PID file is removed at exit");
+}
+
+impl Gateway {
+    async fn clone_count_waiter(&self, needle: &str, n: usize) -> bool {
+        let lines = self.lines.clone();
+        let needle = needle.to_string();
+        wait_until("reload logged", move || {
+            lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(&needle))
+                .count()
+                >= n
+        })
+        .await;
+        true
+    }
+}
+
+#[tokio::test]
+async fn json_logs() {
+    let upstream = tcp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        config_text(&format!("tcp://{upstream}"), "log_format = \"json\""),
+    )
+    .unwrap();
+    let gw = Gateway::start(&config, "", &[]);
+    let line = gw.wait_for_line("listening").await;
+    let value: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let addr = value["fields"]["addr"]
+        .as_str()
+        .expect("addr field")
+        .to_string();
+    let mut ws = connect(&format!("ws://{addr}/")).await;
+    ws.send(Message::text("json")).await.unwrap();
+    next_data(&mut ws).await;
+    ws.close(None).await.unwrap();
+    let line = gw.wait_for_line("connection closed").await;
+    let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(value["fields"]["closed_by"], "client");
+    assert_eq!(value["fields"]["bytes_from_client"], 4);
+    gw.signal("TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
+/// With RLIMIT_NOFILE at 48, holding 80 connections runs the process out of descriptors.
+/// The accept loop must log, back off (not spin), and serve again once descriptors are free.
+#[tokio::test]
+async fn accept_loop_survives_running_out_of_file_descriptors() {
+    let upstream = tcp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, config_text(&format!("tcp://{upstream}"), "")).unwrap();
+    let gw = Gateway::start(&config, "ulimit -n 48 &&", &[]);
+    let addr: std::net::SocketAddr = gw.addr().await.parse().unwrap();
+
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        held.push(
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("the kernel backlog accepts"),
+        );
+    }
+    gw.wait_for_line("accept failed").await;
+    // Backing off: a one-second window of exhaustion shows a handful of lines (5 ms doubling
+    // to 1 s), where a spinning loop would log thousands.
+    let before = gw.count("accept failed");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let during = gw.count("accept failed") - before;
+    assert!(
+        during <= 20,
+        "{during} accept errors logged in a second: the loop spins"
+    );
+
+    drop(held);
+    // Served again: an upgrade through a fresh connection succeeds.
+    let mut ws = within("served again", async {
+        loop {
+            match connect_with(&format!("ws://{addr}/"), &[]).await {
+                Ok((ws, _)) => return ws,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    ws.send(Message::text("alive")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await.into_data(), b"alive".as_slice());
+    gw.signal("TERM");
+    drop(ws);
+    assert_eq!(gw.exit_code().await, Some(0));
+}
