@@ -40,6 +40,9 @@ async fn every_example_config_runs() {
                 });
             }
         }
+        if let Some(admin) = &mut config.admin {
+            admin.bind.set_port(0);
+        }
         for route in &mut config.routes {
             if route.ca.is_some() {
                 route.ca = Some(pki.ca_cert.clone());
@@ -212,4 +215,40 @@ fn version_and_help() {
         stdout.contains("--config") && stdout.contains("check"),
         "{stdout}"
     );
+}
+
+/// The README's configuration reference states the defaults the code uses.
+#[test]
+fn readme_lists_the_defaults() {
+    use wsgate::config::defaults;
+    let readme = std::fs::read_to_string(repo_file("README.md")).unwrap();
+    let secs = |d: std::time::Duration| format!("`\"{}s\"`", d.as_secs());
+    let rows = [
+        ("`shutdown_timeout`", secs(defaults::SHUTDOWN_TIMEOUT)),
+        ("`handshake_timeout`", secs(defaults::HANDSHAKE_TIMEOUT)),
+        ("`close_timeout`", secs(defaults::CLOSE_TIMEOUT)),
+        ("`connect_timeout`", secs(defaults::CONNECT_TIMEOUT)),
+        (
+            "`max_connections`",
+            format!("`{}`", defaults::MAX_CONNECTIONS),
+        ),
+        (
+            "`max_message_size`",
+            format!("`\"{}MiB\"`", defaults::MAX_MESSAGE_SIZE >> 20),
+        ),
+        (
+            "`max_request_head_size`",
+            format!("`\"{}KiB\"`", defaults::MAX_REQUEST_HEAD_SIZE >> 10),
+        ),
+    ];
+    for (key, default) in rows {
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| {key} |")))
+            .unwrap_or_else(|| panic!("README has no row for {key}"));
+        assert!(
+            row.contains(&default),
+            "README row for {key} should say {default}: {row}"
+        );
+    }
 }
