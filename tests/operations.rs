@@ -480,3 +480,75 @@ async fn rejections_are_logged_at_a_bounded_rate() {
     assert_eq!(r.status, 101);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn close_timeout_answers_the_client_and_drops_an_upstream_that_never_finishes() {
+    // The upstream reads to EOF (our half-close) but then keeps its side open forever.
+    let upstream = tcp_upstream(|mut stream| async move {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+        std::future::pending::<()>().await;
+    })
+    .await;
+    let gw = start_gateway(
+        &config_with("", "", "", &format!("tcp://{upstream}"))
+            .replace("close_timeout = \"1s\"", "close_timeout = \"300ms\""),
+    )
+    .await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::from(4000),
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_eq!(
+        close.map(|c| c.0),
+        Some(4000),
+        "the client's code is echoed at the deadline"
+    );
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_timeout_drops_clients_that_never_answer() {
+    let upstream = format!("tcp://{}", tcp_echo().await);
+    let text = config_with("shutdown_timeout = \"300ms\"", "", "", &upstream)
+        .replace("close_timeout = \"1s\"", "close_timeout = \"60s\"");
+    let gw = start_gateway(&text).await;
+    // Upgraded, then silent: it will never answer the Close 1001.
+    let silent = raw_upgrade(gw.addr(), "/").await;
+    let stats = gw.stats.clone();
+    wait_until("relay running", move || stats.active_relays() == 1).await;
+    gw.stop().await; // returns only because shutdown_timeout forces the rest closed
+    drop(silent);
+}
+
+#[tokio::test]
+async fn drain_delivers_what_the_upstream_already_sent_before_1001() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let total = 64 * 1024;
+    let upstream = tcp_upstream(move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            stream.write_all(&vec![5u8; total]).await.unwrap();
+            tx.send(()).unwrap();
+            std::future::pending::<()>().await;
+        }
+    })
+    .await;
+    let gw = start_gateway(&config_with("", "", "", &format!("tcp://{upstream}"))).await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    within("upstream wrote", rx.recv()).await.unwrap();
+    gw.begin_shutdown();
+    let (data, close) = read_until_close(&mut ws).await;
+    let received: usize = data.iter().map(|m| m.len()).sum();
+    assert_eq!(
+        received, total,
+        "everything the upstream sent before the drain"
+    );
+    assert_eq!(close.map(|c| c.0), Some(1001));
+    gw.stop().await;
+}
