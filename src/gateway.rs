@@ -50,21 +50,29 @@ impl Gateway {
                     }),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let connectors = config
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(index, r)| match r.upstream {
-                Upstream::Ws { tls: true, .. } => upstream::tls::connector(r.ca.as_deref())
-                    .map(Some)
-                    .map_err(|source| PrepareError::RouteTls {
-                        index,
-                        path: r.path.clone(),
-                        source,
-                    }),
-                _ => Ok(None),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let connectors =
+            config
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(index, r)| match r.upstream {
+                    Upstream::Ws { tls: true, .. } => upstream::tls::connector(r)
+                        .map(Some)
+                        .map_err(|source| PrepareError::RouteTls {
+                            index,
+                            path: r.path.clone(),
+                            source,
+                        }),
+                    _ => Ok(None),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+        for route in config.routes.iter().filter(|r| r.insecure_skip_verify) {
+            tracing::warn!(
+                route = %route.path,
+                upstream = %route.upstream,
+                "insecure_skip_verify: the upstream's certificate is not checked; for tests only"
+            );
+        }
         Ok(Gateway {
             router: Router::new(&config.routes),
             config,
@@ -85,6 +93,26 @@ impl Gateway {
 
     pub fn acceptor(&self, listener: usize) -> Option<&TlsAcceptor> {
         self.acceptors.get(listener).and_then(Option::as_ref)
+    }
+
+    /// Every certificate, key and CA file the configuration names, for change detection.
+    pub fn tls_files(&self) -> Vec<std::path::PathBuf> {
+        let mut files = Vec::new();
+        for tls in self.config.listeners.iter().filter_map(|l| l.tls.as_ref()) {
+            for pair in &tls.certs {
+                files.push(pair.cert.clone());
+                files.push(pair.key.clone());
+            }
+            files.extend(tls.client_auth.as_ref().map(|a| a.ca.clone()));
+        }
+        for route in &self.config.routes {
+            files.extend(route.ca.clone());
+            if let Some(pair) = &route.client_cert {
+                files.push(pair.cert.clone());
+                files.push(pair.key.clone());
+            }
+        }
+        files
     }
 
     /// The listener a running socket belongs to in this configuration, with its index.

@@ -161,6 +161,9 @@ mod tests {
             ping: None,
             connect_timeout: Duration::from_secs(1),
             ca: None,
+            client_cert: None,
+            tls_server_name: None,
+            insecure_skip_verify: false,
         }
     }
 

@@ -1,16 +1,22 @@
 //! TLS material shared by both sides: the crypto provider, the protocol versions, and the
-//! server configuration of a TLS listener (PEM chain + PKCS#8, SEC1 or PKCS#1 key).
+//! server configuration of a TLS listener: certificates chosen by SNI, client certificates
+//! (mTLS), session resumption.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::version::{TLS12, TLS13};
 use rustls::{ServerConfig, SupportedProtocolVersion};
 use rustls_pki_types::pem::{self, PemObject};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use crate::config::TlsFiles;
+use crate::config::{ListenerTls, TlsFiles};
 
 /// TLS 1.2 and 1.3 only; rustls does not implement anything older.
 pub const PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&TLS13, &TLS12];
@@ -55,40 +61,184 @@ impl TlsError {
     }
 }
 
-/// Loads a listener's certificate chain and key and builds its server configuration.
-/// Fails when either file is unreadable or the key does not match the certificate.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(&files.cert)
+/// Reads every certificate of a PEM file (a chain, or a CA bundle).
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::pem(&files.cert, "certificates", e))?;
+        .map_err(|e| TlsError::pem(path, what, e))?;
     if certs.is_empty() {
         return Err(TlsError::Empty {
-            path: files.cert.clone(),
-            what: "certificates",
+            path: path.to_path_buf(),
+            what,
         });
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| match e {
+    Ok(certs)
+}
+
+/// Reads a private key: PKCS#8, SEC1 (`EC PRIVATE KEY`) or PKCS#1 (`RSA PRIVATE KEY`).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
         pem::Error::NoItemsFound => TlsError::Empty {
-            path: files.key.clone(),
+            path: path.to_path_buf(),
             what: "private key",
         },
-        other => TlsError::pem(&files.key, "the private key", other),
-    })?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(PROTOCOL_VERSIONS)
-        .map_err(|e| TlsError::Rejected {
-            path: files.cert.clone(),
-            reason: e.to_string(),
-        })?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
+        other => TlsError::pem(path, "the private key", other),
+    })
+}
+
+/// A certificate chain with its key, checked to belong together.
+pub fn certified_key(
+    files: &TlsFiles,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = load_certs(&files.cert, "certificates")?;
+    let key = load_key(&files.key)?;
+    CertifiedKey::from_der(chain, key, provider)
+        .map(Arc::new)
         .map_err(|e| TlsError::Mismatch {
             cert: files.cert.clone(),
             key: files.key.clone(),
             reason: e.to_string(),
+        })
+}
+
+/// Loads a CA bundle into a root store.
+pub fn root_store(path: &Path, what: &'static str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path, what)? {
+        roots.add(cert).map_err(|e| TlsError::Rejected {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
         })?;
+    }
+    Ok(roots)
+}
+
+/// Builds the server configuration of a TLS listener.
+pub fn server_config(tls: &ListenerTls) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let certs = tls
+        .certs
+        .iter()
+        .map(|files| certified_key(files, &provider))
+        .collect::<Result<Vec<_>, _>>()?;
+    let verifier: Arc<dyn ClientCertVerifier> = match &tls.client_auth {
+        None => WebPkiClientVerifier::no_client_auth(),
+        Some(auth) => {
+            let roots = Arc::new(root_store(&auth.ca, "client CA certificates")?);
+            let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+            let builder = if auth.required {
+                builder
+            } else {
+                builder.allow_unauthenticated()
+            };
+            builder.build().map_err(|e| TlsError::Rejected {
+                path: auth.ca.clone(),
+                reason: e.to_string(),
+            })?
+        }
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .map_err(|e| TlsError::Rejected {
+            path: tls.certs[0].cert.clone(),
+            reason: e.to_string(),
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SniResolver { certs }));
     // WebSocket upgrades exist in HTTP/1.1 only (RFC 8441 for h2 is not supported), so
     // advertise exactly that and let clients that insist on h2 fail the handshake clearly.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption: the in-memory session cache (rustls' default) serves TLS 1.2 session IDs
+    // and TLS 1.3 stateful tickets; stateless tickets also survive cache eviction.
+    if let Ok(ticketer) = rustls::crypto::ring::Ticketer::new() {
+        config.ticketer = ticketer;
+    }
     Ok(Arc::new(config))
+}
+
+/// Picks the certificate by SNI: the first that covers the requested name (exact or
+/// wildcard, as webpki checks it for clients), else the first one (the default).
+#[derive(Debug)]
+struct SniResolver {
+    certs: Vec<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let default = self.certs.first().cloned();
+        if self.certs.len() == 1 {
+            return default;
+        }
+        let Some(name) = hello
+            .server_name()
+            .and_then(|n| ServerName::try_from(n).ok())
+        else {
+            return default;
+        };
+        self.certs
+            .iter()
+            .find(|key| {
+                key.end_entity_cert()
+                    .ok()
+                    .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
+                    .is_some_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
+            })
+            .cloned()
+            .or(default)
+    }
+}
+
+/// The verified identity of a client certificate, for logs and the identity header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub subject: String,
+    pub sans: Vec<String>,
+}
+
+impl ClientIdentity {
+    /// Reads subject and subject alternative names from a (verified) certificate.
+    pub fn from_certificate(der: &CertificateDer<'_>) -> Option<ClientIdentity> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+        let subject = cert.subject().to_string();
+        let mut sans = Vec::new();
+        if let Ok(Some(ext)) = cert.subject_alternative_name() {
+            for name in &ext.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => sans.push(format!("DNS:{d}")),
+                    GeneralName::RFC822Name(e) => sans.push(format!("email:{e}")),
+                    GeneralName::URI(u) => sans.push(format!("URI:{u}")),
+                    GeneralName::IPAddress(ip) => match ip.len() {
+                        4 => sans.push(format!(
+                            "IP:{}",
+                            std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3])
+                        )),
+                        16 => {
+                            let mut octets = [0u8; 16];
+                            octets.copy_from_slice(ip);
+                            sans.push(format!("IP:{}", std::net::Ipv6Addr::from(octets)));
+                        }
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+        }
+        Some(ClientIdentity { subject, sans })
+    }
+}
+
+impl fmt::Display for ClientIdentity {
+    /// `subject; SAN, SAN` — one header-safe line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.subject.replace(['\r', '\n'], " "))?;
+        if !self.sans.is_empty() {
+            write!(f, "; {}", self.sans.join(", ").replace(['\r', '\n'], " "))?;
+        }
+        Ok(())
+    }
 }

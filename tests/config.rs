@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use support::*;
-use wsgate::config::{Config, TlsFiles};
+use wsgate::config::{Config, ListenerTls};
 
 fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -34,10 +34,7 @@ async fn every_example_config_runs() {
         for listener in &mut config.listeners {
             listener.bind.set_port(0);
             if listener.tls.is_some() {
-                listener.tls = Some(TlsFiles {
-                    cert: pki.cert.clone(),
-                    key: pki.key.clone(),
-                });
+                listener.tls = Some(ListenerTls::single(pki.cert.clone(), pki.key.clone()));
             }
         }
         if let Some(admin) = &mut config.admin {

@@ -25,6 +25,7 @@ pub struct GatewaySection {
     pub max_connections_per_ip: Option<Spanned<i64>>,
     pub max_request_head_size: Option<Spanned<SizeValue>>,
     pub log_format: Option<Spanned<String>>,
+    pub certificate_check_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,8 +46,19 @@ pub struct ListenerSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
-    pub cert: Spanned<String>,
-    pub key: Spanned<String>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub certs: Option<Spanned<Vec<CertPairSection>>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub client_auth: Option<Spanned<String>>,
+    pub identity_header: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertPairSection {
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +76,10 @@ pub struct RouteSection {
     pub allowed_origins: Option<Spanned<Vec<String>>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub ca: Option<Spanned<String>>,
+    pub client_cert: Option<Spanned<String>>,
+    pub client_key: Option<Spanned<String>>,
+    pub tls_server_name: Option<Spanned<String>>,
+    pub insecure_skip_verify: Option<Spanned<bool>>,
 }
 
 /// A size is either a plain number of bytes or a string with a unit.

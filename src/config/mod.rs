@@ -36,6 +36,9 @@ pub mod defaults {
     /// what an unauthenticated peer can make the gateway hold. hyper needs at least 8 KiB.
     pub const MAX_REQUEST_HEAD_SIZE: usize = 16 << 10;
     pub const MIN_REQUEST_HEAD_SIZE: usize = 8 << 10;
+    /// Renewal tools replace certificates hours before they expire; a few seconds' delay
+    /// costs nothing, and reading a few small files that often costs nothing either.
+    pub const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 }
 
 /// A validated configuration: everything here has been parsed and checked.
@@ -61,6 +64,8 @@ pub struct GatewayConfig {
     /// Request line plus headers; larger heads get 431.
     pub max_request_head_size: usize,
     pub log_format: LogFormat,
+    /// How often certificate, key and CA files are checked for changes.
+    pub certificate_check_interval: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -73,6 +78,7 @@ impl Default for GatewayConfig {
             max_connections_per_ip: None,
             max_request_head_size: defaults::MAX_REQUEST_HEAD_SIZE,
             log_format: LogFormat::Text,
+            certificate_check_interval: defaults::CERTIFICATE_CHECK_INTERVAL,
         }
     }
 }
@@ -93,9 +99,38 @@ pub struct AdminConfig {
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<ListenerTls>,
     /// Upgraded connections on this listener; `None` for no limit beyond the gateway's.
     pub max_connections: Option<usize>,
+}
+
+/// TLS settings of a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// Certificate and key pairs; the first is the default for clients that send no SNI
+    /// name or one no certificate covers. The others are chosen by the names they carry.
+    pub certs: Vec<TlsFiles>,
+    /// Client certificates (mTLS): verified against this CA, required or optional.
+    pub client_auth: Option<ClientAuth>,
+    /// Header that carries the verified client identity to ws upstreams.
+    pub identity_header: Option<String>,
+}
+
+impl ListenerTls {
+    /// One certificate, no client authentication.
+    pub fn single(cert: PathBuf, key: PathBuf) -> Self {
+        Self {
+            certs: vec![TlsFiles { cert, key }],
+            client_auth: None,
+            identity_header: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub ca: PathBuf,
+    pub required: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +159,12 @@ pub struct RouteConfig {
     pub connect_timeout: Duration,
     /// CA bundle that verifies a `wss://` upstream instead of the built-in web roots.
     pub ca: Option<PathBuf>,
+    /// Certificate and key the gateway presents to a `wss://` upstream.
+    pub client_cert: Option<TlsFiles>,
+    /// Name sent as SNI and verified in the upstream's certificate, instead of its host.
+    pub tls_server_name: Option<String>,
+    /// Accept any upstream certificate. For tests only; logged as a warning at start-up.
+    pub insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use toml::Spanned;
 
-use super::file::{FileConfig, RouteSection, SizeValue};
+use super::file::{FileConfig, RouteSection, SizeValue, TlsSection};
 use super::units::{parse_duration, parse_size};
 use super::{
-    AdminConfig, Config, ConfigError, ConfigIssue, GatewayConfig, ListenerConfig, LogFormat,
-    PingConfig, RouteConfig, TlsFiles, Upstream, defaults,
+    AdminConfig, ClientAuth, Config, ConfigError, ConfigIssue, GatewayConfig, ListenerConfig,
+    ListenerTls, LogFormat, PingConfig, RouteConfig, TlsFiles, Upstream, defaults,
 };
 use crate::origin::OriginRule;
 use std::time::Duration;
@@ -83,6 +83,92 @@ impl Validator<'_> {
             key: key.into(),
             message: message.into(),
         });
+    }
+
+    fn listener_tls(&mut self, tls: Spanned<TlsSection>, key: &str) -> Option<ListenerTls> {
+        let at = Spanned::new(tls.span(), ());
+        let tls = tls.into_inner();
+        let mut certs = Vec::new();
+        match (tls.cert, tls.key) {
+            (Some(cert), Some(k)) => certs.push(TlsFiles {
+                cert: PathBuf::from(cert.into_inner()),
+                key: PathBuf::from(k.into_inner()),
+            }),
+            (None, None) => {}
+            _ => self.issue(
+                &at,
+                format!("{key}.tls"),
+                "cert and key go together; set both",
+            ),
+        }
+        if let Some(list) = tls.certs {
+            for pair in list.into_inner() {
+                certs.push(TlsFiles {
+                    cert: PathBuf::from(pair.cert),
+                    key: PathBuf::from(pair.key),
+                });
+            }
+        }
+        if certs.is_empty() {
+            self.issue(
+                &at,
+                format!("{key}.tls"),
+                "needs a certificate: cert = \"…\", key = \"…\" or certs = [{ cert = \"…\", key = \"…\" }, …]",
+            );
+        }
+        let required = match &tls.client_auth {
+            None => true,
+            Some(mode) => match mode.get_ref().as_str() {
+                "required" => true,
+                "optional" => false,
+                other => {
+                    self.issue(
+                        mode,
+                        format!("{key}.tls.client_auth"),
+                        format!("`{other}` is not a mode; write \"required\" or \"optional\""),
+                    );
+                    true
+                }
+            },
+        };
+        if tls.client_ca.is_none()
+            && let Some(mode) = &tls.client_auth
+        {
+            self.issue(
+                mode,
+                format!("{key}.tls.client_auth"),
+                "needs client_ca, the CA that signs client certificates",
+            );
+        }
+        let client_auth = tls.client_ca.map(|ca| ClientAuth {
+            ca: PathBuf::from(ca.into_inner()),
+            required,
+        });
+        let identity_header = match tls.identity_header {
+            Some(name) => {
+                if http::HeaderName::from_bytes(name.get_ref().as_bytes()).is_err() {
+                    self.issue(
+                        &name,
+                        format!("{key}.tls.identity_header"),
+                        "is not a valid header name",
+                    );
+                }
+                if client_auth.is_none() {
+                    self.issue(
+                        &name,
+                        format!("{key}.tls.identity_header"),
+                        "needs client_ca: there is no client identity without client certificates",
+                    );
+                }
+                Some(name.into_inner().to_ascii_lowercase())
+            }
+            None => None,
+        };
+        Some(ListenerTls {
+            certs,
+            client_auth,
+            identity_header,
+        })
     }
 
     /// A whole number of connections, at least 1.
@@ -185,6 +271,12 @@ impl Validator<'_> {
                     gateway.max_request_head_size = n;
                 }
             }
+            if let Some(value) = section.certificate_check_interval
+                && let Some(d) =
+                    self.positive_duration(&value, "gateway.certificate_check_interval")
+            {
+                gateway.certificate_check_interval = d;
+            }
             if let Some(format) = section.log_format {
                 match format.get_ref().as_str() {
                     "text" => gateway.log_format = LogFormat::Text,
@@ -285,13 +377,7 @@ impl Validator<'_> {
                     name
                 }
             };
-            let tls = section.tls.map(|tls| {
-                let tls = tls.into_inner();
-                TlsFiles {
-                    cert: PathBuf::from(tls.cert.into_inner()),
-                    key: PathBuf::from(tls.key.into_inner()),
-                }
-            });
+            let tls = section.tls.and_then(|tls| self.listener_tls(tls, &key));
             let max_connections = section
                 .max_connections
                 .and_then(|n| self.count(&n, &format!("{key}.max_connections")));
@@ -459,16 +545,61 @@ impl Validator<'_> {
             timeout: ping_timeout.unwrap_or(interval),
         });
 
-        let ca = section.ca.and_then(|ca| {
-            if !matches!(upstream, Some(Upstream::Ws { tls: true, .. })) {
+        let wss = matches!(upstream, Some(Upstream::Ws { tls: true, .. }));
+        let mut wss_only = |value: Option<Spanned<String>>, name: &str| {
+            let value = value?;
+            if wss {
+                Some(value)
+            } else {
                 self.issue(
-                    &ca,
-                    format!("{key}.ca"),
+                    &value,
+                    format!("{key}.{name}"),
                     "applies to wss:// upstreams only; remove it or change the upstream to wss://",
                 );
                 None
+            }
+        };
+        let ca = wss_only(section.ca, "ca").map(|ca| PathBuf::from(ca.into_inner()));
+        let client_cert_path = wss_only(section.client_cert, "client_cert");
+        let client_key_path = wss_only(section.client_key, "client_key");
+        let tls_server_name = wss_only(section.tls_server_name, "tls_server_name");
+        let insecure_skip_verify = match section.insecure_skip_verify {
+            Some(flag) if *flag.get_ref() && !wss => {
+                self.issue(
+                    &flag,
+                    format!("{key}.insecure_skip_verify"),
+                    "applies to wss:// upstreams only",
+                );
+                false
+            }
+            Some(flag) => *flag.get_ref(),
+            None => false,
+        };
+        let client_cert = match (client_cert_path, client_key_path) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: PathBuf::from(cert.into_inner()),
+                key: PathBuf::from(key.into_inner()),
+            }),
+            (None, None) => None,
+            (Some(one), None) | (None, Some(one)) => {
+                self.issue(
+                    &one,
+                    format!("{key}.client_cert"),
+                    "client_cert and client_key go together; set both or neither",
+                );
+                None
+            }
+        };
+        let tls_server_name = tls_server_name.and_then(|name| {
+            if rustls_pki_types::ServerName::try_from(name.get_ref().as_str()).is_err() {
+                self.issue(
+                    &name,
+                    format!("{key}.tls_server_name"),
+                    format!("`{}` is not a DNS name or IP address", name.get_ref()),
+                );
+                None
             } else {
-                Some(PathBuf::from(ca.into_inner()))
+                Some(name.into_inner())
             }
         });
 
@@ -487,6 +618,9 @@ impl Validator<'_> {
             ping,
             connect_timeout,
             ca,
+            client_cert,
+            tls_server_name,
+            insecure_skip_verify,
         })
     }
 }

@@ -13,12 +13,15 @@ use tracing::debug;
 
 use super::ListenerContext;
 use crate::gateway::Gateway;
+use crate::tls::ClientIdentity;
 
 /// Per connection: who it is and on which listener.
 pub(super) struct ConnectionContext {
     pub peer: SocketAddr,
     pub listener: Arc<ListenerContext>,
     pub tls: bool,
+    /// The verified client certificate's identity (mTLS listeners).
+    pub identity: Option<ClientIdentity>,
 }
 
 pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerContext>) {
@@ -29,25 +32,24 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<Lis
     };
     // `handshake_timeout` covers the TLS handshake and the request head together.
     let deadline = Instant::now() + gateway.config.gateway.handshake_timeout;
-    match gateway.acceptor(index).cloned() {
-        None => {
-            serve_http(
-                TokioIo::new(stream),
-                peer,
-                listener,
-                &gateway,
-                deadline,
-                false,
-            )
-            .await
+    let Some(acceptor) = gateway.acceptor(index).cloned() else {
+        let io = TokioIo::new(stream);
+        return serve_http(io, peer, listener, &gateway, deadline, None).await;
+    };
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            // rustls has verified the chain; only its identity is read here.
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(ClientIdentity::from_certificate);
+            let io = TokioIo::new(tls);
+            serve_http(io, peer, listener, &gateway, deadline, Some(identity)).await
         }
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => {
-                serve_http(TokioIo::new(tls), peer, listener, &gateway, deadline, true).await
-            }
-            Ok(Err(e)) => debug!(client = %peer, error = %e, "TLS handshake failed"),
-            Err(_) => debug!(client = %peer, "TLS handshake timed out (handshake_timeout)"),
-        },
+        Ok(Err(e)) => debug!(client = %peer, error = %e, "TLS handshake failed"),
+        Err(_) => debug!(client = %peer, "TLS handshake timed out (handshake_timeout)"),
     }
 }
 
@@ -57,7 +59,7 @@ async fn serve_http<I>(
     listener: Arc<ListenerContext>,
     gateway: &Gateway,
     deadline: Instant,
-    tls: bool,
+    tls: Option<Option<ClientIdentity>>,
 ) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -65,7 +67,8 @@ async fn serve_http<I>(
     let ctx = Arc::new(ConnectionContext {
         peer,
         listener,
-        tls,
+        tls: tls.is_some(),
+        identity: tls.flatten(),
     });
     let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
     let mut builder = http1::Builder::new();

@@ -136,6 +136,7 @@ impl Server {
             ));
         }
         server.spawn_listeners(bound);
+        tokio::spawn(watch_certificates(server.clone()));
         Ok(server)
     }
 
@@ -327,6 +328,50 @@ async fn bind_all(
         bound.push((key, listener));
     }
     Ok(bound)
+}
+
+/// Re-loads TLS material when a certificate, key or CA file changes on disk. Files are read
+/// (following symlinks) and hashed, so the atomic symlink swaps of certbot and Kubernetes
+/// secrets count as changes as much as a file rewritten in place. A pair caught half-written
+/// fails to load, is logged, and is tried again when the files change once more.
+async fn watch_certificates(server: Server) {
+    let mut last = fingerprint(&server.gateway().tls_files());
+    loop {
+        let interval = server.gateway().config.gateway.certificate_check_interval;
+        tokio::select! {
+            _ = server.inner.shutdown.graceful.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let gateway = server.gateway();
+        let now = fingerprint(&gateway.tls_files());
+        if now == last {
+            continue;
+        }
+        last = now;
+        match Gateway::prepare(gateway.config.clone()) {
+            Ok(fresh) => match server.reload(fresh).await {
+                Ok(()) => info!("certificate files changed: reloaded; new connections use them"),
+                Err(e) => error!("certificate files changed, but the reload failed: {e}"),
+            },
+            Err(e) => {
+                server.inner.metrics.reload(false);
+                error!("certificate files changed but cannot be used; the previous ones stay: {e}");
+            }
+        }
+    }
+}
+
+fn fingerprint(files: &[std::path::PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for file in files {
+        file.hash(&mut hasher);
+        match std::fs::read(file) {
+            Ok(bytes) => bytes.hash(&mut hasher),
+            Err(e) => e.kind().hash(&mut hasher),
+        }
+    }
+    hasher.finish()
 }
 
 fn hint(error: &io::Error) -> &'static str {

@@ -129,10 +129,18 @@ async fn accept(
         Upstream::Ws { path, .. } => routing::upstream_path(&route.path, path, path_and_query),
         _ => String::new(),
     };
+    let identity_header = gateway
+        .listener(&conn.listener.key)
+        .and_then(|(_, l)| l.tls.as_ref())
+        .and_then(|t| t.identity_header.clone());
+    let identity_value = conn.identity.as_ref().map(|i| i.to_string());
     let client_handshake = ClientHandshake {
         path_and_query: upstream_path,
         protocols: &upgrade.protocols,
         headers: req.headers(),
+        identity: identity_header
+            .as_deref()
+            .map(|h| (h, identity_value.as_deref())),
     };
     let upstream_name = route.upstream.to_string();
     let metrics = &conn.listener.server.metrics;
@@ -258,6 +266,7 @@ fn log_summary(
         client = %conn.peer,
         listener = %listener,
         tls = conn.tls,
+        client_cert = %conn.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
         route = %route,
         upstream = %upstream,
         duration_ms = started.elapsed().as_millis() as u64,

@@ -135,10 +135,11 @@ pub async fn connect(
                     target: target.clone(),
                     reason: "no TLS settings were prepared for this route".into(),
                 })?;
-                let name = tls::server_name(host).map_err(|reason| UpstreamError::Handshake {
-                    target: target.clone(),
-                    reason,
-                })?;
+                let name = tls::server_name(route.tls_server_name.as_deref().unwrap_or(host))
+                    .map_err(|reason| UpstreamError::Handshake {
+                        target: target.clone(),
+                        reason,
+                    })?;
                 let stream = tokio::time::timeout_at(deadline, connector.connect(name, tcp))
                     .await
                     .map_err(|_| timed(Phase::Tls))?

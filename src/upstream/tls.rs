@@ -1,47 +1,57 @@
 //! TLS toward wss:// upstreams: rustls with the ring provider named explicitly, verified
-//! against the built-in web roots or a route's own CA bundle.
+//! against the built-in web roots or a route's own CA bundle, optionally presenting a client
+//! certificate, optionally with another name for SNI and verification.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use rustls::RootCertStore;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::{RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::TlsConnector;
 
-use crate::tls::{TlsError, provider};
+use crate::config::RouteConfig;
+use crate::tls::{self, TlsError, provider};
 
-/// Builds the connector for one route: `ca` replaces the web roots when given.
-pub fn connector(ca: Option<&Path>) -> Result<TlsConnector, TlsError> {
-    let mut roots = RootCertStore::empty();
-    match ca {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| TlsError::pem(path, "CA certificates", e))?;
-            if certs.is_empty() {
-                return Err(TlsError::Empty {
-                    path: path.to_path_buf(),
-                    what: "CA certificates",
-                });
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|e| TlsError::Rejected {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
-            }
+/// Builds the connector for one route.
+pub fn connector(route: &RouteConfig) -> Result<TlsConnector, TlsError> {
+    let provider = provider();
+    let roots = match &route.ca {
+        Some(path) => tls::root_store(path, "CA certificates")?,
+        None => {
+            let mut roots = RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            roots
         }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(crate::tls::PROTOCOL_VERSIONS)
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(tls::PROTOCOL_VERSIONS)
         .map_err(|e| TlsError::Rejected {
             path: Default::default(),
             reason: e.to_string(),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        })?;
+    let builder = if route.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider.clone())))
+    } else {
+        builder.with_root_certificates(roots)
+    };
+    let mut config = match &route.client_cert {
+        None => builder.with_no_client_auth(),
+        Some(files) => {
+            let chain = tls::load_certs(&files.cert, "client certificates")?;
+            let key = tls::load_key(&files.key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::Mismatch {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                    reason: e.to_string(),
+                })?
+        }
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsConnector::from(Arc::new(config)))
 }
@@ -50,4 +60,54 @@ pub fn connector(ca: Option<&Path>) -> Result<TlsConnector, TlsError> {
 pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_string())
         .map_err(|_| format!("`{host}` is not a valid TLS server name"))
+}
+
+/// `insecure_skip_verify`: any certificate is accepted, but the handshake signatures are
+/// still checked, so the session is at least bound to the key the server presented.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -30,6 +30,10 @@ pub struct ClientHandshake<'a> {
     /// The client's request headers; end-to-end ones are forwarded (Origin, Cookie,
     /// Authorization, User-Agent, …), hop-by-hop and handshake ones are not.
     pub headers: &'a HeaderMap,
+    /// mTLS listeners with `identity_header`: the header name and the verified identity, if
+    /// the client presented a certificate. A client-sent header of that name is always
+    /// dropped, so it cannot be forged.
+    pub identity: Option<(&'a str, Option<&'a str>)>,
 }
 
 pub(super) enum Failure {
@@ -146,6 +150,14 @@ fn build_request(
             || connection_tokens.iter().any(|t| t == name.as_str());
         if !hop_by_hop {
             headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Some((name, value)) = hs.identity {
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(&name);
+            if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+                headers.insert(name, value);
+            }
         }
     }
     let value = |s: &str| {
@@ -276,6 +288,7 @@ mod tests {
             path_and_query: "/x?y=1".into(),
             protocols: &["a".to_string(), "b".to_string()],
             headers: &client,
+            identity: None,
         };
         let Ok(req) = build_request("backend:9000", "k", &hs) else {
             panic!("request not built")
