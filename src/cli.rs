@@ -38,6 +38,15 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+    /// Make a local CA and a server certificate for development (reuses ca.crt/ca.key in OUT).
+    Cert {
+        /// Folder to write into.
+        #[arg(long, value_name = "OUT", default_value = "certs")]
+        out: PathBuf,
+        /// Names the certificate is valid for (DNS names or IP addresses); repeat the option.
+        #[arg(long = "name", value_name = "NAME", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
+        names: Vec<String>,
+    },
     /// Ask a running wsgate to re-read its configuration (sends SIGHUP to the PID in the file).
     Reload {
         /// The file the running wsgate was started with as --pid-file.

@@ -44,6 +44,7 @@
 mod admin;
 pub mod cli;
 pub mod config;
+pub mod devcert;
 pub mod gateway;
 pub mod handshake;
 pub mod origin;

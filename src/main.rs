@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check { config }) => check(&config),
         Some(Command::Reload { pid_file }) => reload(&pid_file),
+        Some(Command::Cert { out, names }) => cert(&out, &names),
         None => match cli.config {
             Some(config) => run(&config, cli.log_json, cli.pid_file),
             None => {
@@ -48,6 +49,40 @@ fn check(path: &Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `wsgate cert`: development certificates, and how to use them.
+fn cert(out: &Path, names: &[String]) -> ExitCode {
+    match wsgate::devcert::write(out, names) {
+        Ok(c) => {
+            let ca_note = if c.ca_reused {
+                " (existing CA reused)"
+            } else {
+                ""
+            };
+            let (ca, cert, key) = (c.ca_cert.display(), c.cert.display(), c.key.display());
+            let text = format!(
+                "wrote {ca}{ca_note}, {cert} and {key} for: {names}\n\n\
+                 Use them in a listener:\n    tls = {{ cert = \"{cert}\", key = \"{key}\" }}\n\n\
+                 Trust the CA ({ca}) to connect without warnings:\n\
+                 \x20 Chromium/Chrome: Settings > Privacy and security > Security > Manage certificates > Authorities > Import, tick \"Trust this certificate for identifying websites\"\n\
+                 \x20 Firefox: Settings > Privacy & Security > Certificates > View Certificates > Authorities > Import, tick \"Trust this CA to identify websites\"\n\
+                 \x20 A throw-away Chromium profile instead: chromium --ignore-certificate-errors-spki-list={spki}\n\
+                 \x20 curl and most CLI clients: --cacert {ca}\n\n\
+                 Keep {ca_key} private; never use these files for a real host.\n",
+                names = names.join(", "),
+                spki = c.spki_sha256,
+                ca_key = c.ca_cert.with_extension("key").display(),
+            );
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsgate cert: {e}");
             ExitCode::FAILURE
         }
     }

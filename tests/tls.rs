@@ -201,20 +201,23 @@ fn openssl(args: &[&str]) {
     assert!(status.success(), "openssl {args:?}");
 }
 
-/// The dev-certificate script's output works as is (PKCS#8 key, full chain), and so do
-/// PKCS#1 RSA and SEC1 EC keys from openssl, each signed by the script's CA.
+/// `wsgate cert`'s output works as is (PKCS#8 key, full chain), and so do PKCS#1 RSA and
+/// SEC1 EC keys from openssl, each signed by its CA.
 #[tokio::test]
 async fn dev_certificates_and_key_formats() {
     let dir = tempfile::tempdir().unwrap();
     let d = |name: &str| dir.path().join(name).display().to_string();
-    let status = std::process::Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/certs/make-dev-certs.sh"
-    ))
-    .arg(dir.path())
-    .stdout(std::process::Stdio::null())
-    .status()
-    .expect("run certs/make-dev-certs.sh");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args([
+            "cert",
+            "--out",
+            dir.path().to_str().unwrap(),
+            "--name",
+            "localhost",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run wsgate cert");
     assert!(status.success());
     std::fs::write(
         d("ext"),
