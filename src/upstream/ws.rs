@@ -152,12 +152,12 @@ fn build_request(
             headers.append(name.clone(), value.clone());
         }
     }
-    if let Some((name, value)) = hs.identity {
-        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-            headers.remove(&name);
-            if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
-                headers.insert(name, value);
-            }
+    if let Some((name, value)) = hs.identity
+        && let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+    {
+        headers.remove(&name);
+        if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+            headers.insert(name, value);
         }
     }
     let value = |s: &str| {
