@@ -165,6 +165,8 @@ pub struct Seen {
     pub protocols: Vec<Option<String>>,
     pub origins: Vec<Option<String>>,
     pub hosts: Vec<Option<String>>,
+    /// `X-Client-Identity` of each handshake (mTLS tests).
+    pub identities: Vec<Option<String>>,
     pub pings: Vec<Vec<u8>>,
     pub pongs: Vec<Vec<u8>>,
     pub closes: Vec<Option<(u16, String)>>,
@@ -234,6 +236,7 @@ async fn serve_ws_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<M
         s.protocols.push(offered);
         s.origins.push(header("origin"));
         s.hosts.push(header("host"));
+        s.identities.push(header("x-client-identity"));
         Ok(resp)
     };
     let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
@@ -654,4 +657,103 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// Accepts any server certificate (signatures still checked) and remembers nothing: for
+/// tests that look at *which* certificate a server presents.
+#[derive(Debug)]
+pub struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+pub fn ring() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client that accepts any server certificate.
+pub fn accept_any_connector() -> tokio_rustls::TlsConnector {
+    let config = rustls::ClientConfig::builder_with_provider(ring())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(ring())))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+impl TestPki {
+    /// A client trusting `server_ca`, presenting this PKI's certificate as its own.
+    pub fn client_connector(&self, server_ca: &TestPki) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(server_ca.ca_der.clone()).expect("add root");
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into());
+        let config = rustls::ClientConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![self.cert_der.clone()], key)
+            .expect("client auth");
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    /// An acceptor presenting this PKI's certificate and requiring client certificates
+    /// signed by `client_ca`.
+    pub fn acceptor_requiring_clients(&self, client_ca: &TestPki) -> tokio_rustls::TlsAcceptor {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(client_ca.ca_der.clone()).expect("add root");
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), ring())
+                .build()
+                .expect("verifier");
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into());
+        let config = rustls::ServerConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![self.cert_der.clone()], key)
+            .expect("server config");
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+/// TLS handshake only; returns the stream (for the certificate it saw, or to go on).
+pub async fn tls_connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    server_name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let stream = TcpStream::connect(addr).await?;
+    let name =
+        rustls_pki_types::ServerName::try_from(server_name.to_string()).expect("server name");
+    within("TLS handshake", connector.connect(name, stream)).await
 }
