@@ -530,6 +530,9 @@ pub struct TestPki {
     pub ca_der: rustls_pki_types::CertificateDer<'static>,
     pub cert_der: rustls_pki_types::CertificateDer<'static>,
     pub key_der: Vec<u8>,
+    /// base64 SHA-256 of the server key's SubjectPublicKeyInfo (Chromium's
+    /// `--ignore-certificate-errors-spki-list`).
+    pub spki_sha256: String,
 }
 
 /// Makes a CA and a certificate for `names` (DNS names or IP addresses).
@@ -548,6 +551,13 @@ pub fn make_pki(names: &[&str]) -> TestPki {
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let params = CertificateParams::new(names).expect("params");
     let cert = params.signed_by(&key, &issuer).expect("cert");
+    let spki_sha256 = {
+        use base64::Engine as _;
+        use rcgen::PublicKeyData as _;
+        use sha2::Digest as _;
+        base64::engine::general_purpose::STANDARD
+            .encode(sha2::Sha256::digest(key.subject_public_key_info()))
+    };
 
     let dir = tempfile::tempdir().expect("tempdir");
     let write = |name: &str, contents: &str| -> PathBuf {
@@ -562,6 +572,7 @@ pub fn make_pki(names: &[&str]) -> TestPki {
         ca_der: ca_cert.der().clone(),
         cert_der: cert.der().clone(),
         key_der: key.serialize_der(),
+        spki_sha256,
         dir,
     }
 }

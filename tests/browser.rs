@@ -1,0 +1,302 @@
+//! A real browser (headless Chromium through chromedriver) opens wss:// connections through
+//! the gateway: text and binary, byte-exact, to a TCP and a WebSocket upstream; a page from a
+//! disallowed Origin is refused. The test CA is trusted only for the gateway's key
+//! (`--ignore-certificate-errors-spki-list`), not by ignoring certificate errors wholesale.
+//!
+//! Needs `chromium` and `chromedriver` (Debian packages, installed by .ci/run). Outside CI a
+//! machine without them skips this test with a message; in CI (CI=true) it fails instead.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// Serves one small HTML page on every GET: the Origin the browser's script runs in.
+async fn page_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let body = "<!doctype html><title>wsgate browser test</title><p>test page</p>";
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A minimal WebDriver client: JSON over HTTP/1.1 to chromedriver.
+struct WebDriver {
+    port: u16,
+    session: String,
+    process: Child,
+    _profile: tempfile::TempDir,
+}
+
+async fn http_json(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    // chromedriver may keep the connection open: read the head, then Content-Length bytes.
+    let response = read_response(&mut stream).await;
+    serde_json::from_str(&response.body).map_err(|e| format!("{e}: {}", response.body))
+}
+
+impl WebDriver {
+    async fn start(spki: &str) -> WebDriver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // Its own process group, so that dropping the driver also ends the browser it started.
+        let process = Command::new(CHROMEDRIVER)
+            .process_group(0)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let mut driver = WebDriver {
+            port,
+            session: String::new(),
+            process,
+            _profile: tempfile::tempdir().unwrap(),
+        };
+        within("chromedriver ready", async {
+            while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let capabilities = json!({
+            "capabilities": { "alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": CHROMIUM,
+                    "args": [
+                        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                        "--disable-quic", "--no-first-run", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync",
+                        format!("--user-data-dir={}", driver._profile.path().display()),
+                        format!("--ignore-certificate-errors-spki-list={spki}"),
+                    ]
+                }
+            }}
+        });
+        let created = within(
+            "browser session",
+            http_json(port, "POST", "/session", Some(capabilities)),
+        )
+        .await
+        .expect("new session");
+        driver.session = created["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_string();
+        driver
+            .command("timeouts", json!({ "script": 20_000 }))
+            .await;
+        driver
+    }
+
+    async fn command(&self, name: &str, body: Value) -> Value {
+        let path = format!("/session/{}/{name}", self.session);
+        let reply = within(name, http_json(self.port, "POST", &path, Some(body)))
+            .await
+            .expect(name);
+        if reply["value"]["error"].is_string() {
+            panic!("webdriver {name}: {reply}");
+        }
+        reply["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.command("url", json!({ "url": url })).await;
+    }
+
+    /// Runs `script` as an async function body; it ends by calling `done(result)`.
+    async fn run(&self, script: &str) -> Value {
+        let wrapped = format!("const done = arguments[arguments.length - 1]; {script}");
+        self.command("execute/async", json!({ "script": wrapped, "args": [] }))
+            .await
+    }
+}
+
+impl WebDriver {
+    /// Ends the session: chromedriver closes the browser.
+    async fn quit(&self) {
+        let path = format!("/session/{}", self.session);
+        let _ = within("quit", http_json(self.port, "DELETE", &path, None)).await;
+    }
+}
+
+impl Drop for WebDriver {
+    fn drop(&mut self) {
+        // The whole group: chromedriver and any browser left behind by a failed test.
+        if let Ok(pid) = i32::try_from(self.process.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.process.wait();
+    }
+}
+
+/// Opens `url`, sends a text and a binary message, and reports what came back.
+const EXCHANGE: &str = r#"
+const url = "URL";
+const ws = new WebSocket(url);
+ws.binaryType = "arraybuffer";
+const got = [];
+const binary = new Uint8Array(256 * 4); for (let i = 0; i < binary.length; i++) binary[i] = i % 256;
+let expected = 2;
+ws.onopen = () => { ws.send("héllo ✓ from the browser"); ws.send(binary); };
+ws.onmessage = (e) => {
+  if (typeof e.data === "string") got.push({ kind: "text", data: e.data });
+  else got.push({ kind: "binary", data: Array.from(new Uint8Array(e.data)) });
+  if (MODE === "ws" && got.length === expected) { ws.close(1000, "done"); }
+  if (MODE === "tcp") {
+    const total = got.reduce((n, m) => n + (m.kind === "binary" ? m.data.length : m.data.length), 0);
+    if (total >= EXPECTED_BYTES) ws.close(1000, "done");
+  }
+};
+ws.onclose = (e) => done({ opened: true, code: e.code, got });
+ws.onerror = () => {};
+setTimeout(() => done({ timeout: true, got }), 15000);
+"#;
+
+const REFUSED: &str = r#"
+const ws = new WebSocket("URL");
+let opened = false;
+ws.onopen = () => { opened = true; ws.close(); };
+ws.onclose = (e) => done({ opened, code: e.code });
+setTimeout(() => done({ timeout: true }), 15000);
+"#;
+
+#[tokio::test]
+async fn chromium_exchanges_messages_through_wss_and_is_refused_from_another_origin() {
+    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver (.ci/run does)"
+        );
+        eprintln!(
+            "SKIPPED: chromium / chromedriver not installed (apt-get install chromium chromium-driver)"
+        );
+        return;
+    }
+    let pki = make_pki(&["localhost", "127.0.0.1"]);
+    let page = page_server().await;
+    let other_page = page_server().await;
+    let tcp = tcp_echo().await;
+    let ws_up = ws_echo().await;
+    let config = format!(
+        "[gateway]\nclose_timeout = \"1s\"\n[[listener]]\nbind = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\
+         [[route]]\npath = \"/tcp\"\nupstream = \"tcp://{tcp}\"\nallowed_origins = [\"http://127.0.0.1:{}\"]\n\
+         [[route]]\npath = \"/ws\"\nupstream = \"ws://{}/\"\nallowed_origins = [\"http://127.0.0.1:{}\"]\n",
+        pki.cert.display(),
+        pki.key.display(),
+        page.port(),
+        ws_up.addr,
+        page.port()
+    );
+    let gw = start_gateway(&config).await;
+    let port = gw.addr().port();
+    let browser = WebDriver::start(&pki.spki_sha256).await;
+    browser
+        .goto(&format!("http://127.0.0.1:{}/", page.port()))
+        .await;
+
+    let text = "héllo ✓ from the browser";
+    let binary: Vec<u64> = (0..1024u64).map(|i| i % 256).collect();
+
+    // Through the WebSocket upstream: two messages, types and bytes intact.
+    let script = EXCHANGE
+        .replace("URL", &format!("wss://localhost:{port}/ws"))
+        .replace("MODE", "\"ws\"")
+        .replace("EXPECTED_BYTES", "0");
+    let result = browser.run(&script).await;
+    assert_eq!(result["timeout"], Value::Null, "{result}");
+    assert_eq!(result["code"], 1000, "{result}");
+    assert_eq!(result["got"][0]["kind"], "text");
+    assert_eq!(result["got"][0]["data"], text);
+    assert_eq!(result["got"][1]["kind"], "binary");
+    assert_eq!(result["got"][1]["data"], json!(binary));
+
+    // Through the TCP upstream: the bytes of both messages come back, in order, as binary.
+    let expected_bytes = text.len() + binary.len();
+    let script = EXCHANGE
+        .replace("URL", &format!("wss://localhost:{port}/tcp"))
+        .replace("MODE", "\"tcp\"")
+        .replace("EXPECTED_BYTES", &expected_bytes.to_string());
+    let result = browser.run(&script).await;
+    assert_eq!(result["timeout"], Value::Null, "{result}");
+    let mut bytes: Vec<u64> = Vec::new();
+    for message in result["got"].as_array().unwrap() {
+        assert_eq!(
+            message["kind"], "binary",
+            "tcp upstream data arrives as binary: {result}"
+        );
+        bytes.extend(
+            message["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap()),
+        );
+    }
+    let mut expected: Vec<u64> = text.bytes().map(u64::from).collect();
+    expected.extend(&binary);
+    assert_eq!(bytes, expected);
+
+    // From a page of another origin: refused (403 at the gateway, 1006 in the browser).
+    browser
+        .goto(&format!("http://127.0.0.1:{}/", other_page.port()))
+        .await;
+    let result = browser
+        .run(&REFUSED.replace("URL", &format!("wss://localhost:{port}/ws")))
+        .await;
+    assert_eq!(result["opened"], false, "{result}");
+    assert_eq!(result["code"], 1006, "{result}");
+    let metrics = gw.stats.encode();
+    assert!(
+        metrics.contains("wsgate_handshake_rejections_total{status=\"403\"} 1"),
+        "the refusal was the Origin check: {metrics}"
+    );
+    browser.quit().await;
+    drop(browser);
+    gw.stop().await;
+}
