@@ -407,3 +407,34 @@ fn check_reports_a_missing_client_ca() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/missing/ca.crt"), "{stderr}");
 }
+
+/// Server keys of every supported type: ECDSA P-256 and P-384, Ed25519 (RSA is covered by
+/// the openssl key-format test in tls.rs).
+#[tokio::test]
+async fn ecdsa_p384_and_ed25519_keys() {
+    let upstream = tcp_echo().await;
+    for (what, algorithm) in [
+        ("P-256", &rcgen::PKCS_ECDSA_P256_SHA256),
+        ("P-384", &rcgen::PKCS_ECDSA_P384_SHA384),
+        ("Ed25519", &rcgen::PKCS_ED25519),
+    ] {
+        let pki = make_pki_with(&["localhost"], algorithm);
+        let gw = start_gateway(&format!(
+            "[gateway]\nclose_timeout = \"1s\"\n[[listener]]\nbind = \"127.0.0.1:0\"\ntls = {}\n[[route]]\npath = \"/\"\nupstream = \"tcp://{upstream}\"\n",
+            pair(&pki)
+        ))
+        .await;
+        let url = format!("wss://localhost:{}/", gw.addr().port());
+        let mut ws = connect_tls(&pki.connector(), gw.addr(), &url).await;
+        ws.send(Message::binary(what.as_bytes().to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_data(&mut ws).await.into_data(),
+            what.as_bytes(),
+            "{what}"
+        );
+        drop(ws);
+        gw.stop().await;
+    }
+}

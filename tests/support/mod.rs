@@ -537,6 +537,11 @@ pub struct TestPki {
 
 /// Makes a CA and a certificate for `names` (DNS names or IP addresses).
 pub fn make_pki(names: &[&str]) -> TestPki {
+    make_pki_with(names, &rcgen::PKCS_ECDSA_P256_SHA256)
+}
+
+/// The same with the server key of another algorithm (P-384, Ed25519, …).
+pub fn make_pki_with(names: &[&str], algorithm: &'static rcgen::SignatureAlgorithm) -> TestPki {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().expect("ca key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
@@ -547,7 +552,7 @@ pub fn make_pki(names: &[&str]) -> TestPki {
     let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let key = KeyPair::generate().expect("key");
+    let key = KeyPair::generate_for(algorithm).expect("key");
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let params = CertificateParams::new(names).expect("params");
     let cert = params.signed_by(&key, &issuer).expect("cert");
