@@ -15,6 +15,7 @@
 //! buffer; a slow reader on one side stops the pump that writes to it, which stops reading
 //! the other side (backpressure through the kernel's socket buffers, nothing queued here).
 
+mod coalesce;
 pub mod frames;
 mod ws_stream;
 mod ws_ws;
@@ -26,11 +27,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketWrite};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PingConfig;
 use crate::telemetry::metrics::Flow;
+pub(crate) use coalesce::Coalescing;
 pub use ws_stream::relay_stream;
 pub use ws_ws::relay_ws;
 
@@ -232,7 +234,8 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
         self.close_sent.load(Ordering::Acquire)
     }
 
-    /// Writes and flushes one frame (the flush matters for TLS, which buffers records).
+    /// Writes one frame; small frames wait in the coalescing buffer until `flush`, which
+    /// the pumps call when their source has nothing more ready.
     /// `Ok(false)`: not sent, because a Close went out first (RFC 6455 §5.5.1).
     async fn send(&self, frame: Frame<'_>) -> Result<bool, WebSocketError> {
         let mut writer = self.writer.lock().await;
@@ -240,8 +243,23 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
             return Ok(false);
         }
         writer.write_frame(frame).await?;
+        Ok(true)
+    }
+
+    /// Writes one frame and flushes (control frames the peer is waiting for).
+    async fn send_now(&self, frame: Frame<'_>) -> Result<bool, WebSocketError> {
+        let mut writer = self.writer.lock().await;
+        if self.close_sent() {
+            return Ok(false);
+        }
+        writer.write_frame(frame).await?;
         writer.flush().await?;
         Ok(true)
+    }
+
+    /// Sends what is buffered (and, for TLS, the records rustls holds).
+    async fn flush(&self) -> Result<(), WebSocketError> {
+        self.writer.lock().await.flush().await
     }
 
     /// Sends a Close frame with this payload, once. False when one was already sent or the
@@ -284,6 +302,38 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
             .and_then(|slot| slot.clone())
             .unwrap_or_else(|| frames::NORMAL.to_be_bytes().to_vec())
     }
+}
+
+/// Awaits `read`, but first, if it cannot finish at once, runs `flush`: a burst of frames
+/// is read from the socket buffer and written to the coalescing buffer without a system call
+/// each, and goes out in one write when the source pauses. The read future is only ever
+/// polled, never dropped and restarted, so this is safe for fastwebsockets' `read_frame`.
+async fn read_or_flush<T>(read: impl Future<Output = T>, flush: impl Future<Output = ()>) -> T {
+    let mut read = std::pin::pin!(read);
+    if let std::task::Poll::Ready(value) = poll_once(read.as_mut()).await {
+        return value;
+    }
+    flush.await;
+    read.await
+}
+
+/// Polls a future once, without dropping it: `Pending` leaves it ready to be awaited on.
+async fn poll_once<F: Future>(mut future: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await
+}
+
+/// Splits a WebSocket's stream into its read half and a coalescing write half.
+#[allow(clippy::type_complexity)]
+fn split_coalescing<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: fastwebsockets::WebSocket<S>,
+) -> (
+    fastwebsockets::WebSocketRead<tokio::io::ReadHalf<S>>,
+    WebSocketWrite<coalesce::Coalescing<tokio::io::WriteHalf<S>>>,
+) {
+    ws.split(|stream| {
+        let (read, write) = tokio::io::split(stream);
+        (read, coalesce::Coalescing::new(write))
+    })
 }
 
 /// The `send_fn` for `read_frame` when auto_pong and auto_close are off: fastwebsockets then
@@ -391,7 +441,7 @@ async fn keepalive<W: AsyncWrite + Unpin>(state: &State, client: &Peer<W>, ping:
         let mut payload = KEEPALIVE_MARK.to_vec();
         payload.extend_from_slice(n.to_string().as_bytes());
         let frame = Frame::new(true, OpCode::Ping, None, payload.into());
-        match tokio::time::timeout(ping.timeout, client.send(frame)).await {
+        match tokio::time::timeout(ping.timeout, client.send_now(frame)).await {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => return std::future::pending().await,
             Ok(Err(e)) => {

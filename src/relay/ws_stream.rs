@@ -7,36 +7,37 @@
 //! own code echoed. An upstream EOF is delivered as Close 1000 after all of its data.
 //! Shutdown: what the upstream has already sent (readable now) is delivered, then Close 1001.
 
+use std::task::Poll;
 use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::frames::{self, MessageCheck, ReadError};
-use super::{Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive};
+use super::{
+    Coalescing, Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, poll_once,
+    read_or_flush, split_coalescing,
+};
 use crate::telemetry::metrics::Flow;
 
-type ClientIo = TokioIo<Upgraded>;
-type ClientWs = fastwebsockets::WebSocket<ClientIo>;
-type ClientPeer = Peer<WriteHalf<ClientIo>>;
+type ClientPeer<C> = Peer<Coalescing<WriteHalf<C>>>;
 
 /// Upstream reads are this large at most. 16 KiB matches a TLS record, so one read becomes
 /// one record toward a wss:// client, and keeps the per-connection buffer small.
 const READ_CHUNK: usize = 16 * 1024;
 
-pub async fn relay_stream<U>(
-    client: ClientWs,
+pub async fn relay_stream<C, U>(
+    client: fastwebsockets::WebSocket<C>,
     upstream: U,
     settings: RelaySettings,
     shutdown: ShutdownSignals,
     flow: Flow,
 ) -> Summary
 where
+    C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut client_rx, client_tx) = client.split(tokio::io::split);
+    let (mut client_rx, client_tx) = split_coalescing(client);
     client_rx.set_auto_close(false);
     // Pings are answered here, after the checks: an unmasked Ping is a protocol error.
     client_rx.set_auto_pong(false);
@@ -45,6 +46,7 @@ where
     let state = State::new(&settings, flow);
     let client = Peer::new(client_tx, &state);
     let (upstream_rx, upstream_tx) = tokio::io::split(upstream);
+    let upstream_tx = Coalescing::new(upstream_tx);
 
     let pumps = async {
         tokio::join!(
@@ -57,17 +59,23 @@ where
     state.summary()
 }
 
-async fn client_to_upstream<U: AsyncWrite>(
-    client_rx: &mut WebSocketRead<ReadHalf<ClientIo>>,
-    mut upstream: WriteHalf<U>,
-    client: &ClientPeer,
+async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin, U: AsyncWrite>(
+    client_rx: &mut WebSocketRead<ReadHalf<C>>,
+    mut upstream: Coalescing<WriteHalf<U>>,
+    client: &ClientPeer<C>,
     state: &State,
     settings: &RelaySettings,
 ) {
     let mut message = MessageCheck::new(settings.max_message_size, true);
     let mut upstream_open = true;
     loop {
-        let mut frame = match client_rx.read_frame(&mut super::nothing_to_send).await {
+        let mut no_send = super::nothing_to_send;
+        let read = client_rx.read_frame(&mut no_send);
+        let flush = async {
+            // A failure shows again at the next write, or in the other pump's read.
+            let _ = upstream.flush().await;
+        };
+        let mut frame = match read_or_flush(read, flush).await {
             Ok(frame) => frame,
             Err(e) => match frames::classify(e) {
                 ReadError::Vanished(detail) => return state.fail(Side::Client, None, detail),
@@ -130,7 +138,7 @@ async fn client_to_upstream<U: AsyncWrite>(
                 return;
             }
             OpCode::Ping => {
-                if let Err(e) = client.send(Frame::pong(frame.payload)).await {
+                if let Err(e) = client.send_now(Frame::pong(frame.payload)).await {
                     return state.fail(Side::Client, None, format!("write to client failed: {e}"));
                 }
             }
@@ -140,22 +148,34 @@ async fn client_to_upstream<U: AsyncWrite>(
     }
 }
 
-async fn upstream_to_client<U: AsyncRead>(
+async fn upstream_to_client<C: AsyncWrite + Unpin, U: AsyncRead>(
     mut upstream: ReadHalf<U>,
-    client: &ClientPeer,
+    client: &ClientPeer<C>,
     state: &State,
     shutdown: &ShutdownSignals,
 ) {
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        // A plain socket read is cancel-safe, so it may race the other signals.
-        let read = tokio::select! {
-            biased;
-            _ = state.abort.cancelled() => return,
-            _ = shutdown.graceful.cancelled(), if !state.closing.is_cancelled() => {
-                return drain_and_close(upstream, buf, client, state).await;
+        // What is readable at once joins the current batch; before waiting for more, the
+        // batch goes out.
+        let outcome = {
+            let mut read = std::pin::pin!(upstream.read(&mut buf));
+            match poll_once(read.as_mut()).await {
+                Poll::Ready(read) => Some(read),
+                Poll::Pending => {
+                    let _ = client.flush().await;
+                    // A plain socket read is cancel-safe, so it may race the other signals.
+                    tokio::select! {
+                        biased;
+                        _ = state.abort.cancelled() => return,
+                        _ = shutdown.graceful.cancelled(), if !state.closing.is_cancelled() => None,
+                        read = &mut read => Some(read),
+                    }
+                }
             }
-            read = upstream.read(&mut buf) => read,
+        };
+        let Some(read) = outcome else {
+            return drain_and_close(upstream, buf, client, state).await;
         };
         match read {
             Ok(0) => {
@@ -194,7 +214,11 @@ async fn upstream_to_client<U: AsyncRead>(
 }
 
 /// Sends one chunk as a binary message; false when the relay should stop forwarding.
-async fn forward(data: &[u8], client: &ClientPeer, state: &State) -> bool {
+async fn forward<C: AsyncWrite + Unpin>(
+    data: &[u8],
+    client: &ClientPeer<C>,
+    state: &State,
+) -> bool {
     if client.close_sent() {
         // RFC 6455 §5.5.1: no data frames after our Close.
         return false;
@@ -216,10 +240,10 @@ async fn forward(data: &[u8], client: &ClientPeer, state: &State) -> bool {
 
 /// Graceful shutdown: deliver what the upstream has already sent (what is readable without
 /// waiting), then Close 1001. The client's answer is read by the other pump.
-async fn drain_and_close<U: AsyncRead>(
+async fn drain_and_close<C: AsyncWrite + Unpin, U: AsyncRead>(
     mut upstream: ReadHalf<U>,
     mut buf: Vec<u8>,
-    client: &ClientPeer,
+    client: &ClientPeer<C>,
     state: &State,
 ) {
     // A zero timeout polls the read once: ready data comes back, nothing is waited for.
@@ -242,7 +266,11 @@ async fn drain_and_close<U: AsyncRead>(
 
 /// Fails the connection because of the client (RFC 6455 §7.1.7): Close with the reason,
 /// then drop both sides without waiting for an answer.
-async fn fail_client(client: &ClientPeer, state: &State, failure: frames::Failure) {
+async fn fail_client<C: AsyncWrite + Unpin>(
+    client: &ClientPeer<C>,
+    state: &State,
+    failure: frames::Failure,
+) {
     client.close(failure.code, failure.reason).await;
     state.fail(
         Side::Gateway,

@@ -5,18 +5,17 @@
 //! assembled in memory.
 
 use fastwebsockets::{Frame, OpCode, WebSocketRead};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
 use super::frames::{self, Failure, MessageCheck, ReadError};
-use super::{Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive};
+use super::{
+    Coalescing, Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush,
+    split_coalescing,
+};
 use crate::telemetry::metrics::Flow;
 
-type Io = TokioIo<Upgraded>;
-type Ws = fastwebsockets::WebSocket<Io>;
-type Reader = WebSocketRead<ReadHalf<Io>>;
-type WsPeer = Peer<WriteHalf<Io>>;
+type Reader<S> = WebSocketRead<ReadHalf<S>>;
+type WsPeer<S> = Peer<Coalescing<WriteHalf<S>>>;
 
 /// Which way a pump forwards.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -25,21 +24,26 @@ enum Direction {
     UpstreamToClient,
 }
 
-pub async fn relay_ws(
-    client: Ws,
-    upstream: Ws,
+pub async fn relay_ws<C, U>(
+    client: fastwebsockets::WebSocket<C>,
+    upstream: fastwebsockets::WebSocket<U>,
     settings: RelaySettings,
     shutdown: ShutdownSignals,
     flow: Flow,
-) -> Summary {
-    let (mut client_rx, client_tx) = client.split(tokio::io::split);
-    let (mut upstream_rx, upstream_tx) = upstream.split(tokio::io::split);
-    for rx in [&mut client_rx, &mut upstream_rx] {
-        // Pings, pongs and closes are the endpoints' business: pass them through.
-        rx.set_auto_close(false);
-        rx.set_auto_pong(false);
-        rx.set_max_message_size(settings.max_frame_size.saturating_add(1));
-    }
+) -> Summary
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rx, client_tx) = split_coalescing(client);
+    let (mut upstream_rx, upstream_tx) = split_coalescing(upstream);
+    // Pings, pongs and closes are the endpoints' business: pass them through.
+    client_rx.set_auto_close(false);
+    client_rx.set_auto_pong(false);
+    client_rx.set_max_message_size(settings.max_frame_size.saturating_add(1));
+    upstream_rx.set_auto_close(false);
+    upstream_rx.set_auto_pong(false);
+    upstream_rx.set_max_message_size(settings.max_frame_size.saturating_add(1));
     let state = State::new(&settings, flow);
     let client = Peer::new(client_tx, &state);
     let upstream = Peer::new(upstream_tx, &state);
@@ -71,11 +75,11 @@ pub async fn relay_ws(
 }
 
 /// Forwards frames read from `from_rx` (the peer `from`) to the peer `to`.
-async fn pump(
+async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
-    from_rx: &mut Reader,
-    from: &WsPeer,
-    to: &WsPeer,
+    from_rx: &mut Reader<F>,
+    from: &WsPeer<F>,
+    to: &WsPeer<T>,
     state: &State,
     settings: &RelaySettings,
 ) {
@@ -85,7 +89,13 @@ async fn pump(
     };
     let mut message = MessageCheck::new(settings.max_message_size, false);
     loop {
-        let mut frame = match from_rx.read_frame(&mut super::nothing_to_send).await {
+        let mut no_send = super::nothing_to_send;
+        let read = from_rx.read_frame(&mut no_send);
+        let flush = async {
+            // A failure shows again at the next write.
+            let _ = to.flush().await;
+        };
+        let mut frame = match read_or_flush(read, flush).await {
             Ok(frame) => frame,
             Err(e) => {
                 return match frames::classify(e) {
@@ -174,7 +184,13 @@ fn fresh_mask(direction: Direction, frame: Frame<'_>) -> Frame<'_> {
 }
 
 /// The side we read from went away without a Close.
-async fn vanished(direction: Direction, from: &WsPeer, to: &WsPeer, state: &State, detail: String) {
+async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
+    direction: Direction,
+    from: &WsPeer<F>,
+    to: &WsPeer<T>,
+    state: &State,
+    detail: String,
+) {
     match direction {
         Direction::ClientToUpstream => {
             state.record(Side::Client, None, Some(detail));
@@ -201,7 +217,13 @@ async fn vanished(direction: Direction, from: &WsPeer, to: &WsPeer, state: &Stat
 
 /// The side we read from broke the protocol: it gets the failure code; the other side is
 /// told it is going away (client) or that its upstream failed (1011).
-async fn violated(direction: Direction, from: &WsPeer, to: &WsPeer, state: &State, f: Failure) {
+async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
+    direction: Direction,
+    from: &WsPeer<F>,
+    to: &WsPeer<T>,
+    state: &State,
+    f: Failure,
+) {
     from.close(f.code, f.reason).await;
     match direction {
         Direction::ClientToUpstream => {
@@ -223,7 +245,13 @@ async fn violated(direction: Direction, from: &WsPeer, to: &WsPeer, state: &Stat
 }
 
 /// Writing to the other side failed: it is gone.
-async fn broken(direction: Direction, from: &WsPeer, _to: &WsPeer, state: &State, detail: String) {
+async fn broken<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
+    direction: Direction,
+    from: &WsPeer<F>,
+    _to: &WsPeer<T>,
+    state: &State,
+    detail: String,
+) {
     match direction {
         Direction::ClientToUpstream => {
             if from

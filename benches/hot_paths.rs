@@ -1,0 +1,148 @@
+//! Benchmarks of the hot paths, to show regressions: handshake validation and the accept
+//! key (once per connection), and the relay pumps over in-memory pipes for small and large
+//! messages (per message). `cargo bench` prints the figures; nothing here asserts timings.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+use wsgate::relay::{RelaySettings, ShutdownSignals, relay_stream, relay_ws};
+use wsgate::telemetry::metrics::Flow;
+
+fn handshake(c: &mut Criterion) {
+    let request = http::Request::builder()
+        .method("GET")
+        .uri("/vnc/display?token=abc")
+        .header("Host", "gateway.example.com")
+        .header("Upgrade", "websocket")
+        .header("Connection", "keep-alive, Upgrade")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Protocol", "binary, base64")
+        .header("Origin", "https://app.example.com")
+        .header("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/156.0")
+        .header("Cookie", "session=0123456789abcdef0123456789abcdef")
+        .body(())
+        .unwrap();
+    c.bench_function("handshake/validate", |b| {
+        b.iter(|| {
+            wsgate::handshake::check_request_line(black_box(&request)).unwrap();
+            wsgate::handshake::validate(black_box(&request)).unwrap()
+        })
+    });
+    c.bench_function("handshake/accept_key", |b| {
+        b.iter(|| wsgate::handshake::accept_key(black_box(b"dGhlIHNhbXBsZSBub25jZQ==")))
+    });
+}
+
+fn settings() -> RelaySettings {
+    RelaySettings {
+        max_message_size: 16 << 20,
+        max_frame_size: 16 << 20,
+        close_timeout: Duration::from_secs(5),
+        idle_timeout: None,
+        ping: None,
+    }
+}
+
+/// An in-memory byte-stream upstream that echoes everything.
+fn echo(mut stream: DuplexStream) {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// A WebSocket upstream (server role) that echoes every frame.
+fn ws_echo(stream: DuplexStream) {
+    tokio::spawn(async move {
+        let mut ws = WebSocket::after_handshake(stream, Role::Server);
+        ws.set_auto_close(true);
+        while let Ok(frame) = ws.read_frame().await {
+            if frame.opcode == OpCode::Close {
+                break;
+            }
+            let echo = Frame::new(true, frame.opcode, None, frame.payload);
+            if ws.write_frame(echo).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Sends `count` binary messages of `size` bytes through the relay and reads back the same
+/// number of bytes.
+async fn round_trips(client: &mut WebSocket<DuplexStream>, count: usize, size: usize) {
+    let payload = vec![7u8; size];
+    let mut received = 0;
+    for _ in 0..count {
+        client
+            .write_frame(Frame::binary(Payload::Borrowed(&payload)))
+            .await
+            .unwrap();
+    }
+    while received < count * size {
+        received += client.read_frame().await.unwrap().payload.len();
+    }
+}
+
+fn relay(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (name, size, count) in [("64B", 64usize, 256usize), ("64KiB", 64 * 1024, 16)] {
+        let mut group = c.benchmark_group(format!("relay_tcp/{name}"));
+        group.throughput(Throughput::Bytes((size * count) as u64));
+        // One relayed connection for the whole benchmark; each iteration is `count` messages.
+        let mut client = runtime.block_on(async {
+            let (client_end, gateway_end) = duplex(256 * 1024);
+            let (upstream_end, upstream_far) = duplex(256 * 1024);
+            echo(upstream_far);
+            let server = WebSocket::after_handshake(gateway_end, Role::Server);
+            tokio::spawn(relay_stream(
+                server,
+                upstream_end,
+                settings(),
+                ShutdownSignals::default(),
+                Flow::default(),
+            ));
+            WebSocket::after_handshake(client_end, Role::Client)
+        });
+        group.bench_function("round_trips", |b| {
+            b.iter(|| runtime.block_on(round_trips(&mut client, count, size)))
+        });
+        group.finish();
+
+        let mut group = c.benchmark_group(format!("relay_ws/{name}"));
+        group.throughput(Throughput::Bytes((size * count) as u64));
+        let mut client = runtime.block_on(async {
+            let (client_end, gateway_end) = duplex(256 * 1024);
+            let (upstream_end, upstream_far) = duplex(256 * 1024);
+            ws_echo(upstream_far);
+            let server = WebSocket::after_handshake(gateway_end, Role::Server);
+            let upstream = WebSocket::after_handshake(upstream_end, Role::Client);
+            tokio::spawn(relay_ws(
+                server,
+                upstream,
+                settings(),
+                ShutdownSignals::default(),
+                Flow::default(),
+            ));
+            WebSocket::after_handshake(client_end, Role::Client)
+        });
+        group.bench_function("round_trips", |b| {
+            b.iter(|| runtime.block_on(round_trips(&mut client, count, size)))
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, handshake, relay);
+criterion_main!(benches);
