@@ -90,30 +90,28 @@ pub async fn connect(
 ) -> Result<Connected, UpstreamError> {
     let deadline = Instant::now() + route.connect_timeout;
     let target = route.upstream.to_string();
-    let timed = |phase| UpstreamError::Timeout {
-        target: target.clone(),
-        phase,
+    let deadline = Deadline {
+        at: deadline,
         after: route.connect_timeout,
+        target: &target,
+    };
+    let connect_failed = |source| UpstreamError::Connect {
+        target: target.clone(),
+        source,
     };
     match &route.upstream {
         Upstream::Tcp { host, port } => {
-            let stream = tokio::time::timeout_at(deadline, stream::connect_tcp(host, *port))
-                .await
-                .map_err(|_| timed(Phase::Connect))?
-                .map_err(|source| UpstreamError::Connect {
-                    target: target.clone(),
-                    source,
-                })?;
+            let stream = deadline
+                .run(Phase::Connect, stream::connect_tcp(host, *port))
+                .await?
+                .map_err(connect_failed)?;
             Ok(Connected::Stream(UpstreamStream::Tcp(stream)))
         }
         Upstream::Unix { path } => {
-            let stream = tokio::time::timeout_at(deadline, tokio::net::UnixStream::connect(path))
-                .await
-                .map_err(|_| timed(Phase::Connect))?
-                .map_err(|source| UpstreamError::Connect {
-                    target: target.clone(),
-                    source,
-                })?;
+            let stream = deadline
+                .run(Phase::Connect, tokio::net::UnixStream::connect(path))
+                .await?
+                .map_err(connect_failed)?;
             Ok(Connected::Stream(UpstreamStream::Unix(stream)))
         }
         Upstream::Ws {
@@ -122,41 +120,68 @@ pub async fn connect(
             port,
             ..
         } => {
-            let tcp = tokio::time::timeout_at(deadline, stream::connect_tcp(host, *port))
-                .await
-                .map_err(|_| timed(Phase::Connect))?
-                .map_err(|source| UpstreamError::Connect {
-                    target: target.clone(),
-                    source,
-                })?;
+            let tcp = deadline
+                .run(Phase::Connect, stream::connect_tcp(host, *port))
+                .await?
+                .map_err(connect_failed)?;
             let host_header = host_header(host, *port, *use_tls);
             let result = if *use_tls {
-                let connector = tls.ok_or_else(|| UpstreamError::Handshake {
+                let refused = |reason: String| UpstreamError::Handshake {
                     target: target.clone(),
-                    reason: "no TLS settings were prepared for this route".into(),
+                    reason,
+                };
+                let connector = tls.ok_or_else(|| {
+                    refused("no TLS settings were prepared for this route".into())
                 })?;
                 let name = tls::server_name(route.tls_server_name.as_deref().unwrap_or(host))
-                    .map_err(|reason| UpstreamError::Handshake {
-                        target: target.clone(),
-                        reason,
-                    })?;
-                let stream = tokio::time::timeout_at(deadline, connector.connect(name, tcp))
-                    .await
-                    .map_err(|_| timed(Phase::Tls))?
+                    .map_err(refused)?;
+                let stream = deadline
+                    .run(Phase::Tls, connector.connect(name, tcp))
+                    .await?
                     .map_err(|source| UpstreamError::Tls {
                         target: target.clone(),
                         source,
                     })?;
-                tokio::time::timeout_at(deadline, ws::handshake(stream, &host_header, handshake))
-                    .await
+                deadline
+                    .run(
+                        Phase::Handshake,
+                        ws::handshake(stream, &host_header, handshake),
+                    )
+                    .await?
             } else {
-                tokio::time::timeout_at(deadline, ws::handshake(tcp, &host_header, handshake)).await
+                deadline
+                    .run(
+                        Phase::Handshake,
+                        ws::handshake(tcp, &host_header, handshake),
+                    )
+                    .await?
             };
-            let (ws, protocol) = result
-                .map_err(|_| timed(Phase::Handshake))?
-                .map_err(|e| e.into_upstream_error(&target))?;
+            let (ws, protocol) = result.map_err(|e| e.into_upstream_error(&target))?;
             Ok(Connected::WebSocket { ws, protocol })
         }
+    }
+}
+
+/// Every phase runs against the same deadline; a timeout names the phase it cut.
+struct Deadline<'a> {
+    at: Instant,
+    after: Duration,
+    target: &'a str,
+}
+
+impl Deadline<'_> {
+    async fn run<T>(
+        &self,
+        phase: Phase,
+        step: impl std::future::Future<Output = T>,
+    ) -> Result<T, UpstreamError> {
+        tokio::time::timeout_at(self.at, step)
+            .await
+            .map_err(|_| UpstreamError::Timeout {
+                target: self.target.to_string(),
+                phase,
+                after: self.after,
+            })
     }
 }
 
