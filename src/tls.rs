@@ -233,12 +233,48 @@ impl ClientIdentity {
 }
 
 impl fmt::Display for ClientIdentity {
-    /// `subject; SAN, SAN` — one header-safe line.
+    /// `subject="CN=alice,O=Example"; sans="DNS:alice.example,IP:10.0.0.5"`: each part a
+    /// quoted string with `\` and `"` escaped, so that a subject holding `; DNS:…` cannot
+    /// pose as a subject alternative name. One header-safe line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.subject.replace(['\r', '\n'], " "))?;
-        if !self.sans.is_empty() {
-            write!(f, "; {}", self.sans.join(", ").replace(['\r', '\n'], " "))?;
+        fn quoted(text: &str) -> String {
+            let mut out = String::with_capacity(text.len() + 2);
+            out.push('"');
+            for c in text.chars() {
+                match c {
+                    '"' | '\\' => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c if c.is_control() => out.push(' '),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
         }
-        Ok(())
+        write!(
+            f,
+            "subject={}; sans={}",
+            quoted(&self.subject),
+            quoted(&self.sans.join(","))
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_parts_cannot_be_forged() {
+        let id = ClientIdentity {
+            subject: "CN=bob\"; sans=\"DNS:admin.internal".into(),
+            sans: vec!["DNS:bob.example".into()],
+        };
+        assert_eq!(
+            id.to_string(),
+            "subject=\"CN=bob\\\"; sans=\\\"DNS:admin.internal\"; sans=\"DNS:bob.example\""
+        );
     }
 }

@@ -494,3 +494,34 @@ async fn frame_split_across_shutdown_is_not_lost() {
     assert_eq!(within("upstream data", rx.recv()).await.unwrap(), payload);
     gw.stop().await;
 }
+
+/// Data and the Close that answers ours, arriving in one segment: the data still reaches
+/// the upstream before the connection ends (it must not die in the write batch).
+#[tokio::test]
+async fn data_sent_with_the_closing_answer_reaches_the_upstream() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let upstream = tcp_upstream(move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            let mut received = Vec::new();
+            let _ = stream.read_to_end(&mut received).await;
+            let _ = tx.send(received);
+        }
+    })
+    .await;
+    let gw = start_gateway(&simple_config(&format!("tcp://{upstream}"), "")).await;
+    let mut stream = raw_upgrade(gw.addr(), "/").await;
+    let stats = gw.stats.clone();
+    wait_until("relay running", move || stats.active_relays() == 1).await;
+    gw.begin_shutdown();
+    assert_eq!(read_raw_close(&mut stream).await, 1001);
+    let last_words = [
+        client_frame(true, 0x1, b"exit\n"),
+        client_frame(true, 0x8, &1001u16.to_be_bytes()),
+    ]
+    .concat();
+    stream.write_all(&last_words).await.unwrap();
+    gw.wait_idle().await;
+    assert_eq!(within("upstream data", rx.recv()).await.unwrap(), b"exit\n");
+    gw.stop().await;
+}

@@ -108,6 +108,9 @@ struct State {
     last_client_frame_ms: Option<AtomicU64>,
     /// The close handshake did not finish within close_timeout.
     timed_out: AtomicBool,
+    /// The client pump is blocked writing to a slow upstream, so it reads no pongs: the
+    /// client may well be alive (keepalive must not judge it then).
+    upstream_backlog: AtomicBool,
 }
 
 impl State {
@@ -125,6 +128,7 @@ impl State {
             last_data_ms: settings.idle_timeout.map(|_| AtomicU64::new(0)),
             last_client_frame_ms: settings.ping.map(|_| AtomicU64::new(0)),
             timed_out: AtomicBool::new(false),
+            upstream_backlog: AtomicBool::new(false),
         }
     }
 
@@ -137,6 +141,12 @@ impl State {
     fn fail(&self, side: Side, code: Option<u16>, detail: String) {
         self.record(side, code, Some(detail));
         self.abort.cancel();
+    }
+
+    /// Marks the client pump as writing toward the upstream until the guard is dropped.
+    fn writing_upstream(&self) -> BacklogGuard<'_> {
+        self.upstream_backlog.store(true, Ordering::Relaxed);
+        BacklogGuard(self)
     }
 
     fn now_ms(&self) -> u64 {
@@ -201,6 +211,14 @@ impl State {
             closed_by,
             detail,
         }
+    }
+}
+
+struct BacklogGuard<'a>(&'a State);
+
+impl Drop for BacklogGuard<'_> {
+    fn drop(&mut self) {
+        self.0.upstream_backlog.store(false, Ordering::Relaxed);
     }
 }
 
@@ -459,7 +477,9 @@ async fn keepalive<W: AsyncWrite + Unpin>(state: &State, client: &Peer<W>, ping:
             (state.started + Duration::from_millis(sent_at) + ping.timeout).into(),
         )
         .await;
-        if last_frame.load(Ordering::Relaxed) < sent_at {
+        if last_frame.load(Ordering::Relaxed) < sent_at
+            && !state.upstream_backlog.load(Ordering::Relaxed)
+        {
             return state.fail(
                 Side::Gateway,
                 None,

@@ -59,6 +59,16 @@ where
     state.summary()
 }
 
+/// How the client → upstream pump ended.
+enum Exit {
+    /// The client sent Close first; the upstream's write side is shut down.
+    Closed,
+    /// The client answered our Close.
+    Answered,
+    Vanished(String),
+    Protocol(frames::Failure),
+}
+
 async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin, U: AsyncWrite>(
     client_rx: &mut WebSocketRead<ReadHalf<C>>,
     mut upstream: Coalescing<WriteHalf<U>>,
@@ -66,20 +76,46 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin, U: AsyncWrite>(
     state: &State,
     settings: &RelaySettings,
 ) {
+    let exit = forward_client(client_rx, &mut upstream, client, state, settings).await;
+    if !matches!(exit, Exit::Closed) {
+        // Deliver what the client sent before it left (it may still sit in the batch), but
+        // do not wait longer than a close may take: the upstream might not be reading.
+        let _ = tokio::time::timeout(settings.close_timeout, upstream.flush()).await;
+    }
+    match exit {
+        Exit::Closed => {}
+        Exit::Answered => {
+            // The handshake is complete once our Close is out.
+            client.settle().await;
+            state.abort.cancel();
+        }
+        Exit::Vanished(detail) => state.fail(Side::Client, None, detail),
+        Exit::Protocol(f) => fail_client(client, state, f).await,
+    }
+}
+
+async fn forward_client<C: AsyncRead + AsyncWrite + Unpin, U: AsyncWrite>(
+    client_rx: &mut WebSocketRead<ReadHalf<C>>,
+    upstream: &mut Coalescing<WriteHalf<U>>,
+    client: &ClientPeer<C>,
+    state: &State,
+    settings: &RelaySettings,
+) -> Exit {
     let mut message = MessageCheck::new(settings.max_message_size, true);
     let mut upstream_open = true;
     loop {
         let mut no_send = super::nothing_to_send;
         let read = client_rx.read_frame(&mut no_send);
         let flush = async {
+            let _backlog = state.writing_upstream();
             // A failure shows again at the next write, or in the other pump's read.
             let _ = upstream.flush().await;
         };
         let mut frame = match read_or_flush(read, flush).await {
             Ok(frame) => frame,
             Err(e) => match frames::classify(e) {
-                ReadError::Vanished(detail) => return state.fail(Side::Client, None, detail),
-                ReadError::Protocol(f) => return fail_client(client, state, f).await,
+                ReadError::Vanished(detail) => return Exit::Vanished(detail),
+                ReadError::Protocol(f) => return Exit::Protocol(f),
             },
         };
         state.client_frame_seen();
@@ -88,20 +124,24 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin, U: AsyncWrite>(
                 code: frames::PROTOCOL_ERROR,
                 reason: "client frames must be masked",
             };
-            return fail_client(client, state, f).await;
+            return Exit::Protocol(f);
         }
         if let Err(f) = frames::check_control(&frame) {
-            return fail_client(client, state, f).await;
+            return Exit::Protocol(f);
         }
         match frame.opcode {
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 if let Err(f) = message.check(&frame) {
-                    return fail_client(client, state, f).await;
+                    return Exit::Protocol(f);
                 }
                 if !upstream_open {
                     continue;
                 }
-                match upstream.write_all(&frame.payload).await {
+                let written = {
+                    let _backlog = state.writing_upstream();
+                    upstream.write_all(&frame.payload).await
+                };
+                match written {
                     Ok(()) => state.count_from_client(frame.payload.len(), frame.fin),
                     Err(e) => {
                         // The upstream is broken; its reader will see the same. Tell the
@@ -123,23 +163,20 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin, U: AsyncWrite>(
             OpCode::Close => {
                 let code = match frames::check_close(&frame.payload) {
                     Ok(code) => code,
-                    Err(f) => return fail_client(client, state, f).await,
+                    Err(f) => return Exit::Protocol(f),
                 };
                 if client.close_sent() {
-                    // The answer to our Close: the handshake is complete once ours is out.
-                    client.settle().await;
-                    state.abort.cancel();
-                    return;
+                    return Exit::Answered;
                 }
                 client.remember_close(&frame.payload);
                 state.record(Side::Client, Some(code.unwrap_or(frames::NO_STATUS)), None);
                 // Half-close: the upstream reads EOF, and may still answer before closing.
                 let _ = upstream.shutdown().await;
-                return;
+                return Exit::Closed;
             }
             OpCode::Ping => {
                 if let Err(e) = client.send_now(Frame::pong(frame.payload)).await {
-                    return state.fail(Side::Client, None, format!("write to client failed: {e}"));
+                    return Exit::Vanished(format!("write to client failed: {e}"));
                 }
             }
             // Pongs only show liveness (recorded above).
@@ -156,6 +193,11 @@ async fn upstream_to_client<C: AsyncWrite + Unpin, U: AsyncRead>(
 ) {
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
+        if shutdown.graceful.is_cancelled() && !state.closing.is_cancelled() {
+            // Checked every round, not only when the upstream pauses: a source that never
+            // pauses must not delay the drain.
+            return drain_and_close(upstream, buf, client, state).await;
+        }
         // What is readable at once joins the current batch; before waiting for more, the
         // batch goes out.
         let outcome = {

@@ -92,6 +92,8 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         let mut no_send = super::nothing_to_send;
         let read = from_rx.read_frame(&mut no_send);
         let flush = async {
+            let _backlog =
+                (direction == Direction::ClientToUpstream).then(|| state.writing_upstream());
             // A failure shows again at the next write.
             let _ = to.flush().await;
         };
@@ -149,7 +151,12 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                     continue;
                 }
                 let (len, fin) = (frame.payload.len(), frame.fin);
-                match to.send(fresh_mask(direction, frame)).await {
+                let sent = {
+                    let _backlog = (direction == Direction::ClientToUpstream)
+                        .then(|| state.writing_upstream());
+                    to.send(fresh_mask(direction, frame)).await
+                };
+                match sent {
                     Ok(true) => match direction {
                         Direction::ClientToUpstream => state.count_from_client(len, fin),
                         Direction::UpstreamToClient => state.count_to_client(len, fin),

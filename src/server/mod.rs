@@ -201,7 +201,27 @@ impl Server {
     /// established connections are untouched. Listeners that appeared are bound and those that
     /// disappeared stop accepting. If a new listener cannot bind, nothing changes.
     pub async fn reload(&self, gateway: Gateway) -> Result<(), ReloadError> {
+        self.reload_unless_changed(gateway, None).await.map(|_| ())
+    }
+
+    /// `reload`, but only if the configuration in force is still `expected` (the certificate
+    /// watcher prepared `gateway` from it; a SIGHUP reload in between must not be undone).
+    /// `Ok(false)`: nothing applied (draining, or the configuration changed meanwhile).
+    async fn reload_unless_changed(
+        &self,
+        gateway: Gateway,
+        expected: Option<&Arc<Gateway>>,
+    ) -> Result<bool, ReloadError> {
         let _serial = self.inner.reload_lock.lock().await;
+        if self.is_draining() {
+            info!("draining: configuration reload ignored");
+            return Ok(false);
+        }
+        if let Some(expected) = expected
+            && !Arc::ptr_eq(expected, &self.inner.gateway.load_full())
+        {
+            return Ok(false);
+        }
         let keep: Vec<ListenerKey> = self
             .lock_listeners()
             .iter()
@@ -237,7 +257,7 @@ impl Server {
         }
         self.spawn_listeners(bound);
         self.inner.metrics.reload(true);
-        Ok(())
+        Ok(true)
     }
 
     /// Serves until [`Server::shutdown`], then drains: relays send Close 1001 and get up to
@@ -245,9 +265,12 @@ impl Server {
     pub async fn run(self) {
         let inner = &self.inner;
         inner.shutdown.graceful.cancelled().await;
+        // No reload may bind listeners from here on (reload checks for draining under this lock).
+        let serial = inner.reload_lock.lock().await;
         for running in self.lock_listeners().drain(..) {
             running.stop.cancel();
         }
+        drop(serial);
         inner.tracker.close();
         let timeout = inner.gateway.load().config.gateway.shutdown_timeout;
         info!(
@@ -343,14 +366,24 @@ async fn watch_certificates(server: Server) {
             _ = tokio::time::sleep(interval) => {}
         }
         let gateway = server.gateway();
-        let now = fingerprint(&gateway.tls_files());
+        // File reads and key parsing block: keep them off the runtime's worker threads.
+        let files = gateway.tls_files();
+        let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&files)).await else {
+            continue;
+        };
         if now == last {
             continue;
         }
         last = now;
-        match Gateway::prepare(gateway.config.clone()) {
-            Ok(fresh) => match server.reload(fresh).await {
-                Ok(()) => info!("certificate files changed: reloaded; new connections use them"),
+        let config = gateway.config.clone();
+        let Ok(prepared) = tokio::task::spawn_blocking(move || Gateway::prepare(config)).await
+        else {
+            continue;
+        };
+        match prepared {
+            Ok(fresh) => match server.reload_unless_changed(fresh, Some(&gateway)).await {
+                Ok(true) => info!("certificate files changed: reloaded; new connections use them"),
+                Ok(false) => {}
                 Err(e) => error!("certificate files changed, but the reload failed: {e}"),
             },
             Err(e) => {
@@ -394,6 +427,8 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
     let mut backoff = FIRST_BACKOFF;
     loop {
         let accepted = tokio::select! {
+            // Stop first: a removed or draining listener accepts nothing more.
+            biased;
             _ = ctx.stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
