@@ -1,6 +1,7 @@
 //! Benchmarks of the hot paths, to show regressions: handshake validation and the accept
-//! key (once per connection), and the relay pumps over in-memory pipes for small and large
-//! messages (per message). `cargo bench` prints the figures; nothing here asserts timings.
+//! key (once per connection), and the relay pumps for small and large messages (per message):
+//! client side over an in-memory pipe, upstream over loopback TCP (tcp relay: it reads its
+//! upstream on readiness, which pipes do not offer) or an in-memory pipe (ws relay). `cargo bench` prints the figures; nothing here asserts timings.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 use wsgate::relay::{RelaySettings, ShutdownSignals, relay_stream, relay_ws};
 use wsgate::telemetry::metrics::Flow;
+use wsgate::upstream::UpstreamStream;
 
 fn handshake(c: &mut Criterion) {
     let request = http::Request::builder()
@@ -47,8 +49,17 @@ fn settings() -> RelaySettings {
     }
 }
 
-/// An in-memory byte-stream upstream that echoes everything.
-fn echo(mut stream: DuplexStream) {
+/// A loopback TCP upstream that echoes everything (the stream relay reads upstreams on
+/// readiness, which in-memory pipes do not offer).
+async fn tcp_echo_upstream() -> UpstreamStream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connect = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+    let (connected, accepted) = tokio::join!(connect, listener.accept());
+    echo(accepted.unwrap().0);
+    UpstreamStream::Tcp(connected.unwrap())
+}
+
+fn echo(mut stream: tokio::net::TcpStream) {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         while let Ok(n) = stream.read(&mut buf).await {
@@ -103,8 +114,7 @@ fn relay(c: &mut Criterion) {
         // One relayed connection for the whole benchmark; each iteration is `count` messages.
         let mut client = runtime.block_on(async {
             let (client_end, gateway_end) = duplex(256 * 1024);
-            let (upstream_end, upstream_far) = duplex(256 * 1024);
-            echo(upstream_far);
+            let upstream_end = tcp_echo_upstream().await;
             let server = WebSocket::after_handshake(gateway_end, Role::Server);
             tokio::spawn(relay_stream(
                 server,

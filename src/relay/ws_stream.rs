@@ -7,18 +7,16 @@
 //! own code echoed. An upstream EOF is delivered as Close 1000 after all of its data.
 //! Shutdown: what the upstream has already sent (readable now) is delivered, then Close 1001.
 
-use std::task::Poll;
-use std::time::Duration;
-
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::frames::{self, MessageCheck, ReadError};
 use super::{
-    Coalescing, Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, poll_once,
-    read_or_flush, split_coalescing,
+    Coalescing, Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush,
+    split_coalescing,
 };
 use crate::telemetry::metrics::Flow;
+use crate::upstream::{UpstreamReader, UpstreamStream, UpstreamWriter};
 
 type ClientPeer<C> = Peer<Coalescing<WriteHalf<C>>>;
 
@@ -26,16 +24,15 @@ type ClientPeer<C> = Peer<Coalescing<WriteHalf<C>>>;
 /// one record toward a wss:// client, and keeps the per-connection buffer small.
 const READ_CHUNK: usize = 16 * 1024;
 
-pub async fn relay_stream<C, U>(
+pub async fn relay_stream<C>(
     client: fastwebsockets::WebSocket<C>,
-    upstream: U,
+    upstream: UpstreamStream,
     settings: RelaySettings,
     shutdown: ShutdownSignals,
     flow: Flow,
 ) -> Summary
 where
     C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut client_rx, client_tx) = split_coalescing(client);
     client_rx.set_auto_close(false);
@@ -45,7 +42,7 @@ where
     client_rx.set_max_message_size(settings.max_frame_size.saturating_add(1));
     let state = State::new(&settings, flow);
     let client = Peer::new(client_tx, &state);
-    let (upstream_rx, upstream_tx) = tokio::io::split(upstream);
+    let (upstream_rx, upstream_tx) = upstream.into_split();
     let upstream_tx = Coalescing::new(upstream_tx);
 
     let pumps = async {
@@ -69,9 +66,9 @@ enum Exit {
     Protocol(frames::Failure),
 }
 
-async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin, U: AsyncWrite>(
+async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
     client_rx: &mut WebSocketRead<ReadHalf<C>>,
-    mut upstream: Coalescing<WriteHalf<U>>,
+    mut upstream: Coalescing<UpstreamWriter>,
     client: &ClientPeer<C>,
     state: &State,
     settings: &RelaySettings,
@@ -94,9 +91,9 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin, U: AsyncWrite>(
     }
 }
 
-async fn forward_client<C: AsyncRead + AsyncWrite + Unpin, U: AsyncWrite>(
+async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
     client_rx: &mut WebSocketRead<ReadHalf<C>>,
-    upstream: &mut Coalescing<WriteHalf<U>>,
+    upstream: &mut Coalescing<UpstreamWriter>,
     client: &ClientPeer<C>,
     state: &State,
     settings: &RelaySettings,
@@ -185,73 +182,78 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin, U: AsyncWrite>(
     }
 }
 
-async fn upstream_to_client<C: AsyncWrite + Unpin, U: AsyncRead>(
-    mut upstream: ReadHalf<U>,
+async fn upstream_to_client<C: AsyncWrite + Unpin>(
+    upstream: UpstreamReader,
     client: &ClientPeer<C>,
     state: &State,
     shutdown: &ShutdownSignals,
 ) {
-    let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        if shutdown.graceful.is_cancelled() && !state.closing.is_cancelled() {
-            // Checked every round, not only when the upstream pauses: a source that never
-            // pauses must not delay the drain.
-            return drain_and_close(upstream, buf, client, state).await;
+        // Wait for data holding no buffer: an idle connection costs no read memory.
+        tokio::select! {
+            biased;
+            _ = state.abort.cancelled() => return,
+            _ = shutdown.graceful.cancelled(), if !state.closing.is_cancelled() => {
+                return drain_and_close(&upstream, client, state).await;
+            }
+            ready = upstream.readable() => {
+                if let Err(e) = ready {
+                    return upstream_failed(client, state, e).await;
+                }
+            }
         }
-        // What is readable at once joins the current batch; before waiting for more, the
-        // batch goes out.
-        let outcome = {
-            let mut read = std::pin::pin!(upstream.read(&mut buf));
-            match poll_once(read.as_mut()).await {
-                Poll::Ready(read) => Some(read),
-                Poll::Pending => {
-                    let _ = client.flush().await;
-                    // A plain socket read is cancel-safe, so it may race the other signals.
-                    tokio::select! {
-                        biased;
-                        _ = state.abort.cancelled() => return,
-                        _ = shutdown.graceful.cancelled(), if !state.closing.is_cancelled() => None,
-                        read = &mut read => Some(read),
+        // Data is ready: read all that is there into one buffer, forward it as a batch, and
+        // give the buffer back before waiting again.
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            if shutdown.graceful.is_cancelled() && !state.closing.is_cancelled() {
+                // A source that never pauses must not delay the drain.
+                return drain_and_close(&upstream, client, state).await;
+            }
+            match upstream.try_read(&mut buf) {
+                Ok(0) => return upstream_finished(client, state).await,
+                Ok(n) => {
+                    if !forward(&buf[..n], client, state).await {
+                        return;
                     }
                 }
-            }
-        };
-        let Some(read) = outcome else {
-            return drain_and_close(upstream, buf, client, state).await;
-        };
-        match read {
-            Ok(0) => {
-                // Everything the upstream sent has been delivered; now the Close.
-                let payload = client.close_reply();
-                if client.close_with(&payload).await {
-                    let code = frames::check_close(&payload).ok().flatten();
-                    state.record(
-                        Side::Upstream,
-                        Some(code.unwrap_or(frames::NO_STATUS)),
-                        None,
-                    );
-                }
-                return;
-            }
-            Ok(n) => {
-                if !forward(&buf[..n], client, state).await {
-                    return;
-                }
-            }
-            Err(e) => {
-                if client
-                    .close(frames::INTERNAL_ERROR, "upstream connection failed")
-                    .await
-                {
-                    state.record(
-                        Side::Upstream,
-                        Some(frames::INTERNAL_ERROR),
-                        Some(e.to_string()),
-                    );
-                }
-                return;
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return upstream_failed(client, state, e).await,
             }
         }
+        drop(buf);
+        let _ = client.flush().await;
+    }
+}
+
+/// Everything the upstream sent has been delivered; now the Close (echoing the client's
+/// own when it closed first).
+async fn upstream_finished<C: AsyncWrite + Unpin>(client: &ClientPeer<C>, state: &State) {
+    let payload = client.close_reply();
+    if client.close_with(&payload).await {
+        let code = frames::check_close(&payload).ok().flatten();
+        state.record(
+            Side::Upstream,
+            Some(code.unwrap_or(frames::NO_STATUS)),
+            None,
+        );
+    }
+}
+
+async fn upstream_failed<C: AsyncWrite + Unpin>(
+    client: &ClientPeer<C>,
+    state: &State,
+    e: std::io::Error,
+) {
+    if client
+        .close(frames::INTERNAL_ERROR, "upstream connection failed")
+        .await
+    {
+        state.record(
+            Side::Upstream,
+            Some(frames::INTERNAL_ERROR),
+            Some(e.to_string()),
+        );
     }
 }
 
@@ -282,14 +284,13 @@ async fn forward<C: AsyncWrite + Unpin>(
 
 /// Graceful shutdown: deliver what the upstream has already sent (what is readable without
 /// waiting), then Close 1001. The client's answer is read by the other pump.
-async fn drain_and_close<C: AsyncWrite + Unpin, U: AsyncRead>(
-    mut upstream: ReadHalf<U>,
-    mut buf: Vec<u8>,
+async fn drain_and_close<C: AsyncWrite + Unpin>(
+    upstream: &UpstreamReader,
     client: &ClientPeer<C>,
     state: &State,
 ) {
-    // A zero timeout polls the read once: ready data comes back, nothing is waited for.
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::ZERO, upstream.read(&mut buf)).await {
+    let mut buf = vec![0u8; READ_CHUNK];
+    while let Ok(n) = upstream.try_read(&mut buf) {
         if n == 0 || !forward(&buf[..n], client, state).await {
             break;
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::time::Instant;
 
-pub use stream::UpstreamStream;
+pub use stream::{UpstreamReader, UpstreamStream, UpstreamWriter};
 pub use ws::{ClientHandshake, UpstreamWs};
 
 use crate::config::{RouteConfig, Upstream, authority};
