@@ -138,10 +138,13 @@ fn run(path: &Path, log_json: bool, pid_file: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // Default: one worker per CPU in the process's affinity mask (tokio's default), so a
+    // gateway pinned with taskset runs one worker instead of contending with itself.
+    if let Some(workers) = gateway.config.gateway.workers {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("wsgate: cannot start the runtime: {e}");

@@ -217,7 +217,10 @@ async fn json_logs() {
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
-        config_text(&format!("tcp://{upstream}"), "log_format = \"json\""),
+        config_text(
+            &format!("tcp://{upstream}"),
+            "log_format = \"json\"\nworkers = 1",
+        ),
     )
     .unwrap();
     let gw = Gateway::start(&config, "", &[]);

@@ -26,6 +26,7 @@ pub struct GatewaySection {
     pub max_request_head_size: Option<Spanned<SizeValue>>,
     pub log_format: Option<Spanned<String>>,
     pub certificate_check_interval: Option<Spanned<String>>,
+    pub workers: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -66,6 +66,8 @@ pub struct GatewayConfig {
     pub log_format: LogFormat,
     /// How often certificate, key and CA files are checked for changes.
     pub certificate_check_interval: Duration,
+    /// Runtime worker threads; `None` for one per CPU the process may run on.
+    pub workers: Option<usize>,
 }
 
 impl Default for GatewayConfig {
@@ -79,6 +81,7 @@ impl Default for GatewayConfig {
             max_request_head_size: defaults::MAX_REQUEST_HEAD_SIZE,
             log_format: LogFormat::Text,
             certificate_check_interval: defaults::CERTIFICATE_CHECK_INTERVAL,
+            workers: None,
         }
     }
 }

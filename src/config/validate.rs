@@ -277,6 +277,9 @@ impl Validator<'_> {
             {
                 gateway.certificate_check_interval = d;
             }
+            if let Some(n) = section.workers {
+                gateway.workers = self.count(&n, "gateway.workers");
+            }
             if let Some(format) = section.log_format {
                 match format.get_ref().as_str() {
                     "text" => gateway.log_format = LogFormat::Text,
@@ -852,6 +855,14 @@ mod tests {
             Config::parse(&text, "t").unwrap().routes[0].max_message_size,
             1000
         );
+    }
+
+    #[test]
+    fn workers_must_be_positive() {
+        let text = format!("[gateway]\nworkers = 2\n{MINIMAL}");
+        assert_eq!(Config::parse(&text, "t").unwrap().gateway.workers, Some(2));
+        let text = format!("[gateway]\nworkers = 0\n{MINIMAL}");
+        assert!(errors(&text).contains("gateway.workers: must be a whole number of at least 1"));
     }
 
     #[test]
