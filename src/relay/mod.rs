@@ -144,9 +144,13 @@ impl State {
     }
 
     /// Marks the client pump as writing toward the upstream until the guard is dropped.
+    /// Only kept when the route pings (nobody reads it otherwise): no stores per frame.
     fn writing_upstream(&self) -> BacklogGuard<'_> {
-        self.upstream_backlog.store(true, Ordering::Relaxed);
-        BacklogGuard(self)
+        let tracked = self.last_client_frame_ms.is_some();
+        if tracked {
+            self.upstream_backlog.store(true, Ordering::Relaxed);
+        }
+        BacklogGuard(tracked.then_some(self))
     }
 
     fn now_ms(&self) -> u64 {
@@ -214,11 +218,13 @@ impl State {
     }
 }
 
-struct BacklogGuard<'a>(&'a State);
+struct BacklogGuard<'a>(Option<&'a State>);
 
 impl Drop for BacklogGuard<'_> {
     fn drop(&mut self) {
-        self.0.upstream_backlog.store(false, Ordering::Relaxed);
+        if let Some(state) = self.0 {
+            state.upstream_backlog.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -290,6 +296,21 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
         }
         let frame = Frame::close_raw(payload.to_vec().into());
         writer.write_frame(frame).await.is_ok() && writer.flush().await.is_ok()
+    }
+
+    /// Sends Close with `code` and `reason` and, if this was the first Close to this peer,
+    /// records who ended the connection and why.
+    async fn close_recording(
+        &self,
+        state: &State,
+        side: Side,
+        code: u16,
+        reason: &str,
+        detail: String,
+    ) {
+        if self.close(code, reason).await {
+            state.record(side, Some(code), Some(detail));
+        }
     }
 
     async fn close(&self, code: u16, reason: &str) -> bool {
@@ -385,9 +406,15 @@ async fn drive<W: AsyncWrite + Unpin>(
     close_on_shutdown: bool,
 ) {
     let going_away = async |reason: &'static str| {
-        if client.close(frames::GOING_AWAY, reason).await {
-            state.record(Side::Gateway, Some(frames::GOING_AWAY), Some(reason.into()));
-        }
+        client
+            .close_recording(
+                state,
+                Side::Gateway,
+                frames::GOING_AWAY,
+                reason,
+                reason.into(),
+            )
+            .await
     };
     let close_timeout = settings.close_timeout;
     let close_deadline = async {

@@ -144,16 +144,7 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
                         // The upstream is broken; its reader will see the same. Tell the
                         // client and keep reading until it answers the Close.
                         upstream_open = false;
-                        if client
-                            .close(frames::INTERNAL_ERROR, "upstream connection failed")
-                            .await
-                        {
-                            state.record(
-                                Side::Upstream,
-                                Some(frames::INTERNAL_ERROR),
-                                Some(e.to_string()),
-                            );
-                        }
+                        upstream_failed(client, state, e).await;
                     }
                 }
             }
@@ -245,16 +236,16 @@ async fn upstream_failed<C: AsyncWrite + Unpin>(
     state: &State,
     e: std::io::Error,
 ) {
-    if client
-        .close(frames::INTERNAL_ERROR, "upstream connection failed")
-        .await
-    {
-        state.record(
+    let reason = "upstream connection failed";
+    client
+        .close_recording(
+            state,
             Side::Upstream,
-            Some(frames::INTERNAL_ERROR),
-            Some(e.to_string()),
-        );
-    }
+            frames::INTERNAL_ERROR,
+            reason,
+            e.to_string(),
+        )
+        .await
 }
 
 /// Sends one chunk as a binary message; false when the relay should stop forwarding.
@@ -295,16 +286,16 @@ async fn drain_and_close<C: AsyncWrite + Unpin>(
             break;
         }
     }
-    if client
-        .close(frames::GOING_AWAY, "gateway shutting down")
-        .await
-    {
-        state.record(
+    let reason = "gateway shutting down";
+    client
+        .close_recording(
+            state,
             Side::Gateway,
-            Some(frames::GOING_AWAY),
-            Some("shutdown".into()),
-        );
-    }
+            frames::GOING_AWAY,
+            reason,
+            reason.into(),
+        )
+        .await
 }
 
 /// Fails the connection because of the client (RFC 6455 §7.1.7): Close with the reason,

@@ -211,12 +211,17 @@ async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                 to.close_with(&to.close_reply()).await;
                 state.record(Side::Upstream, None, Some(detail));
                 state.abort.cancel();
-            } else if to.close(frames::INTERNAL_ERROR, "upstream went away").await {
-                // SPEC §4: upstream death mid-stream is 1011 to the client, whose answer the
-                // other pump still reads.
-                state.record(Side::Upstream, Some(frames::INTERNAL_ERROR), Some(detail));
             } else {
-                state.abort.cancel();
+                // SPEC §4: upstream death mid-stream is 1011 to the client, whose answer the
+                // other pump still reads (close_timeout bounds the wait).
+                to.close_recording(
+                    state,
+                    Side::Upstream,
+                    frames::INTERNAL_ERROR,
+                    "upstream went away",
+                    detail,
+                )
+                .await;
             }
         }
     }
