@@ -103,54 +103,73 @@ async fn round_trips(client: &mut WebSocket<DuplexStream>, count: usize, size: u
     }
 }
 
+/// Times `count` round trips of `size`-byte messages through a relayed connection.
+fn bench_round_trips(
+    c: &mut Criterion,
+    runtime: &tokio::runtime::Runtime,
+    group: String,
+    (size, count): (usize, usize),
+    mut client: WebSocket<DuplexStream>,
+) {
+    let mut group = c.benchmark_group(group);
+    group.throughput(Throughput::Bytes((size * count) as u64));
+    group.bench_function("round_trips", |b| {
+        b.iter(|| runtime.block_on(round_trips(&mut client, count, size)))
+    });
+    group.finish();
+}
+
 fn relay(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     for (name, size, count) in [("64B", 64usize, 256usize), ("64KiB", 64 * 1024, 16)] {
-        let mut group = c.benchmark_group(format!("relay_tcp/{name}"));
-        group.throughput(Throughput::Bytes((size * count) as u64));
-        // One relayed connection for the whole benchmark; each iteration is `count` messages.
-        let mut client = runtime.block_on(async {
-            let (client_end, gateway_end) = duplex(256 * 1024);
-            let upstream_end = tcp_echo_upstream().await;
-            let server = WebSocket::after_handshake(gateway_end, Role::Server);
-            tokio::spawn(relay_stream(
-                server,
-                upstream_end,
-                settings(),
-                ShutdownSignals::default(),
-                Flow::default(),
-            ));
-            WebSocket::after_handshake(client_end, Role::Client)
-        });
-        group.bench_function("round_trips", |b| {
-            b.iter(|| runtime.block_on(round_trips(&mut client, count, size)))
-        });
-        group.finish();
+        // One relayed connection per benchmark; each iteration is `count` messages.
+        let (client, gateway) = duplex(256 * 1024);
+        let tcp = runtime.block_on(tcp_echo_upstream());
+        let server = WebSocket::after_handshake(gateway, Role::Server);
+        let relay = relay_stream(
+            server,
+            tcp,
+            settings(),
+            ShutdownSignals::default(),
+            Flow::default(),
+        );
+        runtime.spawn(relay);
+        let client = WebSocket::after_handshake(client, Role::Client);
+        bench_round_trips(
+            c,
+            &runtime,
+            format!("relay_tcp/{name}"),
+            (size, count),
+            client,
+        );
 
-        let mut group = c.benchmark_group(format!("relay_ws/{name}"));
-        group.throughput(Throughput::Bytes((size * count) as u64));
-        let mut client = runtime.block_on(async {
-            let (client_end, gateway_end) = duplex(256 * 1024);
-            let (upstream_end, upstream_far) = duplex(256 * 1024);
+        let (client, gateway) = duplex(256 * 1024);
+        let (upstream, upstream_far) = duplex(256 * 1024);
+        {
+            let _spawn_context = runtime.enter();
             ws_echo(upstream_far);
-            let server = WebSocket::after_handshake(gateway_end, Role::Server);
-            let upstream = WebSocket::after_handshake(upstream_end, Role::Client);
-            tokio::spawn(relay_ws(
-                server,
-                upstream,
-                settings(),
-                ShutdownSignals::default(),
-                Flow::default(),
-            ));
-            WebSocket::after_handshake(client_end, Role::Client)
-        });
-        group.bench_function("round_trips", |b| {
-            b.iter(|| runtime.block_on(round_trips(&mut client, count, size)))
-        });
-        group.finish();
+        }
+        let server = WebSocket::after_handshake(gateway, Role::Server);
+        let upstream = WebSocket::after_handshake(upstream, Role::Client);
+        let relay = relay_ws(
+            server,
+            upstream,
+            settings(),
+            ShutdownSignals::default(),
+            Flow::default(),
+        );
+        runtime.spawn(relay);
+        let client = WebSocket::after_handshake(client, Role::Client);
+        bench_round_trips(
+            c,
+            &runtime,
+            format!("relay_ws/{name}"),
+            (size, count),
+            client,
+        );
     }
 }
 

@@ -464,16 +464,7 @@ async fn unix_socket_upstream() {
 /// Close answer after it must be recognised (the relay ends long before close_timeout).
 #[tokio::test]
 async fn frame_split_across_shutdown_is_not_lost() {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let upstream = tcp_upstream(move |mut stream| {
-        let tx = tx.clone();
-        async move {
-            let mut received = Vec::new();
-            let _ = stream.read_to_end(&mut received).await;
-            let _ = tx.send(received);
-        }
-    })
-    .await;
+    let (upstream, mut rx) = recording_upstream().await;
     let config = simple_config(&format!("tcp://{upstream}"), "")
         .replace("close_timeout = \"1s\"", "close_timeout = \"60s\"");
     let gw = start_gateway(&config).await;
@@ -499,16 +490,7 @@ async fn frame_split_across_shutdown_is_not_lost() {
 /// the upstream before the connection ends (it must not die in the write batch).
 #[tokio::test]
 async fn data_sent_with_the_closing_answer_reaches_the_upstream() {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let upstream = tcp_upstream(move |mut stream| {
-        let tx = tx.clone();
-        async move {
-            let mut received = Vec::new();
-            let _ = stream.read_to_end(&mut received).await;
-            let _ = tx.send(received);
-        }
-    })
-    .await;
+    let (upstream, mut rx) = recording_upstream().await;
     let gw = start_gateway(&simple_config(&format!("tcp://{upstream}"), "")).await;
     let mut stream = raw_upgrade(gw.addr(), "/").await;
     let stats = gw.stats.clone();

@@ -773,3 +773,18 @@ pub async fn tls_connect(
         rustls_pki_types::ServerName::try_from(server_name.to_string()).expect("server name");
     within("TLS handshake", connector.connect(name, stream)).await
 }
+
+/// A TCP upstream that reads each connection to its end and reports everything it got.
+pub async fn recording_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = tcp_upstream(move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            let mut received = Vec::new();
+            let _ = stream.read_to_end(&mut received).await;
+            let _ = tx.send(received);
+        }
+    })
+    .await;
+    (addr, rx)
+}
