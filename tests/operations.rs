@@ -552,3 +552,28 @@ async fn drain_delivers_what_the_upstream_already_sent_before_1001() {
     assert_eq!(close.map(|c| c.0), Some(1001));
     gw.stop().await;
 }
+
+/// SPEC §4: idle means no data *in either direction*; traffic keeps resetting the timer.
+#[tokio::test]
+async fn data_keeps_an_idle_timeout_from_firing() {
+    let upstream = tcp_echo().await;
+    let gw = start_gateway(&config_with(
+        "",
+        "",
+        "idle_timeout = \"1s\"",
+        &format!("tcp://{upstream}"),
+    ))
+    .await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    // 15 echoes 100 ms apart span 1.5 s, longer than the idle timeout; each gap is far
+    // shorter. A close in between would make next_data fail.
+    for i in 0..15u8 {
+        ws.send(Message::binary(vec![i])).await.unwrap();
+        assert_eq!(next_data(&mut ws).await.into_data(), vec![i]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then silence: the timer fires.
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_eq!(close, Some((1001, "idle timeout".to_string())));
+    gw.stop().await;
+}

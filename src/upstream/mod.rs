@@ -198,3 +198,31 @@ fn host_header(host: &str, port: u16, tls: bool) -> String {
         authority(host, port)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SPEC §3: a non-101 answer is a 502, with the upstream's status in the log line.
+    #[test]
+    fn a_refused_upstream_handshake_names_its_status() {
+        let e = UpstreamError::Status {
+            target: "ws://backend:9001/ws".into(),
+            status: StatusCode::FORBIDDEN,
+        };
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        assert!(e.to_string().contains("403 Forbidden"), "{e}");
+        assert!(e.to_string().contains("ws://backend:9001/ws"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_are_504_and_name_the_phase() {
+        let e = UpstreamError::Timeout {
+            target: "wss://api:443/".into(),
+            phase: Phase::Tls,
+            after: Duration::from_secs(5),
+        };
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(e.to_string().contains("TLS handshake"), "{e}");
+    }
+}
