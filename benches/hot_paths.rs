@@ -128,9 +128,8 @@ fn relay(c: &mut Criterion) {
         // One relayed connection per benchmark; each iteration is `count` messages.
         let (client, gateway) = duplex(256 * 1024);
         let tcp = runtime.block_on(tcp_echo_upstream());
-        let server = WebSocket::after_handshake(gateway, Role::Server);
         let relay = relay_stream(
-            server,
+            gateway,
             tcp,
             settings(),
             ShutdownSignals::default(),
@@ -152,10 +151,8 @@ fn relay(c: &mut Criterion) {
             let _spawn_context = runtime.enter();
             ws_echo(upstream_far);
         }
-        let server = WebSocket::after_handshake(gateway, Role::Server);
-        let upstream = WebSocket::after_handshake(upstream, Role::Client);
         let relay = relay_ws(
-            server,
+            gateway,
             upstream,
             settings(),
             ShutdownSignals::default(),

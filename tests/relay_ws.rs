@@ -254,6 +254,34 @@ async fn oversize_message_toward_ws_upstream_is_1009() {
 #[tokio::test]
 async fn client_vanishing_leaves_no_task() {
     let (gw, up) = echo_gateway("", "").await;
+    // Between frames: the upstream is told with a Close.
+    for _ in 0..5 {
+        let mut stream = raw_upgrade(gw.addr(), "/").await;
+        stream
+            .write_all(&client_frame(true, 0x1, b"whole"))
+            .await
+            .unwrap();
+        drop(stream);
+    }
+    gw.wait_idle().await;
+    let seen = up.seen.clone();
+    wait_until("upstreams told the client went away", move || {
+        let seen = seen.lock().unwrap();
+        seen.closes.len() == 5 && seen.ended == 5
+    })
+    .await;
+    assert!(
+        up.seen
+            .lock()
+            .unwrap()
+            .closes
+            .iter()
+            .all(|c| c.as_ref().map(|c| c.0) == Some(1001)),
+        "{:?}",
+        up.seen.lock().unwrap().closes
+    );
+    // In the middle of a frame (part of it already went on): a Close would land inside the
+    // frame, so the upstream connection is just closed.
     for _ in 0..5 {
         let mut stream = raw_upgrade(gw.addr(), "/").await;
         let f = client_frame(true, 0x1, &[b'a'; 300]);
@@ -261,10 +289,10 @@ async fn client_vanishing_leaves_no_task() {
         drop(stream);
     }
     gw.wait_idle().await;
-    assert_eq!(gw.stats.relays_total(), 5);
+    assert_eq!(gw.stats.relays_total(), 10);
     let seen = up.seen.clone();
-    wait_until("upstreams told the client went away", move || {
-        seen.lock().unwrap().closes.len() == 5
+    wait_until("upstream connections closed", move || {
+        seen.lock().unwrap().ended == 10
     })
     .await;
     gw.stop().await;

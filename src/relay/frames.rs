@@ -1,16 +1,21 @@
-//! Checks on frames that fastwebsockets 0.10 leaves to its user (SPEC §4, RFC 6455 §5):
-//! client frames must be masked and upstream frames must not be; Close and Pong frames are
-//! limited to 125 bytes like Ping; continuation frames must follow an unfinished message;
-//! a message may not exceed the route's limit across its fragments; close codes and reasons
-//! must be valid; text split over fragments must still be UTF-8.
+//! Checks the relay makes on frames beyond their headers (SPEC §4, RFC 6455 §5, §7): close
+//! codes and reasons must be valid; continuation frames must follow an unfinished message; a
+//! message may not exceed the route's limit across its fragments; text must be UTF-8 where
+//! the gateway is the endpoint, even when split over fragments at any byte.
 
-use fastwebsockets::{Frame, OpCode, WebSocketError};
+use super::codec::{Head, OpCode};
 
 /// A close code and reason the gateway sends when it fails a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Failure {
     pub code: u16,
     pub reason: &'static str,
+}
+
+impl Failure {
+    pub const fn protocol(reason: &'static str) -> Self {
+        failure(PROTOCOL_ERROR, reason)
+    }
 }
 
 pub const PROTOCOL_ERROR: u16 = 1002;
@@ -24,53 +29,6 @@ pub const NO_STATUS: u16 = 1005;
 
 const fn failure(code: u16, reason: &'static str) -> Failure {
     Failure { code, reason }
-}
-
-/// What a failed `read_frame` means for the connection.
-pub enum ReadError {
-    /// The peer is gone: EOF or an I/O error without a Close frame.
-    Vanished(String),
-    /// The peer broke the protocol; fail the connection with this code.
-    Protocol(Failure),
-}
-
-pub fn classify(error: WebSocketError) -> ReadError {
-    use WebSocketError as E;
-    match error {
-        E::UnexpectedEOF => ReadError::Vanished("connection closed without a Close frame".into()),
-        E::IoError(e) => ReadError::Vanished(e.to_string()),
-        E::SendError(e) => ReadError::Vanished(e.to_string()),
-        E::ConnectionClosed => ReadError::Vanished("connection closed".into()),
-        E::FrameTooLarge => ReadError::Protocol(failure(TOO_BIG, "message too big")),
-        E::InvalidUTF8 => ReadError::Protocol(failure(INVALID_PAYLOAD, "text is not valid UTF-8")),
-        E::ReservedBitsNotZero => ReadError::Protocol(failure(PROTOCOL_ERROR, "reserved bits set")),
-        E::ControlFrameFragmented => {
-            ReadError::Protocol(failure(PROTOCOL_ERROR, "fragmented control frame"))
-        }
-        E::PingFrameTooLarge => {
-            ReadError::Protocol(failure(PROTOCOL_ERROR, "control frame too long"))
-        }
-        E::InvalidValue => ReadError::Protocol(failure(PROTOCOL_ERROR, "unknown opcode")),
-        _ => ReadError::Protocol(failure(PROTOCOL_ERROR, "protocol error")),
-    }
-}
-
-/// Whether the frame arrived with a masking key. fastwebsockets keeps the key private but
-/// writes it into the header it would format, so the header is the way to ask.
-pub fn is_masked(frame: &mut Frame<'_>) -> bool {
-    let mut head = [0u8; 16];
-    frame.fmt_head(&mut head);
-    head[1] & 0x80 != 0
-}
-
-/// RFC 6455 §5.5: every control frame, not only Ping, carries at most 125 bytes.
-pub fn check_control(frame: &Frame<'_>) -> Result<(), Failure> {
-    if matches!(frame.opcode, OpCode::Close | OpCode::Ping | OpCode::Pong)
-        && frame.payload.len() > 125
-    {
-        return Err(failure(PROTOCOL_ERROR, "control frame too long"));
-    }
-    Ok(())
 }
 
 /// Validates a Close payload (RFC 6455 §5.5.1, §7.4) and returns its code, if any.
@@ -102,27 +60,31 @@ pub fn is_valid_close_code(code: u16) -> bool {
 
 /// Tracks the message a sequence of data frames belongs to.
 pub struct MessageCheck {
-    max_message_size: usize,
+    max_message_size: u64,
     current: Option<OpCode>,
-    size: usize,
-    /// `Some` when text must be checked across fragments (tcp upstreams, where the gateway
-    /// is the endpoint that RFC 6455 §8.1 asks to validate).
+    size: u64,
+    /// The frame being received belongs to a text message.
+    text: bool,
+    /// `Some` when text must be checked (tcp upstreams, where the gateway is the endpoint
+    /// that RFC 6455 §8.1 asks to validate).
     utf8: Option<Utf8Stream>,
 }
 
 impl MessageCheck {
     pub fn new(max_message_size: usize, validate_utf8: bool) -> Self {
         Self {
-            max_message_size,
+            max_message_size: max_message_size as u64,
             current: None,
             size: 0,
+            text: false,
             utf8: validate_utf8.then(Utf8Stream::default),
         }
     }
 
-    /// Checks one data frame (Text, Binary or Continuation) against the message so far.
-    pub fn check(&mut self, frame: &Frame<'_>) -> Result<(), Failure> {
-        let opcode = match (frame.opcode, self.current) {
+    /// Checks the header of a data frame (Text, Binary or Continuation) against the message
+    /// so far, before any of its payload is passed on.
+    pub fn start(&mut self, head: &Head) -> Result<(), Failure> {
+        let opcode = match (head.opcode, self.current) {
             (OpCode::Continuation, Some(op)) => op,
             (OpCode::Continuation, None) => {
                 return Err(failure(
@@ -141,18 +103,22 @@ impl MessageCheck {
                 ));
             }
         };
-        self.size = self.size.saturating_add(frame.payload.len());
+        self.size = self.size.saturating_add(head.len);
         if self.size > self.max_message_size {
             return Err(failure(TOO_BIG, "message too big"));
         }
-        // fastwebsockets already validated a Text frame that is a whole message.
-        let whole_text = frame.opcode == OpCode::Text && frame.fin;
-        if let (OpCode::Text, false, Some(utf8)) = (opcode, whole_text, self.utf8.as_mut())
-            && !utf8.feed(&frame.payload, frame.fin)
+        self.text = opcode == OpCode::Text;
+        self.current = if head.fin { None } else { Some(opcode) };
+        Ok(())
+    }
+
+    /// Checks a piece of payload, unmasked; `last` when it ends the message.
+    pub fn payload(&mut self, piece: &[u8], last: bool) -> Result<(), Failure> {
+        if let (true, Some(utf8)) = (self.text, self.utf8.as_mut())
+            && !utf8.feed(piece, last)
         {
             return Err(failure(INVALID_PAYLOAD, "text is not valid UTF-8"));
         }
-        self.current = if frame.fin { None } else { Some(opcode) };
         Ok(())
     }
 }
@@ -257,17 +223,24 @@ mod tests {
         );
     }
 
-    fn frame(fin: bool, opcode: OpCode, payload: &[u8]) -> Frame<'static> {
-        Frame::new(fin, opcode, None, payload.to_vec().into())
+    /// Checks a whole frame as the relay does: header, then its payload in one piece.
+    fn check(
+        m: &mut MessageCheck,
+        fin: bool,
+        opcode: OpCode,
+        payload: &[u8],
+    ) -> Result<(), Failure> {
+        m.start(&Head::new(fin, opcode, None, payload.len()))?;
+        m.payload(payload, fin)
     }
 
     #[test]
     fn message_sequence_and_size() {
         let mut m = MessageCheck::new(10, true);
-        assert!(m.check(&frame(false, OpCode::Text, b"12345")).is_ok());
-        assert!(m.check(&frame(false, OpCode::Continuation, b"678")).is_ok());
+        assert!(check(&mut m, false, OpCode::Text, b"12345").is_ok());
+        assert!(check(&mut m, false, OpCode::Continuation, b"678").is_ok());
         assert_eq!(
-            m.check(&frame(true, OpCode::Continuation, b"901"))
+            check(&mut m, true, OpCode::Continuation, b"901")
                 .unwrap_err()
                 .code,
             TOO_BIG
@@ -275,41 +248,30 @@ mod tests {
 
         let mut m = MessageCheck::new(10, true);
         assert_eq!(
-            m.check(&frame(true, OpCode::Continuation, b"x"))
+            check(&mut m, true, OpCode::Continuation, b"x")
                 .unwrap_err()
                 .code,
             PROTOCOL_ERROR
         );
-        assert!(m.check(&frame(false, OpCode::Binary, b"x")).is_ok());
+        assert!(check(&mut m, false, OpCode::Binary, b"x").is_ok());
         assert_eq!(
-            m.check(&frame(true, OpCode::Binary, b"x"))
-                .unwrap_err()
-                .code,
+            check(&mut m, true, OpCode::Binary, b"x").unwrap_err().code,
             PROTOCOL_ERROR
         );
 
         let mut m = MessageCheck::new(100, true);
-        assert!(m.check(&frame(false, OpCode::Text, &[0xe2, 0x9c])).is_ok());
-        assert!(m.check(&frame(true, OpCode::Continuation, &[0x93])).is_ok());
-        assert!(m.check(&frame(false, OpCode::Text, &[0xe2])).is_ok());
+        assert!(check(&mut m, false, OpCode::Text, &[0xe2, 0x9c]).is_ok());
+        assert!(check(&mut m, true, OpCode::Continuation, &[0x93]).is_ok());
+        assert!(check(&mut m, false, OpCode::Text, &[0xe2]).is_ok());
         assert_eq!(
-            m.check(&frame(true, OpCode::Continuation, &[]))
+            check(&mut m, true, OpCode::Continuation, &[])
                 .unwrap_err()
                 .code,
             INVALID_PAYLOAD
         );
-    }
-
-    #[test]
-    fn mask_bit_is_visible() {
-        let mut masked = Frame::new(
-            true,
-            OpCode::Binary,
-            Some([1, 2, 3, 4]),
-            vec![0u8; 3].into(),
-        );
-        assert!(is_masked(&mut masked));
-        let mut plain = frame(true, OpCode::Binary, b"abc");
-        assert!(!is_masked(&mut plain));
+        // Binary is never checked; text only where asked.
+        assert!(check(&mut m, true, OpCode::Binary, &[0xff]).is_ok());
+        let mut m = MessageCheck::new(100, false);
+        assert!(check(&mut m, true, OpCode::Text, &[0xff]).is_ok());
     }
 }

@@ -7,25 +7,21 @@
 //! own code echoed. An upstream EOF is delivered as Close 1000 after all of its data.
 //! Shutdown: what the upstream has already sent (readable now) is delivered, then Close 1001.
 
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
-use super::frames::{self, MessageCheck, ReadError};
+use super::buffers::{self, Chunk};
+use super::codec::{Decoder, Head, MAX_HEAD, OpCode, Output, Piece, apply_mask};
+use super::frames::{self, MessageCheck};
 use super::{
     Coalescing, Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush,
-    split_coalescing,
 };
 use crate::telemetry::metrics::Flow;
 use crate::upstream::{UpstreamReader, UpstreamStream, UpstreamWriter};
 
-type ClientPeer<C> = Peer<Coalescing<WriteHalf<C>>>;
-
-/// Upstream reads are this large at most. 16 KiB matches a TLS record, so one read becomes
-/// one record toward a wss:// client, and keeps the per-connection buffer small.
-const READ_CHUNK: usize = 16 * 1024;
+type ClientPeer<C> = Peer<WriteHalf<C>>;
 
 pub async fn relay_stream<C>(
-    client: fastwebsockets::WebSocket<C>,
+    client: C,
     upstream: UpstreamStream,
     settings: RelaySettings,
     shutdown: ShutdownSignals,
@@ -34,14 +30,9 @@ pub async fn relay_stream<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut client_rx, client_tx) = split_coalescing(client);
-    client_rx.set_auto_close(false);
-    // Pings are answered here, after the checks: an unmasked Ping is a protocol error.
-    client_rx.set_auto_pong(false);
-    // fastwebsockets rejects frames of `max` bytes or more; the route's limit is inclusive.
-    client_rx.set_max_message_size(settings.max_frame_size.saturating_add(1));
+    let (mut client_rx, client_tx) = tokio::io::split(client);
     let state = State::new(&settings, flow);
-    let client = Peer::new(client_tx, &state);
+    let client = Peer::new(client_tx, false, &state);
     let (upstream_rx, upstream_tx) = upstream.into_split();
     let upstream_tx = Coalescing::new(upstream_tx);
 
@@ -52,6 +43,9 @@ where
         );
         client.settle().await;
     };
+    // Pinned here and lent to `drive`: passed by value, the pumps' state would be stored
+    // twice in the connection's task (once as an argument, once in the select).
+    let pumps = std::pin::pin!(pumps);
     drive(&state, &settings, &shutdown, &client, pumps, false).await;
     state.summary()
 }
@@ -67,7 +61,7 @@ enum Exit {
 }
 
 async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
-    client_rx: &mut WebSocketRead<ReadHalf<C>>,
+    client_rx: &mut ReadHalf<C>,
     mut upstream: Coalescing<UpstreamWriter>,
     client: &ClientPeer<C>,
     state: &State,
@@ -77,7 +71,11 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
     if !matches!(exit, Exit::Closed) {
         // Deliver what the client sent before it left (it may still sit in the batch), but
         // do not wait longer than a close may take: the upstream might not be reading.
-        let _ = tokio::time::timeout(settings.close_timeout, upstream.flush()).await;
+        let _ = Box::pin(tokio::time::timeout(
+            settings.close_timeout,
+            upstream.flush(),
+        ))
+        .await;
     }
     match exit {
         Exit::Closed => {}
@@ -87,92 +85,132 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
             state.abort.cancel();
         }
         Exit::Vanished(detail) => state.fail(Side::Client, None, detail),
-        Exit::Protocol(f) => fail_client(client, state, f).await,
+        Exit::Protocol(f) => Box::pin(fail_client(client, state, f)).await,
     }
 }
 
+/// Client → upstream: the payload of every data message, unmasked in the read buffer and
+/// written on in one write per read.
 async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
-    client_rx: &mut WebSocketRead<ReadHalf<C>>,
+    client_rx: &mut ReadHalf<C>,
     upstream: &mut Coalescing<UpstreamWriter>,
     client: &ClientPeer<C>,
     state: &State,
     settings: &RelaySettings,
 ) -> Exit {
+    let mut decoder = Decoder::new(true, settings.max_frame_size);
     let mut message = MessageCheck::new(settings.max_message_size, true);
     let mut upstream_open = true;
     loop {
-        let mut no_send = super::nothing_to_send;
-        let read = client_rx.read_frame(&mut no_send);
         let flush = async {
             let _backlog = state.writing_upstream();
             // A failure shows again at the next write, or in the other pump's read.
             let _ = upstream.flush().await;
         };
-        let mut frame = match read_or_flush(read, flush).await {
-            Ok(frame) => frame,
-            Err(e) => match frames::classify(e) {
-                ReadError::Vanished(detail) => return Exit::Vanished(detail),
-                ReadError::Protocol(f) => return Exit::Protocol(f),
-            },
+        let mut chunk = match read_or_flush(buffers::read(client_rx), flush).await {
+            Ok(chunk) => chunk,
+            Err(e) => return Exit::Vanished(e.to_string()),
         };
+        if chunk.data_start() == chunk.data_end() {
+            return Exit::Vanished("connection closed without a Close frame".into());
+        }
         state.client_frame_seen();
-        if !frames::is_masked(&mut frame) {
-            let f = frames::Failure {
-                code: frames::PROTOCOL_ERROR,
-                reason: "client frames must be masked",
+        let mut pos = chunk.data_start();
+        let mut out = Output::default();
+        // What to do once the data before it is written.
+        let mut then: Option<Exit> = None;
+        loop {
+            let piece = match decoder.next(&chunk, &mut pos) {
+                Ok(Some(piece)) => piece,
+                Ok(None) => break,
+                Err(f) => {
+                    then = Some(Exit::Protocol(f));
+                    break;
+                }
             };
-            return Exit::Protocol(f);
-        }
-        if let Err(f) = frames::check_control(&frame) {
-            return Exit::Protocol(f);
-        }
-        match frame.opcode {
-            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                if let Err(f) = message.check(&frame) {
-                    return Exit::Protocol(f);
+            match piece {
+                Piece::Data {
+                    head,
+                    offset,
+                    range,
+                    end,
+                } => {
+                    if offset == 0
+                        && let Err(f) = message.start(&head)
+                    {
+                        then = Some(Exit::Protocol(f));
+                        break;
+                    }
+                    if let Some(key) = head.mask {
+                        apply_mask(&mut chunk[range.clone()], key, offset);
+                    }
+                    if let Err(f) = message.payload(&chunk[range.clone()], end && head.fin) {
+                        then = Some(Exit::Protocol(f));
+                        break;
+                    }
+                    state.count_from_client(range.len(), end && head.fin);
+                    if upstream_open {
+                        out.push(&mut chunk, &[], range);
+                    }
                 }
-                if !upstream_open {
-                    continue;
-                }
-                let written = {
-                    let _backlog = state.writing_upstream();
-                    upstream.write_all(&frame.payload).await
-                };
-                match written {
-                    Ok(()) => state.count_from_client(frame.payload.len(), frame.fin),
-                    Err(e) => {
-                        // The upstream is broken; its reader will see the same. Tell the
-                        // client and keep reading until it answers the Close.
-                        upstream_open = false;
-                        upstream_failed(client, state, e).await;
+                Piece::Control(head) => {
+                    let payload = decoder.control(&head);
+                    match head.opcode {
+                        OpCode::Close => {
+                            then = Some(match frames::check_close(payload) {
+                                Err(f) => Exit::Protocol(f),
+                                Ok(_) if client.close_sent() => Exit::Answered,
+                                Ok(code) => {
+                                    client.remember_close(payload);
+                                    state.record(
+                                        Side::Client,
+                                        Some(code.unwrap_or(frames::NO_STATUS)),
+                                        None,
+                                    );
+                                    Exit::Closed
+                                }
+                            });
+                            break;
+                        }
+                        OpCode::Ping => {
+                            if let Err(e) = Box::pin(client.send_now(OpCode::Pong, payload)).await {
+                                then = Some(Exit::Vanished(format!("write to client failed: {e}")));
+                                break;
+                            }
+                        }
+                        // Pongs only show liveness (recorded above).
+                        _ => {}
                     }
                 }
             }
-            OpCode::Close => {
-                let code = match frames::check_close(&frame.payload) {
-                    Ok(code) => code,
-                    Err(f) => return Exit::Protocol(f),
-                };
-                if client.close_sent() {
-                    return Exit::Answered;
-                }
-                client.remember_close(&frame.payload);
-                state.record(Side::Client, Some(code.unwrap_or(frames::NO_STATUS)), None);
+        }
+        let data = out.take();
+        if !data.is_empty() {
+            let written = {
+                let _backlog = state.writing_upstream();
+                upstream.write_all(&chunk[data]).await
+            };
+            if let Err(e) = written {
+                // The upstream is broken; its reader will see the same. Tell the client and
+                // keep reading until it answers the Close.
+                upstream_open = false;
+                Box::pin(upstream_failed(client, state, e)).await;
+            }
+        }
+        match then {
+            None => {}
+            Some(Exit::Closed) => {
                 // Half-close: the upstream reads EOF, and may still answer before closing.
                 let _ = upstream.shutdown().await;
                 return Exit::Closed;
             }
-            OpCode::Ping => {
-                if let Err(e) = client.send_now(Frame::pong(frame.payload)).await {
-                    return Exit::Vanished(format!("write to client failed: {e}"));
-                }
-            }
-            // Pongs only show liveness (recorded above).
-            OpCode::Pong => {}
+            Some(exit) => return exit,
         }
     }
 }
 
+/// Upstream → client: each read becomes one binary message, its header written into the
+/// headroom in front of the data so that frame and payload go out in one write.
 async fn upstream_to_client<C: AsyncWrite + Unpin>(
     upstream: UpstreamReader,
     client: &ClientPeer<C>,
@@ -185,34 +223,35 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
             biased;
             _ = state.abort.cancelled() => return,
             _ = shutdown.graceful.cancelled(), if !state.closing.is_cancelled() => {
-                return drain_and_close(&upstream, client, state).await;
+                return Box::pin(drain_and_close(&upstream, client, state)).await;
             }
             ready = upstream.readable() => {
                 if let Err(e) = ready {
-                    return upstream_failed(client, state, e).await;
+                    return Box::pin(upstream_failed(client, state, e)).await;
                 }
             }
         }
-        // Data is ready: read all that is there into one buffer, forward it as a batch, and
-        // give the buffer back before waiting again.
-        let mut buf = vec![0u8; READ_CHUNK];
+        // Data is ready: read all that is there, forward it as a batch, and give the buffer
+        // back before waiting again.
+        let mut chunk = Chunk::take();
         loop {
             if shutdown.graceful.is_cancelled() && !state.closing.is_cancelled() {
                 // A source that never pauses must not delay the drain.
-                return drain_and_close(&upstream, client, state).await;
+                return Box::pin(drain_and_close(&upstream, client, state)).await;
             }
-            match upstream.try_read(&mut buf) {
-                Ok(0) => return upstream_finished(client, state).await,
+            match upstream.try_read(chunk.space()) {
+                Ok(0) => return Box::pin(upstream_finished(client, state)).await,
                 Ok(n) => {
-                    if !forward(&buf[..n], client, state).await {
+                    chunk.filled(n);
+                    if !forward(&mut chunk, client, state).await {
                         return;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return upstream_failed(client, state, e).await,
+                Err(e) => return Box::pin(upstream_failed(client, state, e)).await,
             }
         }
-        drop(buf);
+        drop(chunk);
         let _ = client.flush().await;
     }
 }
@@ -248,21 +287,26 @@ async fn upstream_failed<C: AsyncWrite + Unpin>(
         .await
 }
 
-/// Sends one chunk as a binary message; false when the relay should stop forwarding.
+/// Sends the data of one read as a binary message; false when the relay should stop
+/// forwarding.
 async fn forward<C: AsyncWrite + Unpin>(
-    data: &[u8],
+    chunk: &mut Chunk,
     client: &ClientPeer<C>,
     state: &State,
 ) -> bool {
-    if client.close_sent() {
-        // RFC 6455 §5.5.1: no data frames after our Close.
-        return false;
-    }
-    match client.send(Frame::binary(Payload::Borrowed(data))).await {
+    let data = chunk.data_start()..chunk.data_end();
+    let len = data.len();
+    let mut head = [0u8; MAX_HEAD];
+    let n = Head::new(true, OpCode::Binary, None, len).encode(&mut head);
+    let mut out = Output::default();
+    out.push(chunk, &head[..n], data);
+    let frame = out.take();
+    match client.lock().await.write_frames(&chunk[frame]).await {
         Ok(true) => {
-            state.count_to_client(data.len(), true);
+            state.count_to_client(len, true);
             true
         }
+        // RFC 6455 §5.5.1: no data frames after our Close.
         Ok(false) => false,
         Err(e) => {
             if !client.close_sent() {
@@ -280,9 +324,10 @@ async fn drain_and_close<C: AsyncWrite + Unpin>(
     client: &ClientPeer<C>,
     state: &State,
 ) {
-    let mut buf = vec![0u8; READ_CHUNK];
-    while let Ok(n) = upstream.try_read(&mut buf) {
-        if n == 0 || !forward(&buf[..n], client, state).await {
+    let mut chunk = Chunk::take();
+    while let Ok(n) = upstream.try_read(chunk.space()) {
+        chunk.filled(n);
+        if n == 0 || !forward(&mut chunk, client, state).await {
             break;
         }
     }

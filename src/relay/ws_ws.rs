@@ -1,21 +1,20 @@
 //! Client WebSocket ↔ upstream WebSocket, the reverse-proxy use case.
 //!
-//! Frames are forwarded one by one as they arrive, so fragmentation, message types, pings,
-//! pongs and Close codes with their reasons pass through unchanged, and no message is ever
-//! assembled in memory.
+//! Frames pass through one by one in the pieces that reads deliver, so fragmentation,
+//! message types, pings, pongs and Close codes with their reasons pass through unchanged,
+//! and no message or frame is ever assembled in memory. Frames from the upstream are
+//! forwarded byte for byte; frames toward it get a fresh masking key, applied in the same
+//! pass that removes the client's.
 
-use fastwebsockets::{Frame, OpCode, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
-use super::frames::{self, Failure, MessageCheck, ReadError};
-use super::{
-    Coalescing, Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush,
-    split_coalescing,
-};
+use super::buffers;
+use super::codec::{Decoder, Head, MAX_HEAD, OpCode, Output, Piece, apply_mask};
+use super::frames::{self, Failure, MessageCheck};
+use super::{Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush};
 use crate::telemetry::metrics::Flow;
 
-type Reader<S> = WebSocketRead<ReadHalf<S>>;
-type WsPeer<S> = Peer<Coalescing<WriteHalf<S>>>;
+type WsPeer<S> = Peer<WriteHalf<S>>;
 
 /// Which way a pump forwards.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -25,8 +24,8 @@ enum Direction {
 }
 
 pub async fn relay_ws<C, U>(
-    client: fastwebsockets::WebSocket<C>,
-    upstream: fastwebsockets::WebSocket<U>,
+    client: C,
+    upstream: U,
     settings: RelaySettings,
     shutdown: ShutdownSignals,
     flow: Flow,
@@ -35,18 +34,11 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut client_rx, client_tx) = split_coalescing(client);
-    let (mut upstream_rx, upstream_tx) = split_coalescing(upstream);
-    // Pings, pongs and closes are the endpoints' business: pass them through.
-    client_rx.set_auto_close(false);
-    client_rx.set_auto_pong(false);
-    client_rx.set_max_message_size(settings.max_frame_size.saturating_add(1));
-    upstream_rx.set_auto_close(false);
-    upstream_rx.set_auto_pong(false);
-    upstream_rx.set_max_message_size(settings.max_frame_size.saturating_add(1));
+    let (mut client_rx, client_tx) = tokio::io::split(client);
+    let (mut upstream_rx, upstream_tx) = tokio::io::split(upstream);
     let state = State::new(&settings, flow);
-    let client = Peer::new(client_tx, &state);
-    let upstream = Peer::new(upstream_tx, &state);
+    let client = Peer::new(client_tx, false, &state);
+    let upstream = Peer::new(upstream_tx, true, &state);
 
     let pumps = async {
         tokio::join!(
@@ -70,123 +62,197 @@ where
         client.settle().await;
         upstream.settle().await;
     };
+    // Pinned here and lent to `drive`: passed by value, the pumps' state would be stored
+    // twice in the connection's task (once as an argument, once in the select).
+    let pumps = std::pin::pin!(pumps);
     drive(&state, &settings, &shutdown, &client, pumps, true).await;
     state.summary()
+}
+
+/// What a pump does after writing out the frames it read before this.
+enum Then {
+    Close(Vec<u8>),
+    Violated(Failure),
+    Broken(String),
 }
 
 /// Forwards frames read from `from_rx` (the peer `from`) to the peer `to`.
 async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
-    from_rx: &mut Reader<F>,
+    from_rx: &mut ReadHalf<F>,
     from: &WsPeer<F>,
-    to: &WsPeer<T>,
+    to: &Peer<T>,
     state: &State,
     settings: &RelaySettings,
 ) {
-    let source = match direction {
-        Direction::ClientToUpstream => Side::Client,
-        Direction::UpstreamToClient => Side::Upstream,
-    };
+    let to_upstream = direction == Direction::ClientToUpstream;
+    let source = source_of(direction);
+    // RFC 6455 §5.1: clients mask every frame, servers none.
+    let mut decoder = Decoder::new(to_upstream, settings.max_frame_size);
     let mut message = MessageCheck::new(settings.max_message_size, false);
+    // The writer of `to`, kept while a frame is half through: nothing may come between the
+    // pieces of a frame, not even a control frame.
+    let mut held = None;
+    // Toward the upstream every frame gets a new masking key. Reusing the client's would let
+    // a client choose the exact bytes on the gateway→upstream link, which masking exists to
+    // prevent (RFC 6455 §10.3).
+    let mut remask = [0u8; 4];
     loop {
-        let mut no_send = super::nothing_to_send;
-        let read = from_rx.read_frame(&mut no_send);
         let flush = async {
-            let _backlog =
-                (direction == Direction::ClientToUpstream).then(|| state.writing_upstream());
+            let _backlog = to_upstream.then(|| state.writing_upstream());
             // A failure shows again at the next write.
-            let _ = to.flush().await;
+            let _ = match held.as_mut() {
+                Some(w) => super::PeerWriter::flush(w).await,
+                None => to.flush().await,
+            };
         };
-        let mut frame = match read_or_flush(read, flush).await {
-            Ok(frame) => frame,
+        let read = read_or_flush(buffers::read(from_rx), flush).await;
+        let mid_frame = decoder.in_data_frame();
+        let mut chunk = match read {
+            Ok(chunk) if chunk.data_start() < chunk.data_end() => chunk,
+            Ok(_) => {
+                drop(held);
+                let detail = "connection closed without a Close frame".to_string();
+                return Box::pin(vanished(direction, from, to, state, detail, mid_frame)).await;
+            }
             Err(e) => {
-                return match frames::classify(e) {
-                    ReadError::Vanished(detail) => {
-                        vanished(direction, from, to, state, detail).await
-                    }
-                    ReadError::Protocol(f) => violated(direction, from, to, state, f).await,
-                };
+                drop(held);
+                return Box::pin(vanished(
+                    direction,
+                    from,
+                    to,
+                    state,
+                    e.to_string(),
+                    mid_frame,
+                ))
+                .await;
             }
         };
-        if direction == Direction::ClientToUpstream {
+        if to_upstream {
             state.client_frame_seen();
         }
-        // RFC 6455 §5.1: clients mask every frame, servers none.
-        if frames::is_masked(&mut frame) != (direction == Direction::ClientToUpstream) {
-            let reason = match direction {
-                Direction::ClientToUpstream => "client frames must be masked",
-                Direction::UpstreamToClient => "server frames must not be masked",
+        let mut w = match held.take() {
+            Some(w) => w,
+            None => to.lock().await,
+        };
+        let mut pos = chunk.data_start();
+        let mut out = Output::default();
+        let mut then = None;
+        loop {
+            let piece = match decoder.next(&chunk, &mut pos) {
+                Ok(Some(piece)) => piece,
+                Ok(None) => break,
+                Err(f) => {
+                    then = Some(Then::Violated(f));
+                    break;
+                }
             };
-            let f = Failure {
-                code: frames::PROTOCOL_ERROR,
-                reason,
-            };
-            return violated(direction, from, to, state, f).await;
-        }
-        if let Err(f) = frames::check_control(&frame) {
-            return violated(direction, from, to, state, f).await;
-        }
-        match frame.opcode {
-            OpCode::Close => {
-                let code = match frames::check_close(&frame.payload) {
-                    Ok(code) => code,
-                    Err(f) => return violated(direction, from, to, state, f).await,
-                };
-                if !from.close_sent() {
-                    // This side starts the close (rather than answering ours).
-                    state.record(source, Some(code.unwrap_or(frames::NO_STATUS)), None);
-                    from.remember_close(&frame.payload);
-                }
-                // Forward it (a no-op when `to` was already sent a Close). Nothing more comes
-                // from this side; the relay ends when the other side has closed too.
-                to.close_with(&frame.payload).await;
-                return;
-            }
-            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                if let Err(f) = message.check(&frame) {
-                    return violated(direction, from, to, state, f).await;
-                }
-                if to.close_sent() {
-                    // The other side is closing; RFC 6455 §5.5.1 allows no more data to it.
-                    continue;
-                }
-                let (len, fin) = (frame.payload.len(), frame.fin);
-                let sent = {
-                    let _backlog = (direction == Direction::ClientToUpstream)
-                        .then(|| state.writing_upstream());
-                    to.send(fresh_mask(direction, frame)).await
-                };
-                match sent {
-                    Ok(true) => match direction {
+            match piece {
+                Piece::Data {
+                    head,
+                    offset,
+                    range,
+                    end,
+                } => {
+                    if offset == 0
+                        && let Err(f) = message.start(&head)
+                    {
+                        then = Some(Then::Violated(f));
+                        break;
+                    }
+                    if w.close_sent() {
+                        // The other side is closing; RFC 6455 §5.5.1 allows no more data to it.
+                        continue;
+                    }
+                    if let Some(key) = head.mask {
+                        if offset == 0 {
+                            remask = rand::random();
+                        }
+                        let both = std::array::from_fn(|i| key[i] ^ remask[i]);
+                        apply_mask(&mut chunk[range.clone()], both, offset);
+                    }
+                    let mut h = [0u8; MAX_HEAD];
+                    let n = if offset == 0 {
+                        let mask = to_upstream.then_some(remask);
+                        Head { mask, ..head }.encode(&mut h)
+                    } else {
+                        0
+                    };
+                    let (len, fin) = (range.len(), end && head.fin);
+                    out.push(&mut chunk, &h[..n], range);
+                    match direction {
                         Direction::ClientToUpstream => state.count_from_client(len, fin),
                         Direction::UpstreamToClient => state.count_to_client(len, fin),
-                    },
-                    Ok(false) => {}
-                    Err(e) => return broken(direction, from, to, state, e.to_string()).await,
+                    }
                 }
-            }
-            OpCode::Pong
-                if direction == Direction::ClientToUpstream
-                    && super::is_keepalive_pong(&frame.payload) =>
-            {
-                // The answer to the gateway's own keepalive: not the upstream's business.
-            }
-            OpCode::Ping | OpCode::Pong => {
-                if let Err(e) = to.send(fresh_mask(direction, frame)).await {
-                    return broken(direction, from, to, state, e.to_string()).await;
+                Piece::Control(head) => {
+                    // What came before it goes first.
+                    let data = out.take();
+                    if let Err(e) = w.write_frames(&chunk[data]).await {
+                        then = Some(Then::Broken(e.to_string()));
+                        break;
+                    }
+                    let payload = decoder.control(&head);
+                    match head.opcode {
+                        OpCode::Close => {
+                            then = Some(match frames::check_close(payload) {
+                                Err(f) => Then::Violated(f),
+                                Ok(code) => {
+                                    if !from.close_sent() {
+                                        // This side starts the close (rather than answering
+                                        // ours).
+                                        state.record(
+                                            source,
+                                            Some(code.unwrap_or(frames::NO_STATUS)),
+                                            None,
+                                        );
+                                        from.remember_close(payload);
+                                    }
+                                    Then::Close(payload.to_vec())
+                                }
+                            });
+                            break;
+                        }
+                        OpCode::Pong if to_upstream && super::is_keepalive_pong(payload) => {
+                            // The answer to the gateway's own keepalive: not the upstream's
+                            // business.
+                        }
+                        opcode => {
+                            if let Err(e) = Box::pin(w.send(opcode, payload)).await {
+                                then = Some(Then::Broken(e.to_string()));
+                                break;
+                            }
+                        }
+                    }
                 }
             }
         }
-    }
-}
-
-/// Toward the upstream every frame gets a new masking key (fastwebsockets draws one when the
-/// frame has none). Reusing the client's key would let a client choose the exact bytes on the
-/// gateway→upstream link, which masking exists to prevent (RFC 6455 §10.3).
-fn fresh_mask(direction: Direction, frame: Frame<'_>) -> Frame<'_> {
-    match direction {
-        Direction::ClientToUpstream => Frame::new(frame.fin, frame.opcode, None, frame.payload),
-        Direction::UpstreamToClient => frame,
+        let data = out.take();
+        if !data.is_empty()
+            && !matches!(then, Some(Then::Broken(_)))
+            && let Err(e) = w.write_frames(&chunk[data]).await
+        {
+            then = Some(Then::Broken(e.to_string()));
+        }
+        drop(chunk);
+        match then {
+            None if decoder.in_data_frame() => held = Some(w),
+            None => drop(w),
+            Some(Then::Close(payload)) => {
+                // Forward it (a no-op when `to` was already sent a Close). Nothing more comes
+                // from this side; the relay ends when the other side has closed too.
+                Box::pin(w.close_with(&payload)).await;
+                return;
+            }
+            Some(Then::Violated(f)) => {
+                drop(w);
+                return Box::pin(violated(direction, from, to, state, f)).await;
+            }
+            Some(Then::Broken(detail)) => {
+                drop(w);
+                return Box::pin(broken(direction, from, to, state, detail)).await;
+            }
+        }
     }
 }
 
@@ -194,10 +260,20 @@ fn fresh_mask(direction: Direction, frame: Frame<'_>) -> Frame<'_> {
 async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
     from: &WsPeer<F>,
-    to: &WsPeer<T>,
+    to: &Peer<T>,
     state: &State,
     detail: String,
+    mid_frame: bool,
 ) {
+    if mid_frame {
+        // Half of a frame went on: a Close now would land inside it. Drop both sides.
+        to.abandon();
+        return state.fail(
+            source_of(direction),
+            None,
+            format!("{detail}, in the middle of a frame"),
+        );
+    }
     match direction {
         Direction::ClientToUpstream => {
             state.record(Side::Client, None, Some(detail));
@@ -232,7 +308,7 @@ async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
 async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
     from: &WsPeer<F>,
-    to: &WsPeer<T>,
+    to: &Peer<T>,
     state: &State,
     f: Failure,
 ) {
@@ -260,7 +336,7 @@ async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
 async fn broken<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
     from: &WsPeer<F>,
-    _to: &WsPeer<T>,
+    _to: &Peer<T>,
     state: &State,
     detail: String,
 ) {
@@ -279,5 +355,12 @@ async fn broken<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
             from.close(frames::GOING_AWAY, "client went away").await;
             state.fail(Side::Client, None, detail);
         }
+    }
+}
+
+fn source_of(direction: Direction) -> Side {
+    match direction {
+        Direction::ClientToUpstream => Side::Client,
+        Direction::UpstreamToClient => Side::Upstream,
     }
 }

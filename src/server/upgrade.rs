@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use fastwebsockets::{Role, WebSocket};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
@@ -226,7 +225,7 @@ fn spawn_relay(
         let _active = metrics.relay_started(&listener_name, &route_path);
         let flow = metrics.flow(&route_path);
         let shutdown = server.shutdown.clone();
-        let client = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Server);
+        let client = TokioIo::new(upgraded);
         let summary = match connected {
             Connected::Stream(stream) => {
                 relay::relay_stream(client, stream, settings, shutdown, flow).await

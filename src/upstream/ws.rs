@@ -7,7 +7,6 @@
 use std::pin::pin;
 
 use bytes::Bytes;
-use fastwebsockets::{Role, WebSocket};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, StatusCode};
 use http_body_util::Empty;
@@ -19,7 +18,7 @@ use super::UpstreamError;
 use crate::handshake::{accept_key, has_token};
 
 /// A WebSocket connection to an upstream, after its handshake.
-pub type UpstreamWs = WebSocket<TokioIo<Upgraded>>;
+pub type UpstreamWs = TokioIo<Upgraded>;
 
 /// What the upstream handshake forwards from the client's request.
 pub struct ClientHandshake<'a> {
@@ -118,8 +117,7 @@ where
     } else {
         tokio::join!(hyper::upgrade::on(&mut response), conn).0
     };
-    let ws = WebSocket::after_handshake(TokioIo::new(upgraded?), Role::Client);
-    Ok((ws, protocol))
+    Ok((TokioIo::new(upgraded?), protocol))
 }
 
 fn build_request(

@@ -170,6 +170,8 @@ pub struct Seen {
     pub pings: Vec<Vec<u8>>,
     pub pongs: Vec<Vec<u8>>,
     pub closes: Vec<Option<(u16, String)>>,
+    /// Connections that ended, with a Close or without.
+    pub ended: usize,
 }
 
 pub struct WsUpstream {
@@ -242,6 +244,14 @@ async fn serve_ws_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<M
     let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
         return;
     };
+    echo_messages(&mut ws, &seen).await;
+    seen.lock().unwrap().ended += 1;
+}
+
+async fn echo_messages<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    seen: &Mutex<Seen>,
+) {
     while let Some(Ok(message)) = ws.next().await {
         match message {
             Message::Text(text) if text.starts_with("ping ") => {
