@@ -2,12 +2,15 @@
 //! once at start-up (and by `wsgate check`), so that a bad certificate is a start-up error
 //! and never a per-connection one.
 
+use std::sync::Arc;
+
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ListenerConfig, RouteConfig, Upstream};
 use crate::routing::Router;
 use crate::tls::{self, TlsError};
-use crate::upstream;
+use crate::upstream::{self, Pool};
 
 pub struct Gateway {
     pub config: Config,
@@ -16,6 +19,18 @@ pub struct Gateway {
     acceptors: Vec<Option<TlsAcceptor>>,
     /// TLS connector per route, for wss:// upstreams.
     connectors: Vec<Option<TlsConnector>>,
+    /// Upstream pool per route: balance state, health, connection counts. A reload starts
+    /// fresh pools; connections keep the lease on the pool they were opened from.
+    pools: Vec<Arc<Pool>>,
+    /// Stops this configuration's health checks when it is replaced.
+    health_checks: CancellationToken,
+}
+
+/// What a request is routed to.
+pub struct RouteTarget<'a> {
+    pub config: &'a RouteConfig,
+    pub tls: Option<&'a TlsConnector>,
+    pub pool: &'a Arc<Pool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,45 +65,76 @@ impl Gateway {
                     }),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let connectors =
-            config
-                .routes
-                .iter()
-                .enumerate()
-                .map(|(index, r)| match r.upstream {
-                    Upstream::Ws { tls: true, .. } => upstream::tls::connector(r)
-                        .map(Some)
-                        .map_err(|source| PrepareError::RouteTls {
-                            index,
-                            path: r.path.clone(),
-                            source,
-                        }),
-                    _ => Ok(None),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+        let connectors = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(index, r)| {
+                let wss = r
+                    .upstreams
+                    .iter()
+                    .any(|t| matches!(t.upstream, Upstream::Ws { tls: true, .. }));
+                if !wss {
+                    return Ok(None);
+                }
+                upstream::tls::connector(r)
+                    .map(Some)
+                    .map_err(|source| PrepareError::RouteTls {
+                        index,
+                        path: r.path.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         for route in config.routes.iter().filter(|r| r.insecure_skip_verify) {
             tracing::warn!(
                 route = %route.path,
-                upstream = %route.upstream,
+                upstream = %route.upstream_names(),
                 "insecure_skip_verify: the upstream's certificate is not checked; for tests only"
             );
         }
+        let pools = config
+            .routes
+            .iter()
+            .map(|r| Arc::new(Pool::new(r)))
+            .collect();
         Ok(Gateway {
             router: Router::new(&config.routes),
             config,
             acceptors,
             connectors,
+            pools,
+            health_checks: CancellationToken::new(),
         })
     }
 
-    /// The route for a request and its TLS connector, if any.
-    pub fn route(
+    /// Starts the active health checks of the routes that have them. They run until this
+    /// configuration is dropped (replaced by a reload) or `shutdown`.
+    pub fn start_health_checks(
         &self,
-        host: Option<&str>,
-        path: &str,
-    ) -> Option<(&RouteConfig, Option<&TlsConnector>)> {
+        shutdown: &CancellationToken,
+        metrics: &Arc<crate::telemetry::Metrics>,
+    ) {
+        for (index, route) in self.config.routes.iter().enumerate() {
+            upstream::health::spawn(
+                route,
+                self.pools[index].clone(),
+                self.connectors[index].clone(),
+                self.health_checks.child_token(),
+                shutdown.clone(),
+                metrics.clone(),
+            );
+        }
+    }
+
+    /// The route for a request, with its TLS connector and upstream pool.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<RouteTarget<'_>> {
         let index = self.router.find(host, path)?;
-        Some((&self.config.routes[index], self.connectors[index].as_ref()))
+        Some(RouteTarget {
+            config: &self.config.routes[index],
+            tls: self.connectors[index].as_ref(),
+            pool: &self.pools[index],
+        })
     }
 
     pub fn acceptor(&self, listener: usize) -> Option<&TlsAcceptor> {
@@ -122,6 +168,12 @@ impl Gateway {
             .iter()
             .enumerate()
             .find(|(_, l)| ListenerKey::of(l) == *key)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.health_checks.cancel();
     }
 }
 

@@ -142,35 +142,22 @@ pub fn has_dot_segments(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Upstream, defaults};
-    use std::time::Duration;
+    use crate::config::{Config, Upstream};
 
     fn route(path: &str, host: Option<&str>, port: u16) -> RouteConfig {
-        RouteConfig {
-            path: path.into(),
-            host: host.map(Into::into),
-            upstream: Upstream::Tcp {
-                host: "127.0.0.1".into(),
-                port,
-            },
-            subprotocols: vec![],
-            max_message_size: defaults::MAX_MESSAGE_SIZE,
-            max_frame_size: defaults::MAX_MESSAGE_SIZE,
-            allowed_origins: None,
-            idle_timeout: None,
-            ping: None,
-            connect_timeout: Duration::from_secs(1),
-            ca: None,
-            client_cert: None,
-            tls_server_name: None,
-            insecure_skip_verify: false,
-        }
+        let text = format!(
+            "[[listener]]\nbind = \"127.0.0.1:1\"\n[[route]]\npath = \"/\"\nupstream = \"tcp://127.0.0.1:{port}\"\n"
+        );
+        let mut route = Config::parse(&text, "t").unwrap().routes.remove(0);
+        route.path = path.into();
+        route.host = host.map(Into::into);
+        route
     }
 
     fn port_of(routes: &[RouteConfig], host: Option<&str>, path: &str) -> Option<u16> {
         Router::new(routes)
             .find(host, path)
-            .map(|i| match routes[i].upstream {
+            .map(|i| match routes[i].upstreams[0].upstream {
                 Upstream::Tcp { port, .. } => port,
                 _ => 0,
             })

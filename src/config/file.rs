@@ -42,6 +42,8 @@ pub struct ListenerSection {
     pub bind: Spanned<String>,
     pub tls: Option<Spanned<TlsSection>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub accept_proxy_protocol: Option<Spanned<bool>>,
+    pub trusted: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,7 +69,17 @@ pub struct CertPairSection {
 pub struct RouteSection {
     pub path: Spanned<String>,
     pub host: Option<Spanned<String>>,
-    pub upstream: Spanned<String>,
+    pub upstream: Option<Spanned<String>>,
+    pub upstreams: Option<Spanned<Vec<UpstreamEntry>>>,
+    pub balance: Option<Spanned<String>>,
+    pub connect_attempts: Option<Spanned<i64>>,
+    pub connect_budget: Option<Spanned<String>>,
+    pub max_fails: Option<Spanned<i64>>,
+    pub fail_timeout: Option<Spanned<String>>,
+    pub health_check: Option<Spanned<HealthCheckSection>>,
+    pub proxy_protocol: Option<Spanned<String>>,
+    pub forwarded_headers: Option<Spanned<bool>>,
+    pub x_real_ip: Option<Spanned<bool>>,
     pub subprotocols: Option<Spanned<Vec<String>>>,
     pub max_message_size: Option<Spanned<SizeValue>>,
     pub max_frame_size: Option<Spanned<SizeValue>>,
@@ -81,6 +93,31 @@ pub struct RouteSection {
     pub client_key: Option<Spanned<String>>,
     pub tls_server_name: Option<Spanned<String>>,
     pub insecure_skip_verify: Option<Spanned<bool>>,
+}
+
+/// One member of `upstreams`: a URL, or a table with its weight.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UpstreamEntry {
+    Url(String),
+    Weighted(WeightedUpstream),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedUpstream {
+    pub url: String,
+    pub weight: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub fails: Option<Spanned<i64>>,
+    pub passes: Option<Spanned<i64>>,
 }
 
 /// A size is either a plain number of bytes or a string with a unit.

@@ -26,8 +26,8 @@ pub mod defaults {
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-    /// Large enough for VNC framebuffer updates and typical JSON APIs; every frame up to this
-    /// size is held in memory whole, so this is also the per-direction memory bound.
+    /// Large enough for VNC framebuffer updates and typical JSON APIs. Frames stream through
+    /// the relay in pieces, so the limit costs no memory.
     pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
     /// Far above what one 2-core machine relays well, low enough that a flood of upgrades
     /// meets a clear 503 before file descriptors run out.
@@ -39,6 +39,14 @@ pub mod defaults {
     /// Renewal tools replace certificates hours before they expire; a few seconds' delay
     /// costs nothing, and reading a few small files that often costs nothing either.
     pub const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+    /// nginx's `max_fails` and `fail_timeout` defaults: one failure takes an upstream out
+    /// of a pool for ten seconds. Only pools of two or more skip anyone.
+    pub const MAX_FAILS: u32 = 1;
+    pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const HEALTH_FAILS: u32 = 2;
+    pub const HEALTH_PASSES: u32 = 2;
 }
 
 /// A validated configuration: everything here has been parsed and checked.
@@ -105,6 +113,19 @@ pub struct ListenerConfig {
     pub tls: Option<ListenerTls>,
     /// Upgraded connections on this listener; `None` for no limit beyond the gateway's.
     pub max_connections: Option<usize>,
+    /// Connections from `trusted` peers start with a PROXY protocol header (v1 or v2)
+    /// that names the real client.
+    pub accept_proxy_protocol: bool,
+    /// Proxies in front of this listener: their PROXY headers and forwarded headers are
+    /// believed. Nobody is trusted by default.
+    pub trusted: Vec<ipnet::IpNet>,
+}
+
+impl ListenerConfig {
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
 }
 
 /// TLS settings of a listener.
@@ -148,10 +169,25 @@ pub struct RouteConfig {
     pub path: String,
     /// Lower-case host name or `*.suffix` pattern.
     pub host: Option<String>,
-    pub upstream: Upstream,
+    /// One or more, all of the same kind (byte stream or WebSocket).
+    pub upstreams: Vec<Target>,
+    pub balance: Balance,
+    /// How many upstreams one client request may try, and for how long in total.
+    pub connect_attempts: usize,
+    pub connect_budget: Option<Duration>,
+    /// Passive health: this many connect failures in a row take an upstream out of the
+    /// rotation for `fail_timeout`; 0 never takes one out.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub health_check: Option<HealthCheck>,
+    /// PROXY protocol header sent first to byte-stream upstreams.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// X-Forwarded-For/-Proto/-Host and Forwarded toward ws upstreams.
+    pub forwarded_headers: bool,
+    pub x_real_ip: bool,
     pub subprotocols: Vec<String>,
     pub max_message_size: usize,
-    /// Largest single frame; every frame is held in memory whole, so this bounds memory.
+    /// Largest single frame (frames stream through in pieces; this is a protocol limit).
     pub max_frame_size: usize,
     /// `None` accepts any Origin (and requests without one).
     pub allowed_origins: Option<Vec<OriginRule>>,
@@ -168,6 +204,55 @@ pub struct RouteConfig {
     pub tls_server_name: Option<String>,
     /// Accept any upstream certificate. For tests only; logged as a warning at start-up.
     pub insecure_skip_verify: bool,
+}
+
+impl RouteConfig {
+    /// True when the route relays to WebSocket upstreams (all of its upstreams are alike).
+    pub fn is_ws(&self) -> bool {
+        self.upstreams.first().is_some_and(|t| t.upstream.is_ws())
+    }
+
+    /// The upstreams, for logs: one URL, or the list.
+    pub fn upstream_names(&self) -> String {
+        let names: Vec<String> = self
+            .upstreams
+            .iter()
+            .map(|t| t.upstream.to_string())
+            .collect();
+        names.join(", ")
+    }
+}
+
+/// One upstream of a route and its share of the connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub upstream: Upstream,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConnections,
+    /// Power of two choices: two upstreams at random, the less loaded wins.
+    RandomTwo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// ws upstreams: the path of the WebSocket handshake that is checked; tcp: unused.
+    pub path: Option<String>,
+    /// Failed checks in a row that take an upstream out, passed ones that bring it back.
+    pub fails: u32,
+    pub passes: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +277,18 @@ pub enum Upstream {
         /// "forward the client's path unchanged".
         path: String,
     },
+    /// A WebSocket server on a Unix-domain socket (`ws+unix:/run/app.sock[:/path]`).
+    WsUnix {
+        socket: PathBuf,
+        /// As for `Ws`: empty forwards the client's path.
+        path: String,
+    },
+}
+
+impl Upstream {
+    pub fn is_ws(&self) -> bool {
+        matches!(self, Upstream::Ws { .. } | Upstream::WsUnix { .. })
+    }
 }
 
 impl fmt::Display for Upstream {
@@ -208,6 +305,10 @@ impl fmt::Display for Upstream {
                 let scheme = if *tls { "wss" } else { "ws" };
                 write!(f, "{scheme}://{}{path}", authority(host, *port))
             }
+            Upstream::WsUnix { socket, path } if path.is_empty() => {
+                write!(f, "ws+unix:{}", socket.display())
+            }
+            Upstream::WsUnix { socket, path } => write!(f, "ws+unix:{}:{path}", socket.display()),
         }
     }
 }

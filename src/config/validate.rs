@@ -6,11 +6,14 @@ use std::path::PathBuf;
 
 use toml::Spanned;
 
-use super::file::{FileConfig, RouteSection, SizeValue, TlsSection};
+use super::file::{
+    FileConfig, HealthCheckSection, RouteSection, SizeValue, TlsSection, UpstreamEntry,
+};
 use super::units::{parse_duration, parse_size};
 use super::{
-    AdminConfig, ClientAuth, Config, ConfigError, ConfigIssue, GatewayConfig, ListenerConfig,
-    ListenerTls, LogFormat, PingConfig, RouteConfig, TlsFiles, Upstream, defaults,
+    AdminConfig, Balance, ClientAuth, Config, ConfigError, ConfigIssue, GatewayConfig, HealthCheck,
+    ListenerConfig, ListenerTls, LogFormat, PingConfig, ProxyProtocol, RouteConfig, Target,
+    TlsFiles, Upstream, defaults,
 };
 use crate::origin::OriginRule;
 use std::time::Duration;
@@ -180,6 +183,25 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// CIDR blocks (`10.0.0.0/8`, `::1/128`) or single addresses.
+    fn networks(&mut self, list: &Spanned<Vec<String>>, key: &str) -> Vec<ipnet::IpNet> {
+        let mut nets = Vec::new();
+        for text in list.get_ref() {
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => nets.push(net.trunc()),
+                Err(_) => self.issue(
+                    list,
+                    key,
+                    format!("`{text}` is not an address or CIDR block; write one like \"10.0.0.0/8\" or \"192.0.2.7\""),
+                ),
+            }
+        }
+        nets
     }
 
     fn size(&mut self, value: &Spanned<SizeValue>, key: &str) -> Option<usize> {
@@ -384,11 +406,29 @@ impl Validator<'_> {
             let max_connections = section
                 .max_connections
                 .and_then(|n| self.count(&n, &format!("{key}.max_connections")));
+            let trusted = section
+                .trusted
+                .map(|list| self.networks(&list, &format!("{key}.trusted")))
+                .unwrap_or_default();
+            let accept_proxy_protocol = match section.accept_proxy_protocol {
+                Some(flag) if *flag.get_ref() && trusted.is_empty() => {
+                    self.issue(
+                        &flag,
+                        format!("{key}.accept_proxy_protocol"),
+                        "needs `trusted`, the addresses of the load balancers that send the header, like trusted = [\"10.0.0.0/8\"]",
+                    );
+                    false
+                }
+                Some(flag) => *flag.get_ref(),
+                None => false,
+            };
             listeners.push(ListenerConfig {
                 name,
                 bind,
                 tls,
                 max_connections,
+                accept_proxy_protocol,
+                trusted,
             });
         }
 
@@ -428,6 +468,130 @@ impl Validator<'_> {
         }
     }
 
+    /// `upstream = "…"` or `upstreams = ["…", { url = "…", weight = 2 }]`, all of one kind.
+    fn upstreams(&mut self, section: &RouteSection, key: &str) -> Vec<Target> {
+        let mut targets = Vec::new();
+        match (&section.upstream, &section.upstreams) {
+            (Some(one), None) => match parse_upstream(one.get_ref()) {
+                Ok(upstream) => targets.push(Target {
+                    upstream,
+                    weight: 1,
+                }),
+                Err(e) => self.issue(one, format!("{key}.upstream"), e),
+            },
+            (None, Some(list)) => {
+                if list.get_ref().is_empty() {
+                    self.issue(
+                        list,
+                        format!("{key}.upstreams"),
+                        "is empty; list at least one upstream",
+                    );
+                }
+                for entry in list.get_ref() {
+                    let (url, weight) = match entry {
+                        UpstreamEntry::Url(url) => (url, Some(1)),
+                        UpstreamEntry::Weighted(w) => (
+                            &w.url,
+                            w.weight.map_or(Some(1), |n| {
+                                u32::try_from(n).ok().filter(|n| (1..=1000).contains(n))
+                            }),
+                        ),
+                    };
+                    let Some(weight) = weight else {
+                        self.issue(
+                            list,
+                            format!("{key}.upstreams"),
+                            format!("{url}: weight must be a whole number from 1 to 1000"),
+                        );
+                        continue;
+                    };
+                    match parse_upstream(url) {
+                        Ok(upstream) => targets.push(Target { upstream, weight }),
+                        Err(e) => self.issue(list, format!("{key}.upstreams"), e),
+                    }
+                }
+                if targets.iter().any(|t| t.upstream.is_ws())
+                    && !targets.iter().all(|t| t.upstream.is_ws())
+                {
+                    self.issue(list, format!("{key}.upstreams"), "mixes WebSocket (ws://, wss://, ws+unix:) and byte-stream (tcp://, unix:) upstreams; a route relays one way, so split them into two routes");
+                }
+            }
+            (Some(one), Some(_)) => self.issue(
+                one,
+                format!("{key}.upstream"),
+                "set either upstream or upstreams, not both",
+            ),
+            (None, None) => self.issue(
+                &section.path,
+                key,
+                "has no upstream; add upstream = \"tcp://127.0.0.1:5900\" or upstreams = [...]",
+            ),
+        }
+        targets
+    }
+
+    fn health_check(
+        &mut self,
+        section: Spanned<HealthCheckSection>,
+        key: &str,
+        is_ws: bool,
+    ) -> Option<HealthCheck> {
+        let at = Spanned::new(section.span(), ());
+        let section = section.into_inner();
+        let key = format!("{key}.health_check");
+        let duration = |this: &mut Self, v: Option<Spanned<String>>, name: &str, default| {
+            v.and_then(|v| this.positive_duration(&v, &format!("{key}.{name}")))
+                .unwrap_or(default)
+        };
+        let interval = duration(
+            self,
+            section.interval,
+            "interval",
+            defaults::HEALTH_INTERVAL,
+        );
+        let timeout = duration(self, section.timeout, "timeout", defaults::HEALTH_TIMEOUT);
+        let count = |this: &mut Self, v: Option<Spanned<i64>>, name: &str, default: u32| {
+            v.and_then(|v| this.count(&v, &format!("{key}.{name}")))
+                .map_or(default, |n| n.min(u32::MAX as usize) as u32)
+        };
+        let fails = count(self, section.fails, "fails", defaults::HEALTH_FAILS);
+        let passes = count(self, section.passes, "passes", defaults::HEALTH_PASSES);
+        let path = match section.path {
+            Some(p) if !is_ws => {
+                self.issue(
+                    &p,
+                    format!("{key}.path"),
+                    "applies to ws upstreams only; tcp upstreams are checked by connecting",
+                );
+                None
+            }
+            Some(p) if !p.get_ref().starts_with('/') => {
+                self.issue(
+                    &p,
+                    format!("{key}.path"),
+                    format!("`{}` must start with `/`", p.get_ref()),
+                );
+                None
+            }
+            Some(p) => Some(p.into_inner()),
+            None => None,
+        };
+        if timeout > interval {
+            self.issue(
+                &at,
+                key.clone(),
+                "timeout is longer than interval; checks would overlap",
+            );
+        }
+        Some(HealthCheck {
+            interval,
+            timeout,
+            path,
+            fails,
+            passes,
+        })
+    }
+
     fn route(&mut self, i: usize, section: RouteSection) -> Option<RouteConfig> {
         let key = format!("route[{i}]");
         let issues_before = self.issues.len();
@@ -444,6 +608,7 @@ impl Validator<'_> {
             );
         }
 
+        let upstreams = self.upstreams(&section, &key);
         let host = section.host.and_then(|host| {
             let value = host.get_ref().trim().trim_end_matches('.').to_ascii_lowercase();
             let bare = value.strip_prefix("*.").unwrap_or(&value);
@@ -466,17 +631,77 @@ impl Validator<'_> {
             }
         });
 
-        let upstream = match parse_upstream(section.upstream.get_ref()) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                self.issue(&section.upstream, format!("{key}.upstream"), e);
+        let is_ws = upstreams.first().is_some_and(|t| t.upstream.is_ws());
+        let balance = section.balance.as_ref().and_then(|b| match b.get_ref().as_str() {
+            "round_robin" => Some(Balance::RoundRobin),
+            "least_connections" => Some(Balance::LeastConnections),
+            "random_two" => Some(Balance::RandomTwo),
+            other => {
+                self.issue(
+                    b,
+                    format!("{key}.balance"),
+                    format!("`{other}` is not a balance mode; write \"round_robin\", \"least_connections\" or \"random_two\""),
+                );
                 None
             }
+        });
+        let connect_attempts = section
+            .connect_attempts
+            .and_then(|n| self.count(&n, &format!("{key}.connect_attempts")))
+            .unwrap_or(upstreams.len().max(1));
+        let connect_budget = section
+            .connect_budget
+            .and_then(|v| self.positive_duration(&v, &format!("{key}.connect_budget")));
+        let max_fails = match section.max_fails {
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(n) => n,
+                Err(_) => {
+                    self.issue(
+                        &n,
+                        format!("{key}.max_fails"),
+                        "must be a whole number, 0 or more (0 never takes an upstream out)",
+                    );
+                    0
+                }
+            },
+            None => defaults::MAX_FAILS,
         };
+        let fail_timeout = section
+            .fail_timeout
+            .and_then(|v| self.positive_duration(&v, &format!("{key}.fail_timeout")))
+            .unwrap_or(defaults::FAIL_TIMEOUT);
+        let health_check = section
+            .health_check
+            .and_then(|h| self.health_check(h, &key, is_ws));
+        let proxy_protocol = section.proxy_protocol.and_then(|v| {
+            let version = match v.get_ref().as_str() {
+                "v1" => ProxyProtocol::V1,
+                "v2" => ProxyProtocol::V2,
+                other => {
+                    self.issue(&v, format!("{key}.proxy_protocol"), format!("`{other}` is not a PROXY protocol version; write \"v1\" or \"v2\""));
+                    return None;
+                }
+            };
+            if is_ws {
+                self.issue(&v, format!("{key}.proxy_protocol"), "applies to tcp:// and unix: upstreams only; ws upstreams get X-Forwarded-For and Forwarded headers instead");
+                return None;
+            }
+            Some(version)
+        });
+        let mut ws_only = |flag: Option<Spanned<bool>>, name: &str, default: bool| match flag {
+            Some(flag) if !is_ws && *flag.get_ref() => {
+                self.issue(&flag, format!("{key}.{name}"), "applies to ws:// and wss:// upstreams only (headers need an HTTP handshake); use proxy_protocol for tcp:// upstreams");
+                false
+            }
+            Some(flag) => *flag.get_ref(),
+            None => default && is_ws,
+        };
+        let forwarded_headers = ws_only(section.forwarded_headers, "forwarded_headers", true);
+        let x_real_ip = ws_only(section.x_real_ip, "x_real_ip", false);
 
         let mut subprotocols = Vec::new();
         if let Some(list) = section.subprotocols {
-            if matches!(upstream, Some(Upstream::Ws { .. })) {
+            if is_ws {
                 self.issue(
                     &list,
                     format!("{key}.subprotocols"),
@@ -548,7 +773,9 @@ impl Validator<'_> {
             timeout: ping_timeout.unwrap_or(interval),
         });
 
-        let wss = matches!(upstream, Some(Upstream::Ws { tls: true, .. }));
+        let wss = upstreams
+            .iter()
+            .any(|t| matches!(t.upstream, Upstream::Ws { tls: true, .. }));
         let mut wss_only = |value: Option<Spanned<String>>, name: &str| {
             let value = value?;
             if wss {
@@ -612,7 +839,16 @@ impl Validator<'_> {
         Some(RouteConfig {
             path: path?,
             host,
-            upstream: upstream?,
+            upstreams,
+            balance: balance.unwrap_or(Balance::RoundRobin),
+            connect_attempts,
+            connect_budget,
+            max_fails,
+            fail_timeout,
+            health_check,
+            proxy_protocol,
+            forwarded_headers,
+            x_real_ip,
             subprotocols,
             max_message_size,
             max_frame_size,
@@ -645,8 +881,24 @@ fn normalize_path(path: &str) -> Option<String> {
     })
 }
 
-/// Parses `tcp://host:port`, `ws://host[:port][/path]`, `wss://…` or `unix:/path`.
+/// Parses `tcp://host:port`, `ws://host[:port][/path]`, `wss://…`, `unix:/path` or
+/// `ws+unix:/socket[:/path]`.
 pub(crate) fn parse_upstream(text: &str) -> Result<Upstream, String> {
+    if let Some(rest) = text.strip_prefix("ws+unix:") {
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        // Like nginx's `http://unix:/socket:/uri`: the request path follows a colon.
+        let (socket, path) = match rest.find(":/") {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        if socket.is_empty() {
+            return Err("`ws+unix:` needs a socket path, like \"ws+unix:/run/app.sock\" or \"ws+unix:/run/app.sock:/ws\"".into());
+        }
+        return Ok(Upstream::WsUnix {
+            socket: PathBuf::from(socket),
+            path: path.to_string(),
+        });
+    }
     if let Some(path) = text.strip_prefix("unix:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {
@@ -658,7 +910,7 @@ pub(crate) fn parse_upstream(text: &str) -> Result<Upstream, String> {
     }
     let bad_scheme = || {
         format!(
-            "`{text}` is not an upstream; write tcp://host:port, ws://host:port/path, wss://host:port/path or unix:/path"
+            "`{text}` is not an upstream; write tcp://host:port, ws://host:port/path, wss://host:port/path, unix:/path or ws+unix:/path"
         )
     };
     let uri: http::Uri = text.parse().map_err(|_| bad_scheme())?;
@@ -739,11 +991,14 @@ mod tests {
         assert_eq!(route.connect_timeout, defaults::CONNECT_TIMEOUT);
         assert_eq!(config.gateway.shutdown_timeout, defaults::SHUTDOWN_TIMEOUT);
         assert_eq!(
-            route.upstream,
-            Upstream::Tcp {
-                host: "127.0.0.1".into(),
-                port: 5900
-            }
+            route.upstreams,
+            [Target {
+                upstream: Upstream::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 5900
+                },
+                weight: 1
+            }]
         );
     }
 
@@ -798,6 +1053,46 @@ mod tests {
     }
 
     #[test]
+    fn pools_and_client_identity() {
+        let text = "[[listener]]\nbind = \"127.0.0.1:8080\"\naccept_proxy_protocol = true\ntrusted = [\"10.0.0.0/8\", \"::1\"]\n\n[[route]]\npath = \"/\"\nupstreams = [\"tcp://127.0.0.1:1\", { url = \"tcp://127.0.0.1:2\", weight = 3 }]\nbalance = \"least_connections\"\nproxy_protocol = \"v2\"\nhealth_check = { interval = \"1s\", timeout = \"500ms\" }\n";
+        let config = Config::parse(text, "t.toml").unwrap();
+        let listener = &config.listeners[0];
+        assert!(listener.accept_proxy_protocol);
+        assert!(listener.trusts("10.1.2.3".parse().unwrap()));
+        assert!(listener.trusts("::1".parse().unwrap()));
+        assert!(!listener.trusts("127.0.0.1".parse().unwrap()));
+        let route = &config.routes[0];
+        assert_eq!(route.upstreams.len(), 2);
+        assert_eq!(route.upstreams[1].weight, 3);
+        assert_eq!(route.balance, Balance::LeastConnections);
+        assert_eq!(route.connect_attempts, 2);
+        assert_eq!(route.proxy_protocol, Some(ProxyProtocol::V2));
+        assert!(!route.forwarded_headers, "tcp routes have no headers");
+        assert_eq!(
+            route.health_check.as_ref().unwrap().fails,
+            defaults::HEALTH_FAILS
+        );
+
+        let bad = errors(
+            "[[listener]]\nbind = \"127.0.0.1:8080\"\naccept_proxy_protocol = true\n[[route]]\npath = \"/\"\nupstreams = [\"tcp://a:1\", \"ws://b:2\"]\nbalance = \"fastest\"\nproxy_protocol = \"v3\"\n",
+        );
+        for needle in [
+            "accept_proxy_protocol: needs `trusted`",
+            "route[0].upstreams: mixes",
+            "route[0].balance: `fastest`",
+            "route[0].proxy_protocol: `v3`",
+        ] {
+            assert!(bad.contains(needle), "{needle} in\n{bad}");
+        }
+        let ws = Config::parse("[[listener]]\nbind = \"127.0.0.1:8080\"\n[[route]]\npath = \"/\"\nupstream = \"ws://a:1\"\n", "t").unwrap();
+        assert!(
+            ws.routes[0].forwarded_headers,
+            "on by default toward ws upstreams"
+        );
+        assert!(errors("[[listener]]\nbind = \"127.0.0.1:8080\"\n[[route]]\npath = \"/\"\nupstream = \"ws://a:1\"\nproxy_protocol = \"v1\"\n").contains("tcp:// and unix: upstreams only"));
+    }
+
+    #[test]
     fn upstream_forms() {
         assert_eq!(
             parse_upstream("ws://backend/chat?room=1"),
@@ -823,6 +1118,21 @@ mod tests {
                 path: "/run/app.sock".into()
             })
         );
+        assert_eq!(
+            parse_upstream("ws+unix:/run/app.sock:/ws?x=1"),
+            Ok(Upstream::WsUnix {
+                socket: "/run/app.sock".into(),
+                path: "/ws?x=1".into()
+            })
+        );
+        assert_eq!(
+            parse_upstream("ws+unix:/run/app.sock"),
+            Ok(Upstream::WsUnix {
+                socket: "/run/app.sock".into(),
+                path: "".into()
+            })
+        );
+        assert!(parse_upstream("ws+unix:").is_err());
         assert!(parse_upstream("tcp://host").is_err());
         assert!(parse_upstream("tcp://host:1/path").is_err());
         assert!(parse_upstream("http://host:1").is_err());

@@ -1,4 +1,5 @@
-//! One client connection before its upgrade: TLS, then HTTP/1.1 with hyper.
+//! One client connection before its upgrade: the PROXY header (listeners behind a load
+//! balancer), TLS, then HTTP/1.1 with hyper.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,66 +10,116 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::ListenerContext;
+use crate::forwarded::ClientAddr;
 use crate::gateway::Gateway;
+use crate::proxy_protocol::{self, Prefixed};
+use crate::telemetry::ratelimit::Verdict;
 use crate::tls::ClientIdentity;
 
 /// Per connection: who it is and on which listener.
 pub(super) struct ConnectionContext {
-    pub peer: SocketAddr,
+    /// The client as far as the connection tells: the socket's peer, or the client a
+    /// trusted load balancer named in a PROXY header.
+    pub peer: ClientAddr,
+    /// The gateway address the client connected to (or, behind a PROXY-speaking load
+    /// balancer, the one it named).
+    pub local: Option<SocketAddr>,
     pub listener: Arc<ListenerContext>,
-    pub tls: bool,
+    /// TLS details, when the listener terminates TLS.
+    pub tls: Option<TlsInfo>,
+}
+
+pub(super) struct TlsInfo {
     /// The verified client certificate's identity (mTLS listeners).
     pub identity: Option<ClientIdentity>,
+    /// The server name the client asked for (SNI).
+    pub server_name: Option<String>,
+}
+
+impl ConnectionContext {
+    pub fn identity(&self) -> Option<&ClientIdentity> {
+        self.tls.as_ref().and_then(|t| t.identity.as_ref())
+    }
 }
 
 pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerContext>) {
     // The configuration in force when the connection arrived decides its TLS and limits.
     let gateway = listener.server.gateway.load_full();
-    let Some((index, _)) = gateway.listener(&listener.key) else {
+    let Some((index, config)) = gateway.listener(&listener.key) else {
         return; // removed by a reload a moment ago
     };
-    // `handshake_timeout` covers the TLS handshake and the request head together.
+    // `handshake_timeout` covers the PROXY header, the TLS handshake and the request head.
     let deadline = Instant::now() + gateway.config.gateway.handshake_timeout;
+    let mut local = stream.local_addr().ok();
+    let mut client = ClientAddr::from(peer);
+    let stream = if config.accept_proxy_protocol {
+        let trusted = config.trusts(peer.ip());
+        match tokio::time::timeout_at(deadline, proxy_protocol::accept(stream, trusted)).await {
+            Ok(Ok((proxied, stream))) => {
+                if let Some(p) = proxied {
+                    client = p.source.into();
+                    local = Some(p.destination);
+                }
+                stream
+            }
+            Ok(Err(e)) => {
+                if let Verdict::Log { suppressed } = listener.server.rejection_log.check() {
+                    info!(client = %peer, listener = %config.name, suppressed, reason = %e, "connection refused");
+                }
+                return;
+            }
+            Err(_) => {
+                debug!(client = %peer, "no PROXY protocol header within handshake_timeout");
+                return;
+            }
+        }
+    } else {
+        Prefixed::new(Vec::new(), stream)
+    };
     let Some(acceptor) = gateway.acceptor(index).cloned() else {
         let io = TokioIo::new(stream);
-        return serve_http(io, peer, listener, &gateway, deadline, None).await;
+        return serve_http(io, client, local, listener, &gateway, deadline, None).await;
     };
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
+            let session = tls.get_ref().1;
             // rustls has verified the chain; only its identity is read here.
-            let identity = tls
-                .get_ref()
-                .1
+            let identity = session
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(ClientIdentity::from_certificate);
+            let info = TlsInfo {
+                identity,
+                server_name: session.server_name().map(str::to_string),
+            };
             let io = TokioIo::new(tls);
-            serve_http(io, peer, listener, &gateway, deadline, Some(identity)).await
+            serve_http(io, client, local, listener, &gateway, deadline, Some(info)).await
         }
-        Ok(Err(e)) => debug!(client = %peer, error = %e, "TLS handshake failed"),
-        Err(_) => debug!(client = %peer, "TLS handshake timed out (handshake_timeout)"),
+        Ok(Err(e)) => debug!(client = %client, error = %e, "TLS handshake failed"),
+        Err(_) => debug!(client = %client, "TLS handshake timed out (handshake_timeout)"),
     }
 }
 
 async fn serve_http<I>(
     io: TokioIo<I>,
-    peer: SocketAddr,
+    peer: ClientAddr,
+    local: Option<SocketAddr>,
     listener: Arc<ListenerContext>,
     gateway: &Gateway,
     deadline: Instant,
-    tls: Option<Option<ClientIdentity>>,
+    tls: Option<TlsInfo>,
 ) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let shutdown = listener.server.shutdown.graceful.clone();
     let ctx = Arc::new(ConnectionContext {
         peer,
+        local,
         listener,
-        tls: tls.is_some(),
-        identity: tls.flatten(),
+        tls,
     });
     let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
     let mut builder = http1::Builder::new();

@@ -109,13 +109,15 @@ impl Server {
             }
             None => None,
         };
+        let shutdown = ShutdownSignals::default();
+        gateway.start_health_checks(&shutdown.graceful, &metrics);
         let inner = Arc::new(Inner {
             gateway: ArcSwap::from_pointee(gateway),
             metrics,
             total: Arc::new(AtomicUsize::new(0)),
             per_ip: Arc::new(limits::PerIp::default()),
             tracker: TaskTracker::new(),
-            shutdown: ShutdownSignals::default(),
+            shutdown,
             rejection_log: LogLimiter::new(20),
             listeners: Mutex::new(Vec::new()),
             admin: Mutex::new(None),
@@ -243,6 +245,7 @@ impl Server {
         if gateway.config.admin != self.inner.gateway.load().config.admin {
             warn!("[admin] changed: the admin listener keeps its address until restart");
         }
+        gateway.start_health_checks(&self.inner.shutdown.graceful, &self.inner.metrics);
         self.inner.gateway.store(Arc::new(gateway));
         {
             let mut running = self.lock_listeners();

@@ -16,13 +16,15 @@ use tracing::{debug, info, warn};
 
 use super::connection::ConnectionContext;
 use super::limits::{ConnectionPermit, LimitHit, PerIp, Permit};
-use crate::config::{RouteConfig, Upstream};
-use crate::gateway::Gateway;
+use crate::config::RouteConfig;
+use crate::forwarded::{self, ClientAddr};
+use crate::gateway::{Gateway, RouteTarget};
 use crate::handshake::{self, HandshakeError};
+use crate::proxy_protocol;
 use crate::relay::{self, RelaySettings, Summary};
 use crate::routing;
 use crate::telemetry::ratelimit::Verdict;
-use crate::upstream::{self, ClientHandshake, Connected, UpstreamError};
+use crate::upstream::{self, ClientHandshake, Connected, Lease, UpstreamError};
 
 /// Why an upgrade request was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +77,22 @@ pub(super) async fn handle(
     conn: Arc<ConnectionContext>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
-    match accept(&mut req, &conn, started).await {
+    // Each request sees the configuration in force when it arrives (hot reload).
+    let gateway = conn.listener.server.gateway.load_full();
+    let trusted = |ip| {
+        gateway
+            .listener(&conn.listener.key)
+            .is_some_and(|(_, l)| l.trusts(ip))
+    };
+    let client = forwarded::real_client(conn.peer, req.headers(), trusted);
+    let request = UpgradeRequest {
+        conn: &conn,
+        gateway: &gateway,
+        client,
+        trusted_peer: trusted(conn.peer.ip),
+        started,
+    };
+    match request.accept(&mut req).await {
         Ok(response) => Ok(response),
         Err(rejection) => {
             let server = &conn.listener.server;
@@ -86,10 +103,10 @@ pub(super) async fn handle(
                 let path = req.uri().path();
                 match &rejection {
                     Rejection::Upstream(e) => {
-                        warn!(client = %conn.peer, path, status, suppressed, error = %e, "upgrade failed")
+                        warn!(%client, path, status, suppressed, error = %e, "upgrade failed")
                     }
                     _ => {
-                        info!(client = %conn.peer, path, status, suppressed, reason = %rejection, "upgrade refused")
+                        info!(%client, path, status, suppressed, reason = %rejection, "upgrade refused")
                     }
                 }
             }
@@ -98,177 +115,214 @@ pub(super) async fn handle(
     }
 }
 
-async fn accept(
-    req: &mut Request<Incoming>,
-    conn: &Arc<ConnectionContext>,
+/// One upgrade request and who sent it.
+struct UpgradeRequest<'a> {
+    conn: &'a Arc<ConnectionContext>,
+    gateway: &'a Arc<Gateway>,
+    /// The real client: the connection's peer, or whom a trusted proxy forwarded for.
+    client: ClientAddr,
+    /// The connection's peer is one of the listener's trusted proxies.
+    trusted_peer: bool,
     started: Instant,
-) -> Result<Response<Full<Bytes>>, Rejection> {
-    handshake::check_request_line(req)?;
-    let path = req.uri().path();
-    if routing::has_dot_segments(path) {
-        return Err(HandshakeError::DotSegments.into());
+}
+
+impl UpgradeRequest<'_> {
+    async fn accept(
+        &self,
+        req: &mut Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Rejection> {
+        let conn = self.conn;
+        handshake::check_request_line(req)?;
+        let path = req.uri().path();
+        if routing::has_dot_segments(path) {
+            return Err(HandshakeError::DotSegments.into());
+        }
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        let target = self
+            .gateway
+            .route(host, path)
+            .ok_or(HandshakeError::NoRoute)?;
+        let route = target.config;
+        let upgrade = handshake::validate(req)?;
+        handshake::check_origin(upgrade.origin.as_deref(), route.allowed_origins.as_deref())?;
+        let permit = self.acquire()?;
+
+        let identity_header = self
+            .gateway
+            .listener(&conn.listener.key)
+            .and_then(|(_, l)| l.tls.as_ref())
+            .and_then(|t| t.identity_header.clone());
+        let identity_value = conn.identity().map(|i| i.to_string());
+        let tls = conn.tls.is_some();
+        let forwarding = forwarded::for_upstream(
+            req.headers(),
+            conn.peer,
+            self.client,
+            self.trusted_peer,
+            tls,
+            forwarded::Policy {
+                forwarded_headers: route.forwarded_headers,
+                x_real_ip: route.x_real_ip,
+            },
+        );
+        let client_handshake = ClientHandshake {
+            path_and_query: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            map_path: true,
+            protocols: &upgrade.protocols,
+            headers: req.headers(),
+            identity: identity_header
+                .as_deref()
+                .map(|h| (h, identity_value.as_deref())),
+            forwarding,
+        };
+        let proxy_header = self.proxy_header(route);
+        let metrics = &conn.listener.server.metrics;
+        let (connected, lease) = upstream::connect(
+            route,
+            target.pool,
+            target.tls,
+            &client_handshake,
+            proxy_header.as_deref(),
+            metrics,
+        )
+        .await?;
+        let protocol = match &connected {
+            Connected::WebSocket { protocol, .. } => protocol.clone(),
+            Connected::Stream(_) => {
+                handshake::select_protocol(&route.subprotocols, &upgrade.protocols)
+                    .map(str::to_string)
+            }
+        };
+        let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
+        self.spawn_relay(req, &target, connected, lease, permit);
+        Ok(response)
     }
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok());
-    // Each request sees the configuration in force when it arrives (hot reload).
-    let gateway = conn.listener.server.gateway.load_full();
-    let (route, tls) = gateway.route(host, path).ok_or(HandshakeError::NoRoute)?;
-    let upgrade = handshake::validate(req)?;
-    handshake::check_origin(upgrade.origin.as_deref(), route.allowed_origins.as_deref())?;
-    let permit = acquire(conn, &gateway)?;
 
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let upstream_path = match &route.upstream {
-        Upstream::Ws { path, .. } => routing::upstream_path(&route.path, path, path_and_query),
-        _ => String::new(),
-    };
-    let identity_header = gateway
-        .listener(&conn.listener.key)
-        .and_then(|(_, l)| l.tls.as_ref())
-        .and_then(|t| t.identity_header.clone());
-    let identity_value = conn.identity.as_ref().map(|i| i.to_string());
-    let client_handshake = ClientHandshake {
-        path_and_query: upstream_path,
-        protocols: &upgrade.protocols,
-        headers: req.headers(),
-        identity: identity_header
-            .as_deref()
-            .map(|h| (h, identity_value.as_deref())),
-    };
-    let upstream_name = route.upstream.to_string();
-    let metrics = &conn.listener.server.metrics;
-    let connect_started = Instant::now();
-    let connected = match upstream::connect(route, tls, &client_handshake).await {
-        Ok(connected) => {
-            metrics.upstream_connected(&upstream_name, connect_started.elapsed());
-            connected
-        }
-        Err(e) => {
-            metrics.upstream_failed(&upstream_name);
-            return Err(e.into());
-        }
-    };
-    let protocol = match &connected {
-        Connected::WebSocket { protocol, .. } => protocol.clone(),
-        Connected::Stream(_) => {
-            handshake::select_protocol(&route.subprotocols, &upgrade.protocols).map(str::to_string)
-        }
-    };
-    let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
-    spawn_relay(req, conn, &gateway, route, connected, permit, started);
-    Ok(response)
+    /// The PROXY protocol header for a byte-stream upstream, naming the real client.
+    fn proxy_header(&self, route: &RouteConfig) -> Option<Vec<u8>> {
+        let version = route.proxy_protocol?;
+        let conn = self.conn;
+        let source = std::net::SocketAddr::new(self.client.ip, self.client.port.unwrap_or(0));
+        let destination = conn.local?;
+        let server_name = conn.tls.as_ref().and_then(|t| t.server_name.as_deref());
+        proxy_protocol::encode(version, source, destination, server_name).ok()
+    }
+
+    /// Takes a slot in each connection budget: the gateway's, the listener's, the client
+    /// IP's (the real client's, when a trusted proxy named it).
+    fn acquire(&self) -> Result<ConnectionPermit, LimitHit> {
+        let (conn, gateway) = (self.conn, self.gateway);
+        let server = &conn.listener.server;
+        let limits = &gateway.config.gateway;
+        let listener_max = gateway
+            .listener(&conn.listener.key)
+            .and_then(|(_, l)| l.max_connections);
+        let total = Permit::try_acquire(&server.total, Some(limits.max_connections))
+            .ok_or(LimitHit::Gateway(limits.max_connections))?;
+        let listener = Permit::try_acquire(&conn.listener.active, listener_max)
+            .ok_or(LimitHit::Listener(listener_max.unwrap_or_default()))?;
+        let ip = match limits.max_connections_per_ip {
+            Some(max) => Some(
+                PerIp::try_acquire(&server.per_ip, self.client.ip, max).ok_or(LimitHit::Ip(max))?,
+            ),
+            None => None,
+        };
+        Ok(ConnectionPermit::new(total, listener, ip))
+    }
+
+    /// Starts the relay task. It waits for hyper to hand over the connection once the 101
+    /// has been written, and is tracked so that shutdown waits for it.
+    fn spawn_relay(
+        &self,
+        req: &mut Request<Incoming>,
+        target: &RouteTarget<'_>,
+        connected: Connected,
+        lease: Lease,
+        permit: ConnectionPermit,
+    ) {
+        let route = target.config;
+        let on_upgrade = hyper::upgrade::on(req);
+        let conn = self.conn.clone();
+        let settings = RelaySettings {
+            max_message_size: route.max_message_size,
+            max_frame_size: route.max_frame_size,
+            close_timeout: self.gateway.config.gateway.close_timeout,
+            idle_timeout: route.idle_timeout,
+            ping: route.ping,
+        };
+        let done = Finished {
+            client: self.client,
+            listener: self
+                .gateway
+                .listener(&conn.listener.key)
+                .map(|(_, l)| l.name.clone())
+                .unwrap_or_default(),
+            route: route.path.clone(),
+            upstream: target.pool.upstream(lease.index()).to_string(),
+            started: self.started,
+        };
+        let server = conn.listener.server.clone();
+        server.tracker.clone().spawn(async move {
+            let _permit = permit;
+            let _lease = lease;
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    debug!(client = %done.client, error = %e, "client left before the upgrade completed");
+                    return;
+                }
+            };
+            let metrics = &server.metrics;
+            let _active = metrics.relay_started(&done.listener, &done.route);
+            let flow = metrics.flow(&done.route);
+            let shutdown = server.shutdown.clone();
+            let client = TokioIo::new(upgraded);
+            let summary = match connected {
+                Connected::Stream(stream) => {
+                    relay::relay_stream(client, stream, settings, shutdown, flow).await
+                }
+                Connected::WebSocket { ws, .. } => {
+                    relay::relay_ws(client, ws, settings, shutdown, flow).await
+                }
+            };
+            metrics.finished(
+                &done.route,
+                summary.close_code,
+                summary.closed_by.as_str(),
+                done.started.elapsed(),
+            );
+            log_summary(&conn, &done, &summary);
+        });
+    }
 }
 
-/// Takes a slot in each connection budget: the gateway's, the listener's, the client IP's.
-fn acquire(conn: &ConnectionContext, gateway: &Gateway) -> Result<ConnectionPermit, LimitHit> {
-    let server = &conn.listener.server;
-    let limits = &gateway.config.gateway;
-    let listener_max = gateway
-        .listener(&conn.listener.key)
-        .and_then(|(_, l)| l.max_connections);
-    let total = Permit::try_acquire(&server.total, Some(limits.max_connections))
-        .ok_or(LimitHit::Gateway(limits.max_connections))?;
-    let listener = Permit::try_acquire(&conn.listener.active, listener_max)
-        .ok_or(LimitHit::Listener(listener_max.unwrap_or_default()))?;
-    let ip = match limits.max_connections_per_ip {
-        Some(max) => {
-            Some(PerIp::try_acquire(&server.per_ip, conn.peer.ip(), max).ok_or(LimitHit::Ip(max))?)
-        }
-        None => None,
-    };
-    Ok(ConnectionPermit::new(total, listener, ip))
-}
-
-/// Starts the relay task. It waits for hyper to hand over the connection once the 101 has
-/// been written, and is tracked so that shutdown waits for it.
-fn spawn_relay(
-    req: &mut Request<Incoming>,
-    conn: &Arc<ConnectionContext>,
-    gateway: &Gateway,
-    route: &RouteConfig,
-    connected: Connected,
-    permit: ConnectionPermit,
+/// What the log line of a finished connection names.
+struct Finished {
+    client: ClientAddr,
+    listener: String,
+    route: String,
+    upstream: String,
     started: Instant,
-) {
-    let on_upgrade = hyper::upgrade::on(req);
-    let conn = conn.clone();
-    let settings = RelaySettings {
-        max_message_size: route.max_message_size,
-        max_frame_size: route.max_frame_size,
-        close_timeout: gateway.config.gateway.close_timeout,
-        idle_timeout: route.idle_timeout,
-        ping: route.ping,
-    };
-    let listener_name = gateway
-        .listener(&conn.listener.key)
-        .map(|(_, l)| l.name.clone())
-        .unwrap_or_default();
-    let route_path = route.path.clone();
-    let upstream_name = route.upstream.to_string();
-    let server = conn.listener.server.clone();
-    server.tracker.clone().spawn(async move {
-        let _permit = permit;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                debug!(client = %conn.peer, error = %e, "client left before the upgrade completed");
-                return;
-            }
-        };
-        let metrics = &server.metrics;
-        let _active = metrics.relay_started(&listener_name, &route_path);
-        let flow = metrics.flow(&route_path);
-        let shutdown = server.shutdown.clone();
-        let client = TokioIo::new(upgraded);
-        let summary = match connected {
-            Connected::Stream(stream) => {
-                relay::relay_stream(client, stream, settings, shutdown, flow).await
-            }
-            Connected::WebSocket { ws, .. } => {
-                relay::relay_ws(client, ws, settings, shutdown, flow).await
-            }
-        };
-        metrics.finished(
-            &route_path,
-            summary.close_code,
-            summary.closed_by.as_str(),
-            started.elapsed(),
-        );
-        log_summary(
-            &conn,
-            &listener_name,
-            &route_path,
-            &upstream_name,
-            started,
-            &summary,
-        );
-    });
 }
 
 /// The one line per finished connection (SPEC §5).
-fn log_summary(
-    conn: &ConnectionContext,
-    listener: &str,
-    route: &str,
-    upstream: &str,
-    started: Instant,
-    s: &Summary,
-) {
+fn log_summary(conn: &ConnectionContext, done: &Finished, s: &Summary) {
     let close_code = s.close_code.map(i64::from).unwrap_or(1006);
     info!(
-        client = %conn.peer,
-        listener = %listener,
-        tls = conn.tls,
-        client_cert = %conn.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
-        route = %route,
-        upstream = %upstream,
-        duration_ms = started.elapsed().as_millis() as u64,
+        client = %done.client,
+        listener = %done.listener,
+        tls = conn.tls.is_some(),
+        client_cert = %conn.identity().map(|i| i.to_string()).unwrap_or_default(),
+        route = %done.route,
+        upstream = %done.upstream,
+        duration_ms = done.started.elapsed().as_millis() as u64,
         bytes_from_client = s.bytes_from_client,
         bytes_to_client = s.bytes_to_client,
         messages_from_client = s.messages_from_client,

@@ -76,6 +76,8 @@ pub struct Metrics {
     rejections: Family<StatusLabels, Counter>,
     upstream_connect_errors: Family<UpstreamLabels, Counter>,
     upstream_connect_seconds: HistogramFamily<UpstreamLabels>,
+    upstream_healthy: Family<UpstreamLabels, Gauge>,
+    upstream_ejections: Family<UpstreamLabels, Counter>,
     bytes: Family<FlowLabels, Counter>,
     messages: Family<FlowLabels, Counter>,
     closes: Family<CloseLabels, Counter>,
@@ -142,6 +144,18 @@ impl Metrics {
             "Time to reach an upstream, including TLS and WebSocket handshake",
             upstream_connect_seconds.clone(),
         );
+        let upstream_healthy = Family::default();
+        registry.register(
+            "upstream_healthy",
+            "1 while the active health check keeps an upstream in the rotation, 0 while it is out",
+            upstream_healthy.clone(),
+        );
+        let upstream_ejections = Family::default();
+        registry.register(
+            "upstream_ejections",
+            "Times an upstream was taken out of the rotation after failed connects (max_fails)",
+            upstream_ejections.clone(),
+        );
         let bytes = Family::default();
         registry.register("bytes", "Payload bytes relayed", bytes.clone());
         let messages = Family::default();
@@ -176,6 +190,8 @@ impl Metrics {
             rejections,
             upstream_connect_errors,
             upstream_connect_seconds,
+            upstream_healthy,
+            upstream_ejections,
             bytes,
             messages,
             closes,
@@ -220,6 +236,22 @@ impl Metrics {
 
     pub(crate) fn upstream_failed(&self, upstream: &str) {
         self.upstream_connect_errors
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn upstream_health(&self, upstream: &str, healthy: bool) {
+        self.upstream_healthy
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .set(i64::from(healthy));
+    }
+
+    pub(crate) fn upstream_ejected(&self, upstream: &str) {
+        self.upstream_ejections
             .get_or_create(&UpstreamLabels {
                 upstream: upstream.to_string(),
             })

@@ -1,21 +1,31 @@
-//! Reaching a route's upstream before the client is answered: TCP or Unix connect, TLS for
-//! `wss://`, and the client side of the WebSocket handshake. Every phase runs against one
-//! deadline, the route's `connect_timeout`, and a timeout names the phase it cut.
+//! Reaching a route's upstream before the client is answered: pick one from the route's
+//! pool, TCP or Unix connect, the PROXY header or TLS for `wss://`, and the client side of the
+//! WebSocket handshake. Every phase of an attempt runs against one deadline, the route's
+//! `connect_timeout`, and a timeout names the phase it cut. A failed attempt moves on to the
+//! next upstream, within `connect_attempts` and `connect_budget`.
 
+pub mod health;
+pub mod pool;
 mod stream;
 pub mod tls;
 mod ws;
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tracing::warn;
 
+pub use pool::{Lease, Pool};
 pub use stream::{UpstreamReader, UpstreamStream, UpstreamWriter};
 pub use ws::{ClientHandshake, UpstreamWs};
 
 use crate::config::{RouteConfig, Upstream, authority};
+use crate::routing;
+use crate::telemetry::Metrics;
 
 /// What `connect` hands to the relay.
 pub enum Connected {
@@ -70,6 +80,16 @@ pub enum UpstreamError {
     Status { target: String, status: StatusCode },
     #[error("upstream {target}: bad WebSocket handshake: {reason}")]
     Handshake { target: String, reason: String },
+    #[error("upstream {target}: sending the PROXY protocol header failed: {source}")]
+    ProxyHeader {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "no upstream left to try ({attempts} attempted within connect_attempts and connect_budget)"
+    )]
+    Exhausted { attempts: usize },
 }
 
 impl UpstreamError {
@@ -80,85 +100,200 @@ impl UpstreamError {
             _ => StatusCode::BAD_GATEWAY,
         }
     }
+
+    /// Whether the next upstream may do better. An upstream that answered its handshake
+    /// with a status is up and has said no; asking its neighbour would only hide that.
+    fn try_next(&self) -> bool {
+        !matches!(self, UpstreamError::Status { .. })
+    }
 }
 
-/// Connects to a route's upstream. `handshake` carries what a ws:// upstream needs.
+/// Connects to one of a route's upstreams, moving on to the next after a connect error or
+/// timeout. `proxy_header` is sent first to byte-stream upstreams (PROXY protocol).
+/// Returns the connection and its lease on the upstream it reached.
 pub async fn connect(
     route: &RouteConfig,
-    tls: Option<&tokio_rustls::TlsConnector>,
+    pool: &Arc<Pool>,
+    tls: Option<&TlsConnector>,
     handshake: &ClientHandshake<'_>,
-) -> Result<Connected, UpstreamError> {
-    let deadline = Instant::now() + route.connect_timeout;
-    let target = route.upstream.to_string();
-    let deadline = Deadline {
-        at: deadline,
-        after: route.connect_timeout,
-        target: &target,
-    };
-    let connect_failed = |source| UpstreamError::Connect {
-        target: target.clone(),
-        source,
-    };
-    match &route.upstream {
-        Upstream::Tcp { host, port } => {
-            let stream = deadline
-                .run(Phase::Connect, stream::connect_tcp(host, *port))
-                .await?
-                .map_err(connect_failed)?;
-            Ok(Connected::Stream(UpstreamStream::Tcp(stream)))
+    proxy_header: Option<&[u8]>,
+    metrics: &Metrics,
+) -> Result<(Connected, Lease), UpstreamError> {
+    let budget = route.connect_budget.map(|b| Instant::now() + b);
+    let mut tried = Vec::new();
+    let mut last = None;
+    while tried.len() < route.connect_attempts {
+        let left = budget.map(|at| at.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|d| d.is_zero()) {
+            break;
         }
-        Upstream::Unix { path } => {
-            let stream = deadline
-                .run(Phase::Connect, tokio::net::UnixStream::connect(path))
-                .await?
-                .map_err(connect_failed)?;
-            Ok(Connected::Stream(UpstreamStream::Unix(stream)))
+        let Some(lease) = pool.pick(&tried) else {
+            break;
+        };
+        let index = lease.index();
+        tried.push(index);
+        let attempt = Connection {
+            route,
+            upstream: pool.upstream(index),
+            tls,
+            handshake,
+            proxy_header,
+            timeout: left.map_or(route.connect_timeout, |d| d.min(route.connect_timeout)),
+        };
+        let started = Instant::now();
+        let name = pool.upstream(index).to_string();
+        match attempt.open().await {
+            Ok(connected) => {
+                pool.succeeded(index);
+                metrics.upstream_connected(&name, started.elapsed());
+                return Ok((connected, lease));
+            }
+            Err(e) => {
+                metrics.upstream_failed(&name);
+                if !e.try_next() {
+                    return Err(e);
+                }
+                if let pool::Standing::Ejected(cool_down) = pool.failed(index) {
+                    metrics.upstream_ejected(&name);
+                    warn!(route = %route.path, upstream = %name, ?cool_down, error = %e, "upstream taken out of the rotation after failed connects (max_fails)");
+                } else if tried.len() < route.connect_attempts.min(pool.len()) {
+                    warn!(route = %route.path, upstream = %name, error = %e, "upstream failed; trying the next one");
+                }
+                last = Some(e);
+            }
         }
-        Upstream::Ws {
-            tls: use_tls,
-            host,
-            port,
-            ..
-        } => {
-            let tcp = deadline
-                .run(Phase::Connect, stream::connect_tcp(host, *port))
-                .await?
-                .map_err(connect_failed)?;
-            let host_header = host_header(host, *port, *use_tls);
-            let result = if *use_tls {
-                let refused = |reason: String| UpstreamError::Handshake {
-                    target: target.clone(),
-                    reason,
-                };
-                let connector = tls.ok_or_else(|| {
-                    refused("no TLS settings were prepared for this route".into())
-                })?;
-                let name = tls::server_name(route.tls_server_name.as_deref().unwrap_or(host))
-                    .map_err(refused)?;
-                let stream = deadline
-                    .run(Phase::Tls, connector.connect(name, tcp))
-                    .await?
-                    .map_err(|source| UpstreamError::Tls {
-                        target: target.clone(),
-                        source,
-                    })?;
-                deadline
-                    .run(
-                        Phase::Handshake,
-                        ws::handshake(stream, &host_header, handshake),
-                    )
-                    .await?
+    }
+    Err(last.unwrap_or(UpstreamError::Exhausted {
+        attempts: tried.len(),
+    }))
+}
+
+/// One attempt at one upstream.
+pub(crate) struct Connection<'a> {
+    pub route: &'a RouteConfig,
+    pub upstream: &'a Upstream,
+    pub tls: Option<&'a TlsConnector>,
+    pub handshake: &'a ClientHandshake<'a>,
+    pub proxy_header: Option<&'a [u8]>,
+    pub timeout: Duration,
+}
+
+impl Connection<'_> {
+    pub(crate) async fn open(&self) -> Result<Connected, UpstreamError> {
+        let target = self.upstream.to_string();
+        let deadline = Deadline {
+            at: Instant::now() + self.timeout,
+            after: self.timeout,
+            target: &target,
+        };
+        let connect_failed = |source| UpstreamError::Connect {
+            target: target.clone(),
+            source,
+        };
+        let ws_request = |path: &str| {
+            if self.handshake.map_path {
+                routing::upstream_path(&self.route.path, path, &self.handshake.path_and_query)
             } else {
-                deadline
+                self.handshake.path_and_query.clone()
+            }
+        };
+        let handshake_failed = |e: ws::Failure| e.into_upstream_error(&target);
+        match self.upstream {
+            Upstream::Tcp { host, port } => {
+                let stream = deadline
+                    .run(Phase::Connect, stream::connect_tcp(host, *port))
+                    .await?
+                    .map_err(connect_failed)?;
+                self.stream(UpstreamStream::Tcp(stream), &deadline).await
+            }
+            Upstream::Unix { path } => {
+                let stream = deadline
+                    .run(Phase::Connect, tokio::net::UnixStream::connect(path))
+                    .await?
+                    .map_err(connect_failed)?;
+                self.stream(UpstreamStream::Unix(stream), &deadline).await
+            }
+            Upstream::WsUnix { socket, path } => {
+                let stream = deadline
+                    .run(Phase::Connect, tokio::net::UnixStream::connect(socket))
+                    .await?
+                    .map_err(connect_failed)?;
+                // A Unix socket has no host name; "localhost" is what curl sends too.
+                let (ws, protocol) = deadline
                     .run(
                         Phase::Handshake,
-                        ws::handshake(tcp, &host_header, handshake),
+                        ws::handshake(stream, "localhost", &ws_request(path), self.handshake),
                     )
                     .await?
-            };
-            let (ws, protocol) = result.map_err(|e| e.into_upstream_error(&target))?;
-            Ok(Connected::WebSocket { ws, protocol })
+                    .map_err(handshake_failed)?;
+                Ok(Connected::WebSocket { ws, protocol })
+            }
+            Upstream::Ws {
+                tls: use_tls,
+                host,
+                port,
+                path,
+            } => {
+                let tcp = deadline
+                    .run(Phase::Connect, stream::connect_tcp(host, *port))
+                    .await?
+                    .map_err(connect_failed)?;
+                let host_header = host_header(host, *port, *use_tls);
+                let request = ws_request(path);
+                let result = if *use_tls {
+                    let refused = |reason: String| UpstreamError::Handshake {
+                        target: target.clone(),
+                        reason,
+                    };
+                    let connector = self.tls.ok_or_else(|| {
+                        refused("no TLS settings were prepared for this route".into())
+                    })?;
+                    let name =
+                        tls::server_name(self.route.tls_server_name.as_deref().unwrap_or(host))
+                            .map_err(refused)?;
+                    let stream = deadline
+                        .run(Phase::Tls, connector.connect(name, tcp))
+                        .await?
+                        .map_err(|source| UpstreamError::Tls {
+                            target: target.clone(),
+                            source,
+                        })?;
+                    deadline
+                        .run(
+                            Phase::Handshake,
+                            ws::handshake(stream, &host_header, &request, self.handshake),
+                        )
+                        .await?
+                } else {
+                    deadline
+                        .run(
+                            Phase::Handshake,
+                            ws::handshake(tcp, &host_header, &request, self.handshake),
+                        )
+                        .await?
+                };
+                let (ws, protocol) = result.map_err(handshake_failed)?;
+                Ok(Connected::WebSocket { ws, protocol })
+            }
         }
+    }
+
+    /// A byte-stream upstream is ready once the PROXY header, if any, is written.
+    async fn stream(
+        &self,
+        mut stream: UpstreamStream,
+        deadline: &Deadline<'_>,
+    ) -> Result<Connected, UpstreamError> {
+        if let Some(header) = self.proxy_header {
+            deadline
+                .run(Phase::Connect, stream.write_all(header))
+                .await?
+                .map_err(|source| UpstreamError::ProxyHeader {
+                    target: deadline.target.to_string(),
+                    source,
+                })?;
+        }
+        Ok(Connected::Stream(stream))
     }
 }
 

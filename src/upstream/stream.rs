@@ -23,6 +23,15 @@ pub(super) async fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> 
 }
 
 impl UpstreamStream {
+    /// Writes bytes before the relay starts (the PROXY protocol header).
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            UpstreamStream::Tcp(s) => s.write_all(bytes).await,
+            UpstreamStream::Unix(s) => s.write_all(bytes).await,
+        }
+    }
+
     /// Owned halves: the read half waits for readiness without a buffer (see
     /// [`UpstreamReader`]); the write half shuts down the write side when asked or dropped.
     pub fn into_split(self) -> (UpstreamReader, UpstreamWriter) {

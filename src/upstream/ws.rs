@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::UpstreamError;
+use crate::forwarded::{FORWARDING, Forwarding};
 use crate::handshake::{accept_key, has_token};
 
 /// A WebSocket connection to an upstream, after its handshake.
@@ -22,8 +23,11 @@ pub type UpstreamWs = TokioIo<Upgraded>;
 
 /// What the upstream handshake forwards from the client's request.
 pub struct ClientHandshake<'a> {
-    /// Request target for the upstream (path and query), already mapped from the route.
+    /// The client's request target (path and query).
     pub path_and_query: String,
+    /// Map it onto each upstream's path like nginx's proxy_pass (client requests), or send
+    /// it as it is (health checks).
+    pub map_path: bool,
     /// The client's offered subprotocols, passed on in order.
     pub protocols: &'a [String],
     /// The client's request headers; end-to-end ones are forwarded (Origin, Cookie,
@@ -33,6 +37,8 @@ pub struct ClientHandshake<'a> {
     /// the client presented a certificate. A client-sent header of that name is always
     /// dropped, so it cannot be forged.
     pub identity: Option<(&'a str, Option<&'a str>)>,
+    /// X-Forwarded-For and friends: which of the client's to drop, which to set.
+    pub forwarding: Forwarding,
 }
 
 pub(super) enum Failure {
@@ -84,13 +90,14 @@ const NOT_FORWARDED: &[HeaderName] = &[
 pub(super) async fn handshake<S>(
     stream: S,
     host: &str,
+    path_and_query: &str,
     hs: &ClientHandshake<'_>,
 ) -> Result<(UpstreamWs, Option<String>), Failure>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let key = fastwebsockets::handshake::generate_key();
-    let request = build_request(host, &key, hs)?;
+    let request = build_request(host, path_and_query, &key, hs)?;
 
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     // The connection is driven here, not spawned, so a handshake cut by the deadline leaves
@@ -122,6 +129,7 @@ where
 
 fn build_request(
     host: &str,
+    path_and_query: &str,
     key: &str,
     hs: &ClientHandshake<'_>,
 ) -> Result<Request<Empty<Bytes>>, Failure> {
@@ -129,7 +137,7 @@ fn build_request(
         |e: http::Error| Failure::Invalid(format!("cannot build the upstream request: {e}"));
     let mut request = Request::builder()
         .method("GET")
-        .uri(hs.path_and_query.as_str())
+        .uri(path_and_query)
         .body(Empty::new())
         .map_err(invalid)?;
     let connection_tokens: Vec<String> = hs
@@ -146,7 +154,8 @@ fn build_request(
             || name.as_str() == "keep-alive"
             || name.as_str() == "proxy-connection"
             || connection_tokens.iter().any(|t| t == name.as_str());
-        if !hop_by_hop {
+        let spoofable = hs.forwarding.strip && FORWARDING.contains(name);
+        if !hop_by_hop && !spoofable {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -157,6 +166,9 @@ fn build_request(
         if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
             headers.insert(name, value);
         }
+    }
+    for (name, value) in &hs.forwarding.set {
+        headers.insert(name.clone(), value.clone());
     }
     let value = |s: &str| {
         HeaderValue::from_str(s)
@@ -282,13 +294,22 @@ mod tests {
             header::SEC_WEBSOCKET_EXTENSIONS,
             HeaderValue::from_static("permessage-deflate"),
         );
+        client.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         let hs = ClientHandshake {
-            path_and_query: "/x?y=1".into(),
+            path_and_query: "/ignored".into(),
+            map_path: true,
             protocols: &["a".to_string(), "b".to_string()],
             headers: &client,
             identity: None,
+            forwarding: Forwarding {
+                strip: true,
+                set: vec![(
+                    crate::forwarded::X_REAL_IP,
+                    HeaderValue::from_static("192.0.2.1"),
+                )],
+            },
         };
-        let Ok(req) = build_request("backend:9000", "k", &hs) else {
+        let Ok(req) = build_request("backend:9000", "/x?y=1", "k", &hs) else {
             panic!("request not built")
         };
         let h = req.headers();
@@ -298,5 +319,10 @@ mod tests {
         assert_eq!(h[header::SEC_WEBSOCKET_PROTOCOL], "a, b");
         assert!(!h.contains_key("x-hop"));
         assert!(!h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS));
+        assert!(
+            !h.contains_key("x-forwarded-for"),
+            "the client's own is dropped"
+        );
+        assert_eq!(h["x-real-ip"], "192.0.2.1");
     }
 }

@@ -172,6 +172,19 @@ pub struct Seen {
     pub closes: Vec<Option<(u16, String)>>,
     /// Connections that ended, with a Close or without.
     pub ended: usize,
+    /// Every request header of each handshake, names in lower case.
+    pub requests: Vec<Vec<(String, String)>>,
+}
+
+impl Seen {
+    /// The values of header `name` in handshake `n`.
+    pub fn header(&self, n: usize, name: &str) -> Vec<String> {
+        self.requests[n]
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
 }
 
 pub struct WsUpstream {
@@ -213,6 +226,19 @@ pub async fn ws_echo_with_tls(tls: Option<tokio_rustls::TlsAcceptor>) -> WsUpstr
     WsUpstream { addr, seen }
 }
 
+/// The same WebSocket echo server on a Unix-domain socket (ws+unix: upstreams).
+pub fn ws_echo_unix(path: &Path) -> Arc<Mutex<Seen>> {
+    let listener = tokio::net::UnixListener::bind(path).expect("bind unix socket");
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let shared = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_ws_echo(stream, shared.clone()));
+        }
+    });
+    seen
+}
+
 async fn serve_ws_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<Mutex<Seen>>) {
     let record = seen.clone();
     #[allow(clippy::result_large_err)] // the signature is tungstenite's
@@ -239,6 +265,12 @@ async fn serve_ws_echo<S: AsyncRead + AsyncWrite + Unpin>(stream: S, seen: Arc<M
         s.origins.push(header("origin"));
         s.hosts.push(header("host"));
         s.identities.push(header("x-client-identity"));
+        s.requests.push(
+            req.headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect(),
+        );
         Ok(resp)
     };
     let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {

@@ -1,0 +1,299 @@
+//! Who the client really is, and how a ws upstream is told.
+//!
+//! Behind a load balancer the socket's peer is the balancer. Its word about the client (a
+//! PROXY header, or X-Forwarded-For / Forwarded) is believed only when the peer is in the
+//! listener's `trusted` list; anyone else could write those headers to pose as another
+//! address, so from them the headers are dropped, never passed on.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// The headers that carry a client's identity through proxies.
+pub const FORWARDING: [HeaderName; 5] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    header::FORWARDED,
+    X_REAL_IP,
+];
+
+/// The client as the gateway knows it: an address, and its port when it came from the
+/// socket or a PROXY header (forwarded headers carry none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl From<SocketAddr> for ClientAddr {
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            ip: addr.ip().to_canonical(),
+            port: Some(addr.port()),
+        }
+    }
+}
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => SocketAddr::new(self.ip, port).fmt(f),
+            None => self.ip.fmt(f),
+        }
+    }
+}
+
+/// The real client of a request that arrived from `peer`: the peer itself, unless it is
+/// a trusted proxy; then the nearest address in its X-Forwarded-For (or, without one,
+/// Forwarded) that is not a trusted proxy too.
+pub fn real_client(
+    peer: ClientAddr,
+    headers: &HeaderMap,
+    trusts: impl Fn(IpAddr) -> bool,
+) -> ClientAddr {
+    if !trusts(peer.ip) {
+        return peer;
+    }
+    let chain = forwarded_chain(headers);
+    let Some(first) = chain.first() else {
+        return peer;
+    };
+    let ip = chain.iter().rev().find(|ip| !trusts(**ip)).unwrap_or(first);
+    ClientAddr {
+        ip: *ip,
+        port: None,
+    }
+}
+
+/// The addresses of a forwarding chain, client first.
+fn forwarded_chain(headers: &HeaderMap) -> Vec<IpAddr> {
+    let values = |name: &HeaderName| -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_string())
+            .collect()
+    };
+    let xff = values(&X_FORWARDED_FOR);
+    if !xff.is_empty() {
+        return xff.iter().filter_map(|n| node_ip(n)).collect();
+    }
+    values(&header::FORWARDED)
+        .iter()
+        .filter_map(|element| {
+            element.split(';').find_map(|pair| {
+                let (key, value) = pair.split_once('=')?;
+                key.trim()
+                    .eq_ignore_ascii_case("for")
+                    .then(|| node_ip(value))?
+            })
+        })
+        .collect()
+}
+
+/// An address as forwarding headers write it: `192.0.2.1`, `192.0.2.1:80`, `"[2001:db8::1]:80"`.
+fn node_ip(node: &str) -> Option<IpAddr> {
+    let node = node.trim().trim_matches('"');
+    if let Ok(ip) = node.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    if let Ok(addr) = node.parse::<SocketAddr>() {
+        return Some(addr.ip().to_canonical());
+    }
+    node.strip_prefix('[')
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|ip| ip.parse::<IpAddr>().ok())
+}
+
+/// What a ws upstream's handshake request gets instead of the client's own forwarding
+/// headers.
+#[derive(Debug, Clone, Default)]
+pub struct Forwarding {
+    /// Drop the client's X-Forwarded-*, Forwarded and X-Real-IP (untrusted peers).
+    pub strip: bool,
+    /// Headers to set, replacing any of the same name.
+    pub set: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// The route's choices about forwarded headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub forwarded_headers: bool,
+    pub x_real_ip: bool,
+}
+
+/// Builds the forwarding headers for a request from `peer` (the socket's peer, or the
+/// client a PROXY header named) whose real client is `client`.
+pub fn for_upstream(
+    request: &HeaderMap,
+    peer: ClientAddr,
+    client: ClientAddr,
+    trusted_peer: bool,
+    tls: bool,
+    policy: Policy,
+) -> Forwarding {
+    let mut set = Vec::new();
+    let existing = |name: &HeaderName| -> Option<String> {
+        if !trusted_peer {
+            return None;
+        }
+        let values: Vec<&str> = request
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    };
+    let mut push = |name: HeaderName, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            set.push((name, value));
+        }
+    };
+    if policy.forwarded_headers {
+        let proto = if tls { "https" } else { "http" };
+        let host = request
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string);
+        let xff = match existing(&X_FORWARDED_FOR) {
+            Some(chain) => format!("{chain}, {}", peer.ip),
+            None => peer.ip.to_string(),
+        };
+        push(X_FORWARDED_FOR, xff);
+        push(
+            X_FORWARDED_PROTO,
+            existing(&X_FORWARDED_PROTO).unwrap_or(proto.to_string()),
+        );
+        if let Some(host) = existing(&X_FORWARDED_HOST).or(host.clone()) {
+            push(X_FORWARDED_HOST, host);
+        }
+        // RFC 7239 §6: IPv6 nodes are quoted and bracketed; a host is quoted when it has
+        // a port (a colon is not a token character).
+        let node = match peer.ip {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("\"[{ip}]\""),
+        };
+        let mut ours = format!("for={node};proto={proto}");
+        if let Some(host) = &host {
+            ours.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+        }
+        let forwarded = match existing(&header::FORWARDED) {
+            Some(chain) => format!("{chain}, {ours}"),
+            None => ours,
+        };
+        push(header::FORWARDED, forwarded);
+    }
+    if policy.x_real_ip {
+        push(X_REAL_IP, client.ip.to_string());
+    }
+    Forwarding {
+        strip: !trusted_peer,
+        set,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn addr(s: &str) -> ClientAddr {
+        s.parse::<SocketAddr>().unwrap().into()
+    }
+
+    fn lb(ip: IpAddr) -> bool {
+        ip.to_string().starts_with("10.")
+    }
+
+    #[test]
+    fn the_real_client_comes_only_from_trusted_peers() {
+        let spoof = headers(&[("x-forwarded-for", "1.2.3.4")]);
+        assert_eq!(
+            real_client(addr("198.51.100.9:4000"), &spoof, lb),
+            addr("198.51.100.9:4000")
+        );
+        let chain = headers(&[("x-forwarded-for", "1.2.3.4, 203.0.113.5, 10.0.0.7")]);
+        let client = real_client(addr("10.0.0.1:4000"), &chain, lb);
+        assert_eq!(
+            client.to_string(),
+            "203.0.113.5",
+            "nearest untrusted hop, no port"
+        );
+        let forwarded = headers(&[("forwarded", "for=\"[2001:db8::1]:80\";proto=https")]);
+        assert_eq!(
+            real_client(addr("10.0.0.1:1"), &forwarded, lb).ip,
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            real_client(addr("10.0.0.1:1"), &HeaderMap::new(), lb),
+            addr("10.0.0.1:1")
+        );
+    }
+
+    #[test]
+    fn upstream_headers() {
+        let policy = Policy {
+            forwarded_headers: true,
+            x_real_ip: true,
+        };
+        let request = headers(&[("host", "app.example.com"), ("x-forwarded-for", "6.6.6.6")]);
+        let peer = addr("198.51.100.9:4000");
+        let f = for_upstream(&request, peer, peer, false, true, policy);
+        assert!(f.strip);
+        let get = |f: &Forwarding, name: &str| {
+            f.set
+                .iter()
+                .find(|(n, _)| n.as_str() == name)
+                .map(|(_, v)| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(get(&f, "x-forwarded-for").as_deref(), Some("198.51.100.9"));
+        assert_eq!(get(&f, "x-forwarded-proto").as_deref(), Some("https"));
+        assert_eq!(
+            get(&f, "x-forwarded-host").as_deref(),
+            Some("app.example.com")
+        );
+        assert_eq!(
+            get(&f, "forwarded").as_deref(),
+            Some("for=198.51.100.9;proto=https;host=\"app.example.com\"")
+        );
+        assert_eq!(get(&f, "x-real-ip").as_deref(), Some("198.51.100.9"));
+
+        let lb = addr("10.0.0.1:5000");
+        let client = ClientAddr {
+            ip: "6.6.6.6".parse().unwrap(),
+            port: None,
+        };
+        let f = for_upstream(&request, lb, client, true, false, policy);
+        assert!(!f.strip);
+        assert_eq!(
+            get(&f, "x-forwarded-for").as_deref(),
+            Some("6.6.6.6, 10.0.0.1")
+        );
+        assert_eq!(get(&f, "x-real-ip").as_deref(), Some("6.6.6.6"));
+        let v6 = addr("[2001:db8::2]:1");
+        let f = for_upstream(&HeaderMap::new(), v6, v6, false, false, policy);
+        assert_eq!(
+            get(&f, "forwarded").as_deref(),
+            Some("for=\"[2001:db8::2]\";proto=http")
+        );
+    }
+}

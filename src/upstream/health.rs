@@ -1,0 +1,116 @@
+//! Active health checks: every `interval`, each upstream of a route that asks for them is
+//! checked (a TCP or Unix connect; for ws upstreams a WebSocket handshake on `path`). After
+//! `fails` failed checks in a row it leaves the rotation, after `passes` good ones it comes
+//! back. Connections already open are left alone either way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::pool::Pool;
+use super::{ClientHandshake, Connection};
+use crate::config::{HealthCheck, RouteConfig};
+use crate::telemetry::Metrics;
+
+/// Starts the checks of one route; they stop when `replaced` is cancelled (the
+/// configuration they belong to was replaced) or at `shutdown`.
+pub fn spawn(
+    route: &RouteConfig,
+    pool: Arc<Pool>,
+    tls: Option<TlsConnector>,
+    replaced: CancellationToken,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+) {
+    let Some(check) = route.health_check.clone() else {
+        return;
+    };
+    for index in 0..pool.len() {
+        let route = route.clone();
+        let pool = pool.clone();
+        let tls = tls.clone();
+        let check = check.clone();
+        let (replaced, shutdown) = (replaced.clone(), shutdown.clone());
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = replaced.cancelled() => {}
+                _ = shutdown.cancelled() => {}
+                _ = watch(&route, &pool, index, tls.as_ref(), &check, &metrics) => {}
+            }
+        });
+    }
+}
+
+async fn watch(
+    route: &RouteConfig,
+    pool: &Pool,
+    index: usize,
+    tls: Option<&TlsConnector>,
+    check: &HealthCheck,
+    metrics: &Metrics,
+) {
+    let upstream = pool.upstream(index).to_string();
+    metrics.upstream_health(&upstream, true);
+    let (mut passed, mut failed) = (0u32, 0u32);
+    let mut ticker = tokio::time::interval(check.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match probe(route, pool, index, tls, check).await {
+            Ok(()) => {
+                failed = 0;
+                passed = passed.saturating_add(1);
+                if passed >= check.passes && pool.set_healthy(index, true) {
+                    metrics.upstream_health(&upstream, true);
+                    info!(route = %route.path, upstream, passes = passed, "health check: upstream is back in the rotation");
+                }
+            }
+            Err(reason) => {
+                passed = 0;
+                failed = failed.saturating_add(1);
+                if failed >= check.fails && pool.set_healthy(index, false) {
+                    metrics.upstream_health(&upstream, false);
+                    warn!(route = %route.path, upstream, fails = failed, error = %reason, "health check: upstream taken out of the rotation");
+                }
+            }
+        }
+    }
+}
+
+/// One check: connect (and for ws upstreams, complete a WebSocket handshake) within the
+/// timeout, then hang up.
+async fn probe(
+    route: &RouteConfig,
+    pool: &Pool,
+    index: usize,
+    tls: Option<&TlsConnector>,
+    check: &HealthCheck,
+) -> Result<(), String> {
+    let headers = http::HeaderMap::new();
+    let handshake = ClientHandshake {
+        path_and_query: check.path.clone().unwrap_or_else(|| "/".into()),
+        map_path: false,
+        protocols: &[],
+        headers: &headers,
+        identity: None,
+        forwarding: Default::default(),
+    };
+    let connection = Connection {
+        route,
+        upstream: pool.upstream(index),
+        tls,
+        handshake: &handshake,
+        proxy_header: None,
+        timeout: check.timeout,
+    };
+    let budget = check.timeout + Duration::from_millis(50);
+    match tokio::time::timeout(budget, connection.open()).await {
+        Ok(Ok(_connected)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+    }
+}
