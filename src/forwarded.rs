@@ -52,7 +52,9 @@ impl fmt::Display for ClientAddr {
 
 /// The real client of a request that arrived from `peer`: the peer itself, unless it is
 /// a trusted proxy; then the nearest address in its X-Forwarded-For (or, without one,
-/// Forwarded) that is not a trusted proxy too.
+/// Forwarded) that is not a trusted proxy too. A hop that is not an address (`unknown`, an
+/// obfuscated name, an unreadable header) ends the walk at the last hop that could be
+/// believed, as nginx's real_ip does: what lies beyond it may be anyone's invention.
 pub fn real_client(
     peer: ClientAddr,
     headers: &HeaderMap,
@@ -61,43 +63,68 @@ pub fn real_client(
     if !trusts(peer.ip) {
         return peer;
     }
-    let chain = forwarded_chain(headers);
-    let Some(first) = chain.first() else {
-        return peer;
-    };
-    let ip = chain.iter().rev().find(|ip| !trusts(**ip)).unwrap_or(first);
-    ClientAddr {
-        ip: *ip,
-        port: None,
+    let mut client = peer;
+    for hop in forwarded_chain(headers).iter().rev() {
+        let Some(ip) = *hop else {
+            return client;
+        };
+        client = ClientAddr { ip, port: None };
+        if !trusts(ip) {
+            break;
+        }
     }
+    client
 }
 
-/// The addresses of a forwarding chain, client first.
-fn forwarded_chain(headers: &HeaderMap) -> Vec<IpAddr> {
-    let values = |name: &HeaderName| -> Vec<String> {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_string())
-            .collect()
-    };
-    let xff = values(&X_FORWARDED_FOR);
-    if !xff.is_empty() {
-        return xff.iter().filter_map(|n| node_ip(n)).collect();
-    }
-    values(&header::FORWARDED)
-        .iter()
-        .filter_map(|element| {
-            element.split(';').find_map(|pair| {
-                let (key, value) = pair.split_once('=')?;
-                key.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then(|| node_ip(value))?
+/// The hops of a forwarding chain, client first; `None` for a hop that is not an address.
+/// X-Forwarded-For when the request has one (even an unreadable one), else Forwarded.
+fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+    let lines = |name: &HeaderName| headers.get_all(name).iter().map(|v| v.to_str().ok());
+    if headers.contains_key(&X_FORWARDED_FOR) {
+        return lines(&X_FORWARDED_FOR)
+            .flat_map(|line| match line {
+                Some(line) => line.split(',').map(node_ip).collect(),
+                None => vec![None],
             })
+            .collect();
+    }
+    lines(&header::FORWARDED)
+        .flat_map(|line| match line {
+            Some(line) => split_unquoted(line, ',')
+                .into_iter()
+                .map(|element| {
+                    split_unquoted(element, ';').into_iter().find_map(|pair| {
+                        let (key, value) = pair.split_once('=')?;
+                        key.trim()
+                            .eq_ignore_ascii_case("for")
+                            .then(|| node_ip(value))
+                    })?
+                })
+                .collect(),
+            None => vec![None],
         })
         .collect()
+}
+
+/// Splits at `separator` outside double-quoted strings (RFC 7230 quoted-string, with
+/// backslash escapes), so that `host="a, for=6.6.6.6"` stays one value.
+fn split_unquoted(text: &str, separator: char) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == separator && !quoted => {
+                parts.push(&text[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
 }
 
 /// An address as forwarding headers write it: `192.0.2.1`, `192.0.2.1:80`, `"[2001:db8::1]:80"`.

@@ -86,6 +86,14 @@ impl Gateway {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        for listener in &config.listeners {
+            if listener.trusted.iter().any(|net| net.prefix_len() == 0) {
+                tracing::warn!(
+                    listener = %listener.name,
+                    "trusted covers every address: any client can name itself in X-Forwarded-For or a PROXY header; list only your load balancers"
+                );
+            }
+        }
         for route in config.routes.iter().filter(|r| r.insecure_skip_verify) {
             tracing::warn!(
                 route = %route.path,
@@ -106,6 +114,25 @@ impl Gateway {
             pools,
             health_checks: CancellationToken::new(),
         })
+    }
+
+    /// Takes over what `old` knows about upstreams that this configuration keeps (same
+    /// route path and host, same upstream URL): open connection counts, ejections and
+    /// health verdicts. Must run before the pools are shared (before serving).
+    pub fn inherit_pools(&mut self, old: &Gateway) {
+        for (index, route) in self.config.routes.iter().enumerate() {
+            let Some(previous) = old
+                .config
+                .routes
+                .iter()
+                .position(|r| r.path == route.path && r.host == route.host)
+            else {
+                continue;
+            };
+            if let Some(pool) = Arc::get_mut(&mut self.pools[index]) {
+                pool.inherit(&old.pools[previous]);
+            }
+        }
     }
 
     /// Starts the active health checks of the routes that have them. They run until this

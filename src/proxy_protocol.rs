@@ -179,6 +179,20 @@ pub fn encode(
     }
 }
 
+/// The header of a connection the gateway makes for itself (health checks): v2 LOCAL or
+/// v1 UNKNOWN, which tell the upstream to use the connection's own addresses.
+pub fn encode_local(version: ProxyProtocol) -> Vec<u8> {
+    match version {
+        ProxyProtocol::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        ProxyProtocol::V2 => {
+            let mut header = V2_SIGNATURE.to_vec();
+            // Version 2, command LOCAL; family and protocol unspecified; no addresses.
+            header.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+            header
+        }
+    }
+}
+
 fn same_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
     let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let (s, d) = (canonical(source), canonical(destination));
@@ -296,6 +310,20 @@ mod tests {
         let wire = encode(ProxyProtocol::V1, v6, gateway, None).unwrap();
         assert!(wire.starts_with(b"PROXY TCP6 2001:db8::1 ::ffff:10.0.0.2 4000 443\r\n"));
         assert_eq!(accept_bytes(&wire, true).await.unwrap().0, Some(v6));
+    }
+
+    #[tokio::test]
+    async fn local_headers_name_nobody() {
+        for version in [ProxyProtocol::V1, ProxyProtocol::V2] {
+            let mut wire = encode_local(version);
+            wire.extend_from_slice(b"rest");
+            let (source, after) = accept_bytes(&wire, true).await.unwrap();
+            assert_eq!(
+                (source, after.as_slice()),
+                (None, &b"rest"[..]),
+                "{version:?}"
+            );
+        }
     }
 
     #[tokio::test]

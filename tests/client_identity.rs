@@ -188,9 +188,10 @@ async fn upgrade_after(gw: &TestGateway, header: &[u8]) -> (TcpStream, u16) {
     bytes.extend_from_slice(upgrade_request("/", "").as_bytes());
     stream.write_all(&bytes).await.unwrap();
     let mut first = [0u8; 12];
-    let status = match within("answer", stream.read(&mut first)).await {
-        Ok(n) if n >= 12 => std::str::from_utf8(&first[9..12]).unwrap().parse().unwrap(),
-        _ => 0,
+    let status = match within("answer", stream.read_exact(&mut first)).await {
+        Ok(_) => std::str::from_utf8(&first[9..12]).unwrap().parse().unwrap(),
+        // Closed without an answer.
+        Err(_) => 0,
     };
     (stream, status)
 }
@@ -222,6 +223,26 @@ async fn a_trusted_balancer_names_the_client_for_logs_limits_and_headers() {
         ["198.51.100.4"]
     );
     drop((held, other));
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn trust_stops_at_the_client_a_proxy_header_names() {
+    // The balancer and the client it names are both in `trusted` (an internal client); the
+    // client's own X-Forwarded-For is still not believed.
+    let (gw, upstream) = behind_balancer("\"127.0.0.0/8\"", "").await;
+    let mut stream = TcpStream::connect(gw.addr()).await.unwrap();
+    let mut bytes = b"PROXY TCP4 127.0.0.5 127.0.0.1 40000 443\r\n".to_vec();
+    bytes.extend_from_slice(upgrade_request("/", "X-Forwarded-For: 6.6.6.6\r\n").as_bytes());
+    stream.write_all(&bytes).await.unwrap();
+    assert_eq!(read_response(&mut stream).await.status, 101);
+    {
+        let seen = upstream.seen.lock().unwrap();
+        assert_eq!(seen.header(0, "x-forwarded-for"), ["127.0.0.5"]);
+        assert_eq!(seen.header(0, "x-real-ip"), ["127.0.0.5"]);
+    }
+    drop(stream);
     gw.wait_idle().await;
     gw.stop().await;
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -27,7 +27,9 @@ impl Named {
     async fn start(name: &'static str) -> Named {
         let mut upstream = Named {
             name,
-            addr: "127.0.0.1:0".parse().unwrap(),
+            // An address of its own: a port it gives up while "down" cannot be taken by
+            // another test's listener on 127.0.0.1 in the meantime.
+            addr: "127.0.0.77:0".parse().unwrap(),
             accepted: Arc::new(AtomicUsize::new(0)),
             task: None,
         };
@@ -215,7 +217,7 @@ async fn passive_ejection_and_recovery() {
     let good = Named::start("good").await;
     let gw = start_gateway(&pool_config(
         &[flaky.url(), good.url()],
-        "max_fails = 1\nfail_timeout = \"2s\"",
+        "max_fails = 1\nfail_timeout = \"3s\"",
     ))
     .await;
     // The first client meets the flaky upstream down: it is ejected, the client served.
@@ -264,7 +266,7 @@ async fn active_health_check_takes_an_upstream_out_and_back_in() {
     let b = Named::start("b").await;
     let gw = start_gateway(&pool_config(
         &[a.url(), b.url()],
-        "max_fails = 0\nhealth_check = { interval = \"100ms\", timeout = \"100ms\", fails = 2, passes = 2 }",
+        "max_fails = 0\nhealth_check = { interval = \"300ms\", timeout = \"300ms\", fails = 2, passes = 2 }",
     ))
     .await;
     let health = |gw: &TestGateway, upstream: &str| {
@@ -274,7 +276,8 @@ async fn active_health_check_takes_an_upstream_out_and_back_in() {
         )
     };
     let a_url = a.url();
-    wait_until("a checked healthy", || health(&gw, &a_url) == 1.0).await;
+    wait_until("a checked", || a.accepted() > 0).await;
+    assert_eq!(health(&gw, &a_url), 1.0);
     a.stop();
     wait_until("a taken out", || health(&gw, &a_url) == 0.0).await;
     let before = a.accepted();
@@ -297,5 +300,68 @@ async fn active_health_check_takes_an_upstream_out_and_back_in() {
     }
     assert_eq!(count(&names, "a"), 2, "back in the rotation: {names:?}");
     gw.wait_idle().await;
+    gw.stop().await;
+}
+
+/// A TCP upstream that accepts and then says nothing: a ws handshake with it times out.
+async fn silent() -> SocketAddr {
+    tcp_upstream(|stream| async move {
+        let _keep = stream;
+        std::future::pending::<()>().await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_timeout_moves_on_to_the_next_upstream_within_the_budget() {
+    let (mute, echo) = (silent().await, ws_echo().await);
+    let gw = start_gateway(&pool_config(
+        &[format!("ws://{mute}"), format!("ws://{}", echo.addr)],
+        "connect_timeout = \"300ms\"\nmax_fails = 0",
+    ))
+    .await;
+    // Every client reaches the echo, whichever upstream it is tried on first.
+    for _ in 0..2 {
+        let mut ws = connect(&gw.ws_url("/")).await;
+        ws.send(Message::text("hello")).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text("hello"));
+        ws.close(None).await.unwrap();
+    }
+    gw.wait_idle().await;
+    gw.stop().await;
+
+    // A budget shorter than two timeouts leaves no time for the second silent upstream.
+    let (mute2, echo) = (silent().await, ws_echo().await);
+    let gw = start_gateway(&pool_config(
+        &[
+            format!("ws://{mute}"),
+            format!("ws://{mute2}"),
+            format!("ws://{}", echo.addr),
+        ],
+        "connect_timeout = \"300ms\"\nconnect_budget = \"400ms\"\nmax_fails = 0",
+    ))
+    .await;
+    let response = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    assert_eq!(response.status, 504, "{response:?}");
+    assert!(
+        echo.seen.lock().unwrap().paths.is_empty(),
+        "the budget ran out first"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn ws_health_checks_use_a_handshake_on_their_path() {
+    let up = ws_echo().await;
+    let gw = start_gateway(&pool_config(
+        &[format!("ws://{}", up.addr)],
+        "health_check = { interval = \"100ms\", timeout = \"100ms\", path = \"/healthz\" }",
+    ))
+    .await;
+    let seen = up.seen.clone();
+    wait_until("a health check handshake", move || {
+        seen.lock().unwrap().paths.iter().any(|p| p == "/healthz")
+    })
+    .await;
     gw.stop().await;
 }

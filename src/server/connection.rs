@@ -24,6 +24,10 @@ pub(super) struct ConnectionContext {
     /// The client as far as the connection tells: the socket's peer, or the client a
     /// trusted load balancer named in a PROXY header.
     pub peer: ClientAddr,
+    /// A trusted load balancer named `peer` in a PROXY header. That is where trust stops:
+    /// forwarded headers from the client it named are not believed, even when its address
+    /// falls in `trusted` too (nginx and HAProxy stop there as well).
+    pub proxied: bool,
     /// The gateway address the client connected to (or, behind a PROXY-speaking load
     /// balancer, the one it named).
     pub local: Option<SocketAddr>,
@@ -55,13 +59,15 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<Lis
     let deadline = Instant::now() + gateway.config.gateway.handshake_timeout;
     let mut local = stream.local_addr().ok();
     let mut client = ClientAddr::from(peer);
+    let mut proxied = false;
     let stream = if config.accept_proxy_protocol {
         let trusted = config.trusts(peer.ip());
         match tokio::time::timeout_at(deadline, proxy_protocol::accept(stream, trusted)).await {
-            Ok(Ok((proxied, stream))) => {
-                if let Some(p) = proxied {
+            Ok(Ok((proxied_by, stream))) => {
+                if let Some(p) = proxied_by {
                     client = p.source.into();
                     local = Some(p.destination);
+                    proxied = true;
                 }
                 stream
             }
@@ -81,7 +87,12 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<Lis
     };
     let Some(acceptor) = gateway.acceptor(index).cloned() else {
         let io = TokioIo::new(stream);
-        return serve_http(io, client, local, listener, &gateway, deadline, None).await;
+        let who = Who {
+            peer: client,
+            proxied,
+            local,
+        };
+        return serve_http(io, who, listener, &gateway, deadline, None).await;
     };
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
@@ -96,17 +107,28 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<Lis
                 server_name: session.server_name().map(str::to_string),
             };
             let io = TokioIo::new(tls);
-            serve_http(io, client, local, listener, &gateway, deadline, Some(info)).await
+            let who = Who {
+                peer: client,
+                proxied,
+                local,
+            };
+            serve_http(io, who, listener, &gateway, deadline, Some(info)).await
         }
         Ok(Err(e)) => debug!(client = %client, error = %e, "TLS handshake failed"),
         Err(_) => debug!(client = %client, "TLS handshake timed out (handshake_timeout)"),
     }
 }
 
+/// Who is at the other end, as far as the connection tells.
+struct Who {
+    peer: ClientAddr,
+    proxied: bool,
+    local: Option<SocketAddr>,
+}
+
 async fn serve_http<I>(
     io: TokioIo<I>,
-    peer: ClientAddr,
-    local: Option<SocketAddr>,
+    who: Who,
     listener: Arc<ListenerContext>,
     gateway: &Gateway,
     deadline: Instant,
@@ -115,9 +137,11 @@ async fn serve_http<I>(
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let shutdown = listener.server.shutdown.graceful.clone();
+    let peer = who.peer;
     let ctx = Arc::new(ConnectionContext {
-        peer,
-        local,
+        peer: who.peer,
+        proxied: who.proxied,
+        local: who.local,
         listener,
         tls,
     });

@@ -211,7 +211,7 @@ impl Server {
     /// `Ok(false)`: nothing applied (draining, or the configuration changed meanwhile).
     async fn reload_unless_changed(
         &self,
-        gateway: Gateway,
+        mut gateway: Gateway,
         expected: Option<&Arc<Gateway>>,
     ) -> Result<bool, ReloadError> {
         let _serial = self.inner.reload_lock.lock().await;
@@ -245,6 +245,7 @@ impl Server {
         if gateway.config.admin != self.inner.gateway.load().config.admin {
             warn!("[admin] changed: the admin listener keeps its address until restart");
         }
+        gateway.inherit_pools(&self.inner.gateway.load());
         gateway.start_health_checks(&self.inner.shutdown.graceful, &self.inner.metrics);
         self.inner.gateway.store(Arc::new(gateway));
         {

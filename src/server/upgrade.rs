@@ -84,12 +84,18 @@ pub(super) async fn handle(
             .listener(&conn.listener.key)
             .is_some_and(|(_, l)| l.trusts(ip))
     };
-    let client = forwarded::real_client(conn.peer, req.headers(), trusted);
+    // Behind a PROXY header the named client is the end of the chain of trust.
+    let trusted_peer = !conn.proxied && trusted(conn.peer.ip);
+    let client = if trusted_peer {
+        forwarded::real_client(conn.peer, req.headers(), trusted)
+    } else {
+        conn.peer
+    };
     let request = UpgradeRequest {
         conn: &conn,
         gateway: &gateway,
         client,
-        trusted_peer: trusted(conn.peer.ip),
+        trusted_peer,
         started,
     };
     match request.accept(&mut req).await {
@@ -182,7 +188,7 @@ impl UpgradeRequest<'_> {
                 .map(|h| (h, identity_value.as_deref())),
             forwarding,
         };
-        let proxy_header = self.proxy_header(route);
+        let proxy_header = self.proxy_header(route)?;
         let metrics = &conn.listener.server.metrics;
         let (connected, lease) = upstream::connect(
             route,
@@ -205,14 +211,31 @@ impl UpgradeRequest<'_> {
         Ok(response)
     }
 
-    /// The PROXY protocol header for a byte-stream upstream, naming the real client.
-    fn proxy_header(&self, route: &RouteConfig) -> Option<Vec<u8>> {
-        let version = route.proxy_protocol?;
+    /// The PROXY protocol header for a byte-stream upstream, naming the real client and
+    /// the gateway address it reached. An upstream that expects one must never get the
+    /// client's bytes without it, so failing to build it fails the request.
+    fn proxy_header(&self, route: &RouteConfig) -> Result<Option<Vec<u8>>, UpstreamError> {
+        let Some(version) = route.proxy_protocol else {
+            return Ok(None);
+        };
         let conn = self.conn;
         let source = std::net::SocketAddr::new(self.client.ip, self.client.port.unwrap_or(0));
-        let destination = conn.local?;
+        let destination = conn.local.or_else(|| {
+            self.gateway
+                .listener(&conn.listener.key)
+                .map(|(_, l)| l.bind)
+        });
         let server_name = conn.tls.as_ref().and_then(|t| t.server_name.as_deref());
-        proxy_protocol::encode(version, source, destination, server_name).ok()
+        let header = match destination {
+            Some(destination) => proxy_protocol::encode(version, source, destination, server_name),
+            None => Err(std::io::Error::other("the listener address is unknown")),
+        };
+        header
+            .map(Some)
+            .map_err(|source| UpstreamError::ProxyHeader {
+                target: route.upstream_names(),
+                source,
+            })
     }
 
     /// Takes a slot in each connection budget: the gateway's, the listener's, the client

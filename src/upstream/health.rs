@@ -12,7 +12,8 @@ use tracing::{info, warn};
 
 use super::pool::Pool;
 use super::{ClientHandshake, Connection};
-use crate::config::{HealthCheck, RouteConfig};
+use crate::config::{HealthCheck, RouteConfig, Upstream};
+use crate::proxy_protocol;
 use crate::telemetry::Metrics;
 
 /// Starts the checks of one route; they stop when `replaced` is cancelled (the
@@ -54,7 +55,8 @@ async fn watch(
     metrics: &Metrics,
 ) {
     let upstream = pool.upstream(index).to_string();
-    metrics.upstream_health(&upstream, true);
+    // A reload carries the verdict over; the gauge starts from it.
+    metrics.upstream_health(&upstream, pool.is_healthy(index));
     let (mut passed, mut failed) = (0u32, 0u32);
     let mut ticker = tokio::time::interval(check.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -91,8 +93,23 @@ async fn probe(
     check: &HealthCheck,
 ) -> Result<(), String> {
     let headers = http::HeaderMap::new();
+    let upstream = pool.upstream(index);
+    // Without a path of its own, a check asks for the path clients are sent to: `/` may
+    // well be a 404 on a server that only serves `/ws`.
+    let own_path = match upstream {
+        Upstream::Ws { path, .. } | Upstream::WsUnix { path, .. } => path.as_str(),
+        _ => "",
+    };
+    let path = match (&check.path, own_path) {
+        (Some(path), _) => path.clone(),
+        (None, "") => "/".to_string(),
+        (None, own) => own.to_string(),
+    };
+    // A backend that expects a PROXY header gets one that says "a check, no client"
+    // (v2 LOCAL, v1 UNKNOWN), as HAProxy's check-send-proxy does.
+    let proxy_header = route.proxy_protocol.map(proxy_protocol::encode_local);
     let handshake = ClientHandshake {
-        path_and_query: check.path.clone().unwrap_or_else(|| "/".into()),
+        path_and_query: path,
         map_path: false,
         protocols: &[],
         headers: &headers,
@@ -101,10 +118,10 @@ async fn probe(
     };
     let connection = Connection {
         route,
-        upstream: pool.upstream(index),
+        upstream,
         tls,
         handshake: &handshake,
-        proxy_header: None,
+        proxy_header: proxy_header.as_deref(),
         timeout: check.timeout,
     };
     let budget = check.timeout + Duration::from_millis(50);

@@ -153,7 +153,15 @@ pub async fn connect(
                 if !e.try_next() {
                     return Err(e);
                 }
-                if let pool::Standing::Ejected(cool_down) = pool.failed(index) {
+                // A timeout the budget cut short says nothing about the upstream.
+                let cut_short = matches!(e, UpstreamError::Timeout { .. })
+                    && attempt.timeout < route.connect_timeout;
+                let standing = if cut_short {
+                    pool::Standing::Kept
+                } else {
+                    pool.failed(index)
+                };
+                if let pool::Standing::Ejected(cool_down) = standing {
                     metrics.upstream_ejected(&name);
                     warn!(route = %route.path, upstream = %name, ?cool_down, error = %e, "upstream taken out of the rotation after failed connects (max_fails)");
                 } else if tried.len() < route.connect_attempts.min(pool.len()) {

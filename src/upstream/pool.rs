@@ -21,34 +21,61 @@ pub struct Pool {
     current: Mutex<Vec<i64>>,
     /// Rotates the starting point among equally loaded members (least_connections).
     turn: AtomicUsize,
-    started: Instant,
 }
 
 struct Member {
     upstream: Upstream,
     weight: u32,
+    state: Arc<MemberState>,
+}
+
+/// What is known about one upstream. Shared with the pool of the next configuration when a
+/// reload keeps the upstream (same route, same URL), so connection counts, ejections and
+/// health verdicts survive a reload.
+struct MemberState {
     /// Connections open or being opened to it.
     active: AtomicUsize,
-    /// Connect failures in a row.
+    /// Connect failures since `fails_since_ms`.
     fails: AtomicU32,
-    /// Skipped until this many milliseconds after `started` (passive health).
+    /// When the current run of failures began (ms since `EPOCH`); failures older than
+    /// `fail_timeout` no longer count, as in nginx.
+    fails_since_ms: AtomicU64,
+    /// Skipped until this time (ms since `EPOCH`, passive health).
     down_until_ms: AtomicU64,
     /// The active health check's verdict; true until a check says otherwise.
     healthy: AtomicBool,
 }
 
+impl Default for MemberState {
+    fn default() -> Self {
+        Self {
+            active: AtomicUsize::new(0),
+            fails: AtomicU32::new(0),
+            fails_since_ms: AtomicU64::new(0),
+            down_until_ms: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+        }
+    }
+}
+
+/// Times are kept as milliseconds since the first pool was made, so they fit an atomic
+/// and mean the same in every pool.
+static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+fn now_ms() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 /// A connection's claim on its upstream, for `least_connections` and `random_two`; it
 /// gives the slot back when dropped.
 pub struct Lease {
-    pool: Arc<Pool>,
+    state: Arc<MemberState>,
     index: usize,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.pool.members[self.index]
-            .active
-            .fetch_sub(1, Ordering::Relaxed);
+        self.state.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -74,10 +101,7 @@ impl Pool {
             .map(|t| Member {
                 upstream: t.upstream.clone(),
                 weight: t.weight.max(1),
-                active: AtomicUsize::new(0),
-                fails: AtomicU32::new(0),
-                down_until_ms: AtomicU64::new(0),
-                healthy: AtomicBool::new(true),
+                state: Arc::default(),
             })
             .collect::<Vec<_>>();
         Self {
@@ -87,7 +111,15 @@ impl Pool {
             max_fails: route.max_fails,
             fail_timeout: route.fail_timeout,
             turn: AtomicUsize::new(0),
-            started: Instant::now(),
+        }
+    }
+
+    /// Takes over what `old` knows about the upstreams both pools have.
+    pub fn inherit(&mut self, old: &Pool) {
+        for member in &mut self.members {
+            if let Some(known) = old.members.iter().find(|m| m.upstream == member.upstream) {
+                member.state = known.state.clone();
+            }
         }
     }
 
@@ -103,35 +135,25 @@ impl Pool {
         &self.members[index].upstream
     }
 
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
     /// Whether the upstream is in the rotation now (health checks and passive health).
     pub fn is_available(&self, index: usize) -> bool {
-        let m = &self.members[index];
-        m.healthy.load(Ordering::Relaxed)
-            && m.down_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+        let m = &self.members[index].state;
+        m.healthy.load(Ordering::Relaxed) && m.down_until_ms.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    pub fn is_healthy(&self, index: usize) -> bool {
+        self.members[index].state.healthy.load(Ordering::Relaxed)
     }
 
     /// Picks the upstream for the next connect attempt and claims a slot on it, skipping
-    /// those already `tried` for this client. Upstreams out of the rotation are skipped
-    /// too, unless every remaining one is out: then they are tried anyway (as nginx does),
-    /// since refusing every client helps nobody and a check may simply be behind.
-    pub fn pick(self: &Arc<Self>, tried: &[usize]) -> Option<Lease> {
-        let untried: Vec<usize> = (0..self.members.len())
-            .filter(|i| !tried.contains(i))
+    /// those already `tried` for this client and those out of the rotation. When the
+    /// whole pool is out, every member is tried anyway (as nginx does): refusing every
+    /// client helps nobody, and a check may simply be behind.
+    pub fn pick(&self, tried: &[usize]) -> Option<Lease> {
+        let all_out = !(0..self.members.len()).any(|i| self.is_available(i));
+        let candidates: Vec<usize> = (0..self.members.len())
+            .filter(|i| !tried.contains(i) && (all_out || self.is_available(*i)))
             .collect();
-        let available: Vec<usize> = untried
-            .iter()
-            .copied()
-            .filter(|&i| self.is_available(i))
-            .collect();
-        let candidates = if available.is_empty() {
-            untried
-        } else {
-            available
-        };
         let index = match (candidates.len(), self.balance) {
             (0, _) => return None,
             (1, _) => candidates[0],
@@ -139,11 +161,9 @@ impl Pool {
             (_, Balance::LeastConnections) => self.least_connections(&candidates),
             (_, Balance::RandomTwo) => self.random_two(&candidates),
         };
-        self.members[index].active.fetch_add(1, Ordering::Relaxed);
-        Some(Lease {
-            pool: self.clone(),
-            index,
-        })
+        let state = self.members[index].state.clone();
+        state.active.fetch_add(1, Ordering::Relaxed);
+        Some(Lease { state, index })
     }
 
     /// Smooth weighted round robin: every member gains its weight, the richest is chosen
@@ -170,7 +190,7 @@ impl Pool {
     fn lighter(&self, a: usize, b: usize) -> bool {
         let (ma, mb) = (&self.members[a], &self.members[b]);
         let load = |m: &Member, other: &Member| {
-            m.active.load(Ordering::Relaxed) as u64 * u64::from(other.weight)
+            m.state.active.load(Ordering::Relaxed) as u64 * u64::from(other.weight)
         };
         load(ma, mb) < load(mb, ma)
     }
@@ -220,31 +240,42 @@ impl Pool {
         candidates[0]
     }
 
-    /// A connect to the upstream failed: after `max_fails` in a row it is skipped for
-    /// `fail_timeout` (only in a pool of two or more: a lone upstream has no stand-in).
+    /// A connect to the upstream failed: after `max_fails` failures within `fail_timeout`
+    /// it is skipped for `fail_timeout` (nginx's rule; only in a pool of two or more: a lone
+    /// upstream has no stand-in).
     pub fn failed(&self, index: usize) -> Standing {
-        let m = &self.members[index];
+        let m = &self.members[index].state;
+        let now = now_ms();
+        let window = self.fail_timeout.as_millis() as u64;
+        if now.saturating_sub(m.fails_since_ms.load(Ordering::Relaxed)) > window {
+            // The earlier failures are too old to count.
+            m.fails.store(0, Ordering::Relaxed);
+            m.fails_since_ms.store(now, Ordering::Relaxed);
+        }
         let fails = m.fails.fetch_add(1, Ordering::Relaxed) + 1;
         if self.max_fails == 0 || self.members.len() < 2 || fails < self.max_fails {
             return Standing::Kept;
         }
         m.fails.store(0, Ordering::Relaxed);
-        let until = self.now_ms() + self.fail_timeout.as_millis() as u64;
-        m.down_until_ms.store(until, Ordering::Relaxed);
+        m.down_until_ms.store(now + window, Ordering::Relaxed);
         Standing::Ejected(self.fail_timeout)
     }
 
     pub fn succeeded(&self, index: usize) {
-        self.members[index].fails.store(0, Ordering::Relaxed);
+        self.members[index].state.fails.store(0, Ordering::Relaxed);
     }
 
     /// Records an active health check's verdict; true when it changed.
     pub fn set_healthy(&self, index: usize, healthy: bool) -> bool {
-        self.members[index].healthy.swap(healthy, Ordering::Relaxed) != healthy
+        self.members[index]
+            .state
+            .healthy
+            .swap(healthy, Ordering::Relaxed)
+            != healthy
     }
 
     pub fn active(&self, index: usize) -> usize {
-        self.members[index].active.load(Ordering::Relaxed)
+        self.members[index].state.active.load(Ordering::Relaxed)
     }
 }
 
@@ -322,5 +353,41 @@ mod tests {
         // Everyone is out: try them anyway rather than refuse.
         assert_eq!(picks(&p, 10, false).iter().sum::<usize>(), 10);
         assert_eq!(p.pick(&[0, 1]).map(|l| l.index()), None, "all tried");
+        // While one is available, a client that already tried it gets no second choice
+        // among those that are out.
+        p.set_healthy(1, true);
+        assert_eq!(p.pick(&[1]).map(|l| l.index()), None);
+    }
+
+    #[test]
+    fn a_reload_keeps_what_is_known_about_an_upstream() {
+        let old = pool(
+            r#"["tcp://a:1", "tcp://b:1"]"#,
+            "balance = \"least_connections\"",
+        );
+        let lease = old.pick(&[]).unwrap();
+        let busy = lease.index();
+        old.set_healthy(1 - busy, false);
+        let mut new = Pool::new(&Config::parse(
+            "[[listener]]\nbind = \"127.0.0.1:1\"\n[[route]]\npath = \"/\"\nupstreams = [\"tcp://b:1\", \"tcp://a:1\", \"tcp://c:1\"]\n",
+            "t",
+        )
+        .unwrap()
+        .routes[0]);
+        new.inherit(&old);
+        let pos = |name: &str| {
+            (0..3)
+                .find(|&i| new.upstream(i).to_string() == format!("tcp://{name}:1"))
+                .unwrap()
+        };
+        let (busy_new, out_new) = if busy == 0 {
+            (pos("a"), pos("b"))
+        } else {
+            (pos("b"), pos("a"))
+        };
+        assert_eq!(new.active(busy_new), 1, "the open connection still counts");
+        assert!(!new.is_healthy(out_new), "the health verdict carries over");
+        drop(lease);
+        assert_eq!(new.active(busy_new), 0, "and is given back to the new pool");
     }
 }
