@@ -23,7 +23,7 @@ pub const SIZE: usize = 32 * 1024;
 /// Room kept free before the data, for a header the relay writes in front of it.
 pub const HEADROOM: usize = MAX_HEAD;
 /// Buffers a thread keeps for reuse; more than this are freed when given back.
-const POOL: usize = 32;
+const POOL: usize = 16;
 
 thread_local! {
     static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };

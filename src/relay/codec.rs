@@ -193,7 +193,10 @@ pub struct Decoder {
     head_len: usize,
     /// The frame whose payload is arriving, and how much of it has.
     frame: Option<(Head, u64)>,
-    control: [u8; MAX_CONTROL],
+    /// The payload of a control frame being gathered. Allocated at the first control frame
+    /// only (at most 125 bytes): most connections never see one, and every byte of a
+    /// decoder is held for the life of the connection.
+    control: Vec<u8>,
 }
 
 impl Decoder {
@@ -204,7 +207,7 @@ impl Decoder {
             head: [0; MAX_HEAD],
             head_len: 0,
             frame: None,
-            control: [0; MAX_CONTROL],
+            control: Vec::new(),
         }
     }
 
@@ -296,14 +299,17 @@ impl Decoder {
         let now = done + take as u64;
         let end = now == head.len;
         if head.opcode.is_control() {
-            self.control[done as usize..now as usize].copy_from_slice(&buf[start..*pos]);
+            if done == 0 {
+                self.control.clear();
+            }
+            self.control.extend_from_slice(&buf[start..*pos]);
             if !end {
                 self.frame = Some((head, now));
                 return None;
             }
             self.frame = None;
             if let Some(key) = head.mask {
-                apply_mask(&mut self.control[..now as usize], key, 0);
+                apply_mask(&mut self.control, key, 0);
             }
             return Some(Piece::Control(head));
         }

@@ -102,12 +102,14 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
     let mut message = MessageCheck::new(settings.max_message_size, true);
     let mut upstream_open = true;
     loop {
-        let flush = async {
+        let upstream_now = &mut *upstream;
+        let flush = move || async move {
             let _backlog = state.writing_upstream();
             // A failure shows again at the next write, or in the other pump's read.
-            let _ = upstream.flush().await;
+            let _ = upstream_now.flush().await;
         };
-        let mut chunk = match read_or_flush(buffers::read(client_rx), flush).await {
+        let read = std::pin::pin!(buffers::read(client_rx));
+        let mut chunk = match read_or_flush(read, flush).await {
             Ok(chunk) => chunk,
             Err(e) => return Exit::Vanished(e.to_string()),
         };

@@ -98,15 +98,16 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     // prevent (RFC 6455 §10.3).
     let mut remask = [0u8; 4];
     loop {
-        let flush = async {
+        let held_now = &mut held;
+        let flush = move || async move {
             let _backlog = to_upstream.then(|| state.writing_upstream());
             // A failure shows again at the next write.
-            let _ = match held.as_mut() {
+            let _ = match held_now.as_mut() {
                 Some(w) => super::PeerWriter::flush(w).await,
                 None => to.flush().await,
             };
         };
-        let read = read_or_flush(buffers::read(from_rx), flush).await;
+        let read = read_or_flush(std::pin::pin!(buffers::read(from_rx)), flush).await;
         let mid_frame = decoder.in_data_frame();
         let mut chunk = match read {
             Ok(chunk) if chunk.data_start() < chunk.data_end() => chunk,
