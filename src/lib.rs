@@ -8,21 +8,28 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file (serde mirror) and its validation into typed values.
-//! - [`gateway`]: a configuration made ready to serve: router plus loaded TLS material.
+//! - [`gateway`]: a configuration made ready to serve: router, loaded TLS material, and
+//!   an upstream pool per route.
 //! - [`server`]: bind, accept loop, limits, per-connection TLS + HTTP, the upgrade flow,
 //!   hot reload and drain; the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`origin`]: the Origin allow-list.
 //! - [`handshake`]: RFC 6455 §4.2 request validation, `Sec-WebSocket-Accept`, the 101.
 //! - [`routing`]: (host, path) → route; upstream path mapping.
-//! - [`upstream`]: connect with deadlines; TLS and the client handshake for ws upstreams.
-//! - [`relay`]: the two pumps per connection; close codes, half-close, limits.
+//! - [`proxy_protocol`], [`forwarded`]: who the client really is (PROXY headers from
+//!   trusted load balancers, forwarded headers from trusted proxies) and how upstreams
+//!   are told.
+//! - [`upstream`]: pick from the route's pool (balance, health, failover), connect with
+//!   deadlines; PROXY header, TLS and the client handshake for ws upstreams.
+//! - [`relay`]: the two pumps per connection: frames parsed and streamed in place through
+//!   pooled read buffers; close codes, half-close, limits.
 //! - [`tls`], [`shutdown`], [`telemetry`]: TLS settings, signals, logs and counters.
 //!
 //! # Data path
 //!
 //! ```text
-//! accept (server) → TLS (tls) → HTTP/1.1 (hyper) → handshake::validate → routing
-//!   → handshake::check_origin → upstream::connect (TCP/Unix, or TLS + WS handshake)
+//! accept (server) → PROXY header (proxy_protocol) → TLS (tls) → HTTP/1.1 (hyper)
+//!   → forwarded::real_client → handshake::validate → routing → handshake::check_origin
+//!   → upstream::connect (pool pick, failover; TCP/Unix + PROXY header, or TLS + WS handshake)
 //!   → 101 → relay::relay_stream | relay::relay_ws → close → one log line
 //! ```
 //!

@@ -361,3 +361,76 @@ async fn upstream_protocol_error_is_1011_to_the_client() {
     gw.wait_idle().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn nothing_is_written_into_the_middle_of_a_frame() {
+    use tokio::io::AsyncReadExt;
+    // A raw upstream that sends one 100 KB frame in slow pieces. Meanwhile the gateway's
+    // keepalive wants to ping the client: the pings must wait for the frame's end, or the
+    // client would read them as part of the payload; and the wait must not count against
+    // the client (it is the upstream that is slow), or keepalive would drop it.
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    let sent = payload.clone();
+    let upstream = tcp_upstream(move |mut stream| {
+        let payload = sent.clone();
+        async move {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(stream.read_u8().await.unwrap());
+            }
+            let head = String::from_utf8(head).unwrap();
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("sec-websocket-key: "))
+                .expect("key");
+            let accept = wsgate::handshake::accept_key(key.trim().as_bytes());
+            let response = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            stream.write_all(response.as_bytes()).await.unwrap();
+            stream.write_all(&frame(true, 0x2, &payload, None)[..10]).await.unwrap();
+            for piece in payload.chunks(5_000) {
+                // Pacing of the upstream, not a wait for a result: the frame takes about
+                // a second, several keepalive rounds.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                stream.write_all(piece).await.unwrap();
+            }
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest).await;
+        }
+    })
+    .await;
+    let gw = start_gateway(&simple_config(
+        &format!("ws://{upstream}"),
+        "ping_interval = \"10ms\"\nping_timeout = \"200ms\"",
+    ))
+    .await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    let got = within("the whole frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(data))) => return data,
+                Some(Ok(Message::Ping(_))) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        got.as_ref() == payload.as_slice(),
+        "the frame arrived intact"
+    );
+    // The keepalive pings that waited behind the frame follow it.
+    let ping = within("a ping after the frame", async {
+        loop {
+            if let Some(Ok(Message::Ping(p))) = ws.next().await {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert!(!ping.is_empty());
+    drop(ws);
+    gw.wait_idle().await;
+    gw.stop().await;
+}

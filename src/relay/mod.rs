@@ -244,6 +244,9 @@ struct Peer<W> {
     close_sent: AtomicBool,
     /// The gateway is the client on this link (a ws upstream): its frames are masked.
     masks: bool,
+    /// A pump holds the writer across a read, waiting for the rest of a frame it has begun
+    /// to forward: writes to this peer wait on the other side, not on this peer.
+    awaiting_frame_rest: AtomicBool,
     /// The payload of the Close this peer sent us, echoed when we answer it.
     close_received: StdMutex<Option<Vec<u8>>>,
     /// The connection's close deadline starts when a Close is first attempted, not when it
@@ -263,6 +266,7 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
             writer: tokio::sync::Mutex::new(Coalescing::new(writer)),
             close_sent: AtomicBool::new(false),
             masks,
+            awaiting_frame_rest: AtomicBool::new(false),
             close_received: StdMutex::new(None),
             closing: state.closing.clone(),
         }
@@ -544,6 +548,9 @@ async fn keepalive<W: AsyncWrite + Unpin>(state: &State, client: &Peer<W>, ping:
             Ok(Err(e)) => {
                 return state.fail(Side::Client, None, format!("keepalive ping failed: {e}"));
             }
+            // The writer is held by a frame from the upstream that is only partly here:
+            // the wait is the upstream's, not the client's. Try again next round.
+            Err(_) if client.awaiting_frame_rest.load(Ordering::Relaxed) => continue,
             Err(_) => {
                 return state.fail(
                     Side::Gateway,

@@ -6,6 +6,8 @@
 //! forwarded byte for byte; frames toward it get a fresh masking key, applied in the same
 //! pass that removes the client's.
 
+use std::sync::atomic::Ordering;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
 use super::buffers;
@@ -98,6 +100,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     // prevent (RFC 6455 §10.3).
     let mut remask = [0u8; 4];
     loop {
+        let held_now_is_some = held.is_some();
         let held_now = &mut held;
         let flush = move || async move {
             let _backlog = to_upstream.then(|| state.writing_upstream());
@@ -107,7 +110,13 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                 None => to.flush().await,
             };
         };
+        let mid_frame_wait = held_now_is_some;
+        to.awaiting_frame_rest
+            .store(mid_frame_wait, Ordering::Relaxed);
         let read = read_or_flush(std::pin::pin!(buffers::read(from_rx)), flush).await;
+        if mid_frame_wait {
+            to.awaiting_frame_rest.store(false, Ordering::Relaxed);
+        }
         let mid_frame = decoder.in_data_frame();
         let mut chunk = match read {
             Ok(chunk) if chunk.data_start() < chunk.data_end() => chunk,
