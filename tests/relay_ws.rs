@@ -434,3 +434,72 @@ async fn nothing_is_written_into_the_middle_of_a_frame() {
     gw.wait_idle().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn keepalive_does_not_judge_a_client_stuck_behind_a_slow_upstream() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+    // A ws upstream that completes its handshake, then reads nothing until released.
+    let received = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (count, gate) = (received.clone(), release.clone());
+    let upstream = tcp_upstream(move |mut stream| {
+        let (count, gate) = (count.clone(), gate.clone());
+        async move {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(stream.read_u8().await.unwrap());
+            }
+            let head = String::from_utf8(head).unwrap();
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("sec-websocket-key: "))
+                .expect("key");
+            let accept = wsgate::handshake::accept_key(key.trim().as_bytes());
+            let response = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            stream.write_all(response.as_bytes()).await.unwrap();
+            gate.notified().await;
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                count.fetch_add(n, Ordering::SeqCst);
+            }
+        }
+    })
+    .await;
+    let gw = start_gateway(&simple_config(
+        &format!("ws://{upstream}"),
+        "ping_interval = \"50ms\"\nping_timeout = \"100ms\"",
+    ))
+    .await;
+    // The client sends 8 MB and answers no ping: while the gateway is blocked writing to the
+    // upstream it reads nothing from the client, pongs included, and must not hold that
+    // against the client.
+    let client = raw_upgrade(gw.addr(), "/").await;
+    let (_reader, mut writer) = client.into_split();
+    let frame = client_frame(true, 0x2, &vec![5u8; 64 * 1024]);
+    let frames = 128;
+    let sending = tokio::spawn(async move {
+        for _ in 0..frames {
+            writer.write_all(&frame).await.unwrap();
+        }
+        writer
+    });
+    // Many keepalive rounds pass with the upstream not reading (scenario time, not a wait
+    // for a result).
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    release.notify_one();
+    let expected = frames * 64 * 1024;
+    wait_until("the upstream got all 8 MB", || {
+        received.load(Ordering::SeqCst) >= expected
+    })
+    .await;
+    drop(sending.await.unwrap());
+    gw.wait_idle().await;
+    gw.stop().await;
+}

@@ -539,7 +539,8 @@ async fn keepalive<W: AsyncWrite + Unpin>(state: &State, client: &Peer<W>, ping:
             _ = state.closing.cancelled() => return std::future::pending().await,
         }
         n += 1;
-        let sent_at = state.now_ms();
+        // A frame read from the client after this answers the ping.
+        let asked_at = state.now_ms();
         let mut payload = KEEPALIVE_MARK.to_vec();
         payload.extend_from_slice(n.to_string().as_bytes());
         match tokio::time::timeout(ping.timeout, client.send_now(OpCode::Ping, &payload)).await {
@@ -559,11 +560,14 @@ async fn keepalive<W: AsyncWrite + Unpin>(state: &State, client: &Peer<W>, ping:
                 );
             }
         }
+        // The client's time to answer runs from when the ping was written, which may have
+        // waited behind a frame.
+        let sent_at = state.now_ms();
         tokio::time::sleep_until(
             (state.started + Duration::from_millis(sent_at) + ping.timeout).into(),
         )
         .await;
-        if last_frame.load(Ordering::Relaxed) < sent_at
+        if last_frame.load(Ordering::Relaxed) < asked_at
             && !state.upstream_backlog.load(Ordering::Relaxed)
         {
             return state.fail(

@@ -326,9 +326,16 @@ async fn drain_and_close<C: AsyncWrite + Unpin>(
     client: &ClientPeer<C>,
     state: &State,
 ) {
+    // At most this much: an upstream that never pauses must not hold the drain open until
+    // shutdown_timeout cuts the connection without a Close.
+    const DRAIN_LIMIT: usize = 1 << 20;
     let mut chunk = Chunk::take();
-    while let Ok(n) = upstream.try_read(chunk.space()) {
+    let mut drained = 0;
+    while drained < DRAIN_LIMIT
+        && let Ok(n) = upstream.try_read(chunk.space())
+    {
         chunk.filled(n);
+        drained += n;
         if n == 0 || !forward(&mut chunk, client, state).await {
             break;
         }

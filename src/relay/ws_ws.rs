@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use super::buffers;
 use super::codec::{Decoder, Head, MAX_HEAD, OpCode, Output, Piece, apply_mask};
 use super::frames::{self, Failure, MessageCheck};
-use super::{Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush};
+use super::{Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive};
 use crate::telemetry::metrics::Flow;
 
 type WsPeer<S> = Peer<WriteHalf<S>>;
@@ -100,23 +100,31 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     // prevent (RFC 6455 §10.3).
     let mut remask = [0u8; 4];
     loop {
-        let held_now_is_some = held.is_some();
-        let held_now = &mut held;
-        let flush = move || async move {
-            let _backlog = to_upstream.then(|| state.writing_upstream());
-            // A failure shows again at the next write.
-            let _ = match held_now.as_mut() {
-                Some(w) => super::PeerWriter::flush(w).await,
-                None => to.flush().await,
-            };
+        let mut read = std::pin::pin!(buffers::read(from_rx));
+        let read = match super::poll_once(read.as_mut()).await {
+            std::task::Poll::Ready(read) => read,
+            std::task::Poll::Pending => {
+                // Nothing more is ready: send what is batched, then wait.
+                {
+                    let _backlog = to_upstream.then(|| state.writing_upstream());
+                    // A failure shows again at the next write.
+                    let _ = match held.as_mut() {
+                        Some(w) => super::PeerWriter::flush(w).await,
+                        None => to.flush().await,
+                    };
+                }
+                // Holding the writer in the middle of a frame, the wait from here on is for
+                // this side's data, not the peer's reading (see keepalive).
+                let mid_frame_wait = held.is_some();
+                to.awaiting_frame_rest
+                    .store(mid_frame_wait, Ordering::Relaxed);
+                let read = read.await;
+                if mid_frame_wait {
+                    to.awaiting_frame_rest.store(false, Ordering::Relaxed);
+                }
+                read
+            }
         };
-        let mid_frame_wait = held_now_is_some;
-        to.awaiting_frame_rest
-            .store(mid_frame_wait, Ordering::Relaxed);
-        let read = read_or_flush(std::pin::pin!(buffers::read(from_rx)), flush).await;
-        if mid_frame_wait {
-            to.awaiting_frame_rest.store(false, Ordering::Relaxed);
-        }
         let mid_frame = decoder.in_data_frame();
         let mut chunk = match read {
             Ok(chunk) if chunk.data_start() < chunk.data_end() => chunk,
@@ -141,6 +149,9 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         if to_upstream {
             state.client_frame_seen();
         }
+        // The client's pump blocked on a slow upstream reads no pongs: keepalive must not
+        // judge the client while it is (SPEC §4 backpressure).
+        let backlog = to_upstream.then(|| state.writing_upstream());
         let mut w = match held.take() {
             Some(w) => w,
             None => to.lock().await,
@@ -245,6 +256,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
             then = Some(Then::Broken(e.to_string()));
         }
         drop(chunk);
+        drop(backlog);
         match then {
             None if decoder.in_data_frame() => held = Some(w),
             None => drop(w),
@@ -322,24 +334,29 @@ async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     state: &State,
     f: Failure,
 ) {
-    from.close(f.code, f.reason).await;
+    // Recorded first: the closes below may wait behind a frame the other pump is still
+    // forwarding, and whatever happens meanwhile must not be taken for the cause.
     match direction {
         Direction::ClientToUpstream => {
+            state.record(
+                Side::Gateway,
+                Some(f.code),
+                Some(format!("client: {}", f.reason)),
+            );
+            from.close(f.code, f.reason).await;
             to.close(frames::GOING_AWAY, "client protocol error").await;
-            state.fail(Side::Gateway, Some(f.code), format!("client: {}", f.reason));
         }
         Direction::UpstreamToClient => {
+            let detail = format!("upstream: {}", f.reason);
+            state.record(Side::Gateway, Some(frames::INTERNAL_ERROR), Some(detail));
+            from.close(f.code, f.reason).await;
             // 1011, not 1014 (Bad Gateway): 1014 is newer than many clients, and some
             // (tungstenite among them) reject it as a protocol violation of their own.
             to.close(frames::INTERNAL_ERROR, "upstream protocol error")
                 .await;
-            state.fail(
-                Side::Gateway,
-                Some(frames::INTERNAL_ERROR),
-                format!("upstream: {}", f.reason),
-            );
         }
     }
+    state.abort.cancel();
 }
 
 /// Writing to the other side failed: it is gone.
