@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::SinkExt;
 use support::*;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A wsgate child process whose stderr is collected; killed if the test ends early.
@@ -288,5 +289,38 @@ async fn accept_loop_survives_running_out_of_file_descriptors() {
     assert_eq!(next_data(&mut ws).await.into_data(), b"alive".as_slice());
     gw.signal("TERM");
     drop(ws);
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn the_log_line_names_the_client_a_balancer_reported() {
+    let upstream = tcp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlog_format = \"json\"\nworkers = 1\n[[listener]]\nname = \"behind-lb\"\nbind = \"127.0.0.1:0\"\naccept_proxy_protocol = true\ntrusted = [\"127.0.0.1\"]\n[[route]]\npath = \"/\"\nupstream = \"tcp://{upstream}\"\n"
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&config, "", &[]);
+    let line = gw.wait_for_line("listening").await;
+    let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr: std::net::SocketAddr = value["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = b"PROXY TCP4 203.0.113.9 10.0.0.1 40000 443\r\n".to_vec();
+    request.extend_from_slice(upgrade_request("/", "").as_bytes());
+    stream.write_all(&request).await.unwrap();
+    assert_eq!(read_response(&mut stream).await.status, 101);
+    stream
+        .write_all(&client_frame(true, 0x8, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    let line = gw.wait_for_line("connection closed").await;
+    let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(value["fields"]["client"], "203.0.113.9:40000", "{line}");
+    drop(stream);
+    gw.signal("TERM");
     assert_eq!(gw.exit_code().await, Some(0));
 }
