@@ -374,21 +374,11 @@ async fn nothing_is_written_into_the_middle_of_a_frame() {
     let upstream = tcp_upstream(move |mut stream| {
         let payload = sent.clone();
         async move {
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                head.push(stream.read_u8().await.unwrap());
-            }
-            let head = String::from_utf8(head).unwrap();
-            let key = head
-                .lines()
-                .find_map(|l| l.strip_prefix("sec-websocket-key: "))
-                .expect("key");
-            let accept = wsgate::handshake::accept_key(key.trim().as_bytes());
-            let response = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-            );
-            stream.write_all(response.as_bytes()).await.unwrap();
-            stream.write_all(&frame(true, 0x2, &payload, None)[..10]).await.unwrap();
+            accept_ws_handshake(&mut stream).await;
+            stream
+                .write_all(&frame(true, 0x2, &payload, None)[..10])
+                .await
+                .unwrap();
             for piece in payload.chunks(5_000) {
                 // Pacing of the upstream, not a wait for a result: the frame takes about
                 // a second, several keepalive rounds.
@@ -447,20 +437,7 @@ async fn keepalive_does_not_judge_a_client_stuck_behind_a_slow_upstream() {
     let upstream = tcp_upstream(move |mut stream| {
         let (count, gate) = (count.clone(), gate.clone());
         async move {
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                head.push(stream.read_u8().await.unwrap());
-            }
-            let head = String::from_utf8(head).unwrap();
-            let key = head
-                .lines()
-                .find_map(|l| l.strip_prefix("sec-websocket-key: "))
-                .expect("key");
-            let accept = wsgate::handshake::accept_key(key.trim().as_bytes());
-            let response = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-            );
-            stream.write_all(response.as_bytes()).await.unwrap();
+            accept_ws_handshake(&mut stream).await;
             gate.notified().await;
             let mut buf = vec![0u8; 64 * 1024];
             while let Ok(n) = stream.read(&mut buf).await {

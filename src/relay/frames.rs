@@ -3,7 +3,7 @@
 //! message may not exceed the route's limit across its fragments; text must be UTF-8 where
 //! the gateway is the endpoint, even when split over fragments at any byte.
 
-use super::codec::{Head, OpCode};
+use super::codec::{Decoder, Head, OpCode, Piece};
 
 /// A close code and reason the gateway sends when it fails a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +56,41 @@ pub fn check_close(payload: &[u8]) -> Result<Option<u16>, Failure> {
 /// use (1005, 1006, 1015), and the 3000–4999 ranges for libraries and applications.
 pub fn is_valid_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// A side's incoming frames: the decoder, and the message checks every data frame's header
+/// goes through before any of its payload is passed on.
+pub struct Incoming {
+    pub decoder: Decoder,
+    pub message: MessageCheck,
+}
+
+impl Incoming {
+    /// `expect_masked` for frames from a client; `validate_utf8` where the gateway is the
+    /// endpoint of text messages (tcp upstreams).
+    pub fn new(
+        expect_masked: bool,
+        validate_utf8: bool,
+        max_frame: usize,
+        max_message: usize,
+    ) -> Self {
+        Self {
+            decoder: Decoder::new(expect_masked, max_frame),
+            message: MessageCheck::new(max_message, validate_utf8),
+        }
+    }
+
+    /// The next piece in `buf[*pos..]`, checked; see [`Decoder::next`].
+    pub fn next(&mut self, buf: &[u8], pos: &mut usize) -> Result<Option<Piece>, Failure> {
+        let piece = self.decoder.next(buf, pos)?;
+        if let Some(Piece::Data {
+            head, offset: 0, ..
+        }) = &piece
+        {
+            self.message.start(head)?;
+        }
+        Ok(piece)
+    }
 }
 
 /// Tracks the message a sequence of data frames belongs to.

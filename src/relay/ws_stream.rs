@@ -10,8 +10,8 @@
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::buffers::{self, Chunk};
-use super::codec::{Decoder, Head, MAX_HEAD, OpCode, Output, Piece, apply_mask};
-use super::frames::{self, MessageCheck};
+use super::codec::{Head, MAX_HEAD, OpCode, Output, Piece, apply_mask};
+use super::frames::{self, Incoming};
 use super::{
     Coalescing, Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush,
 };
@@ -98,8 +98,12 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
     settings: &RelaySettings,
 ) -> Exit {
-    let mut decoder = Decoder::new(true, settings.max_frame_size);
-    let mut message = MessageCheck::new(settings.max_message_size, true);
+    let mut frames = Incoming::new(
+        true,
+        true,
+        settings.max_frame_size,
+        settings.max_message_size,
+    );
     let mut upstream_open = true;
     loop {
         let upstream_now = &mut *upstream;
@@ -122,7 +126,7 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
         // What to do once the data before it is written.
         let mut then: Option<Exit> = None;
         loop {
-            let piece = match decoder.next(&chunk, &mut pos) {
+            let piece = match frames.next(&chunk, &mut pos) {
                 Ok(Some(piece)) => piece,
                 Ok(None) => break,
                 Err(f) => {
@@ -137,16 +141,13 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
                     range,
                     end,
                 } => {
-                    if offset == 0
-                        && let Err(f) = message.start(&head)
-                    {
-                        then = Some(Exit::Protocol(f));
-                        break;
-                    }
                     if let Some(key) = head.mask {
                         apply_mask(&mut chunk[range.clone()], key, offset);
                     }
-                    if let Err(f) = message.payload(&chunk[range.clone()], end && head.fin) {
+                    if let Err(f) = frames
+                        .message
+                        .payload(&chunk[range.clone()], end && head.fin)
+                    {
                         then = Some(Exit::Protocol(f));
                         break;
                     }
@@ -156,7 +157,7 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 Piece::Control(head) => {
-                    let payload = decoder.control(&head);
+                    let payload = frames.decoder.control(&head);
                     match head.opcode {
                         OpCode::Close => {
                             then = Some(match frames::check_close(payload) {

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
 use super::buffers;
-use super::codec::{Decoder, Head, MAX_HEAD, OpCode, Output, Piece, apply_mask};
-use super::frames::{self, Failure, MessageCheck};
+use super::codec::{Head, MAX_HEAD, OpCode, Output, Piece, apply_mask};
+use super::frames::{self, Failure, Incoming};
 use super::{Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive};
 use crate::telemetry::metrics::Flow;
 
@@ -90,8 +90,12 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     let to_upstream = direction == Direction::ClientToUpstream;
     let source = source_of(direction);
     // RFC 6455 §5.1: clients mask every frame, servers none.
-    let mut decoder = Decoder::new(to_upstream, settings.max_frame_size);
-    let mut message = MessageCheck::new(settings.max_message_size, false);
+    let mut frames = Incoming::new(
+        to_upstream,
+        false,
+        settings.max_frame_size,
+        settings.max_message_size,
+    );
     // The writer of `to`, kept while a frame is half through: nothing may come between the
     // pieces of a frame, not even a control frame.
     let mut held = None;
@@ -125,7 +129,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                 read
             }
         };
-        let mid_frame = decoder.in_data_frame();
+        let mid_frame = frames.decoder.in_data_frame();
         let mut chunk = match read {
             Ok(chunk) if chunk.data_start() < chunk.data_end() => chunk,
             Ok(_) => {
@@ -160,7 +164,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         let mut out = Output::default();
         let mut then = None;
         loop {
-            let piece = match decoder.next(&chunk, &mut pos) {
+            let piece = match frames.next(&chunk, &mut pos) {
                 Ok(Some(piece)) => piece,
                 Ok(None) => break,
                 Err(f) => {
@@ -175,12 +179,6 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                     range,
                     end,
                 } => {
-                    if offset == 0
-                        && let Err(f) = message.start(&head)
-                    {
-                        then = Some(Then::Violated(f));
-                        break;
-                    }
                     if w.close_sent() {
                         // The other side is closing; RFC 6455 §5.5.1 allows no more data to it.
                         continue;
@@ -213,7 +211,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                         then = Some(Then::Broken(e.to_string()));
                         break;
                     }
-                    let payload = decoder.control(&head);
+                    let payload = frames.decoder.control(&head);
                     match head.opcode {
                         OpCode::Close => {
                             then = Some(match frames::check_close(payload) {
@@ -258,7 +256,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         drop(chunk);
         drop(backlog);
         match then {
-            None if decoder.in_data_frame() => held = Some(w),
+            None if frames.decoder.in_data_frame() => held = Some(w),
             None => drop(w),
             Some(Then::Close(payload)) => {
                 // Forward it (a no-op when `to` was already sent a Close). Nothing more comes

@@ -226,6 +226,28 @@ pub async fn ws_echo_with_tls(tls: Option<tokio_rustls::TlsAcceptor>) -> WsUpstr
     WsUpstream { addr, seen }
 }
 
+/// Answers a WebSocket handshake by hand on a raw stream, for upstreams that then write
+/// frames byte by byte (in pieces, or not at all).
+pub async fn accept_ws_handshake(stream: &mut TcpStream) {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.expect("request head"));
+    }
+    let head = String::from_utf8(head).expect("ASCII head");
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("sec-websocket-key: "))
+        .expect("key");
+    let accept = wsgate::handshake::accept_key(key.trim().as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    stream
+        .write_all(response.as_bytes())
+        .await
+        .expect("write 101");
+}
+
 /// The same WebSocket echo server on a Unix-domain socket (ws+unix: upstreams).
 pub fn ws_echo_unix(path: &Path) -> Arc<Mutex<Seen>> {
     let listener = tokio::net::UnixListener::bind(path).expect("bind unix socket");
