@@ -421,3 +421,35 @@ async fn unix_socket_upstreams_of_both_kinds() {
     gw.wait_idle().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_tls_listener_behind_a_balancer_reads_the_header_before_the_handshake() {
+    let upstream = ws_echo().await;
+    let pki = make_pki(&["localhost"]);
+    let config = format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\naccept_proxy_protocol = true\ntrusted = [\"127.0.0.1\"]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[[route]]\npath = \"/\"\nupstream = \"ws://{}\"\n",
+        pki.cert.display(),
+        pki.key.display(),
+        upstream.addr
+    );
+    let gw = start_gateway(&config).await;
+    let mut stream = TcpStream::connect(gw.addr()).await.unwrap();
+    stream
+        .write_all(&ppp_v2_header("198.51.100.23:6000", "10.0.0.1:443"))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = pki.connector().connect(name, stream).await.unwrap();
+    let url = format!("wss://localhost:{}/", gw.addr().port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    ws.send(Message::text("through tls")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("through tls"));
+    {
+        let seen = upstream.seen.lock().unwrap();
+        assert_eq!(seen.header(0, "x-forwarded-for"), ["198.51.100.23"]);
+        assert_eq!(seen.header(0, "x-forwarded-proto"), ["https"]);
+    }
+    ws.close(None).await.unwrap();
+    gw.wait_idle().await;
+    gw.stop().await;
+}
