@@ -7,6 +7,8 @@
 //! own code echoed. An upstream EOF is delivered as Close 1000 after all of its data.
 //! Shutdown: what the upstream has already sent (readable now) is delivered, then Close 1001.
 
+use std::future::Future;
+
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::buffers::{self, Chunk};
@@ -20,34 +22,39 @@ use crate::upstream::{UpstreamReader, UpstreamStream, UpstreamWriter};
 
 type ClientPeer<C> = Peer<WriteHalf<C>>;
 
-pub async fn relay_stream<C>(
+pub fn relay_stream<C>(
     client: C,
     upstream: UpstreamStream,
     settings: RelaySettings,
     shutdown: ShutdownSignals,
     flow: Flow,
-) -> Summary
+) -> impl Future<Output = Summary>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut client_rx, client_tx) = tokio::io::split(client);
-    let state = State::new(&settings, flow);
+    // Built before the future starts: an async fn keeps its arguments in its state for its
+    // whole life next to what is made of them, and a held connection's memory is mostly
+    // that state.
+    let (client_rx, client_tx) = tokio::io::split(client);
+    let state = State::new(&settings, flow, &shutdown);
     let client = Peer::new(client_tx, false, &state);
     let (upstream_rx, upstream_tx) = upstream.into_split();
     let upstream_tx = Coalescing::new(upstream_tx);
-
-    let pumps = async {
-        tokio::join!(
-            client_to_upstream(&mut client_rx, upstream_tx, &client, &state, &settings),
-            upstream_to_client(upstream_rx, &client, &state, &shutdown),
-        );
-        client.settle().await;
-    };
-    // Pinned here and lent to `drive`: passed by value, the pumps' state would be stored
-    // twice in the connection's task (once as an argument, once in the select).
-    let pumps = std::pin::pin!(pumps);
-    drive(&state, &settings, &shutdown, &client, pumps, false).await;
-    state.summary()
+    async move {
+        let mut client_rx = client_rx;
+        let pumps = async {
+            tokio::join!(
+                client_to_upstream(&mut client_rx, upstream_tx, &client, &state, &settings),
+                upstream_to_client(upstream_rx, &client, &state, &shutdown),
+            );
+            client.settle().await;
+        };
+        // Pinned here and lent to `drive`: passed by value, the pumps' state would be stored
+        // twice in the connection's task (once as an argument, once in the select).
+        let pumps = std::pin::pin!(pumps);
+        drive(&state, &settings, &shutdown, &client, pumps, false).await;
+        state.summary()
+    }
 }
 
 /// How the client → upstream pump ended.

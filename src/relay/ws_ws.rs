@@ -6,6 +6,7 @@
 //! forwarded byte for byte; frames toward it get a fresh masking key, applied in the same
 //! pass that removes the client's.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
@@ -25,50 +26,54 @@ enum Direction {
     UpstreamToClient,
 }
 
-pub async fn relay_ws<C, U>(
+pub fn relay_ws<C, U>(
     client: C,
     upstream: U,
     settings: RelaySettings,
     shutdown: ShutdownSignals,
     flow: Flow,
-) -> Summary
+) -> impl Future<Output = Summary>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut client_rx, client_tx) = tokio::io::split(client);
-    let (mut upstream_rx, upstream_tx) = tokio::io::split(upstream);
-    let state = State::new(&settings, flow);
+    // Built before the future starts, as in relay_stream: arguments of an async fn stay in
+    // its state next to what is made of them.
+    let (client_rx, client_tx) = tokio::io::split(client);
+    let (upstream_rx, upstream_tx) = tokio::io::split(upstream);
+    let state = State::new(&settings, flow, &shutdown);
     let client = Peer::new(client_tx, false, &state);
     let upstream = Peer::new(upstream_tx, true, &state);
-
-    let pumps = async {
-        tokio::join!(
-            pump(
-                Direction::ClientToUpstream,
-                &mut client_rx,
-                &client,
-                &upstream,
-                &state,
-                &settings
-            ),
-            pump(
-                Direction::UpstreamToClient,
-                &mut upstream_rx,
-                &upstream,
-                &client,
-                &state,
-                &settings
-            ),
-        );
-        client.settle().await;
-        upstream.settle().await;
-    };
-    // Pinned here and lent to `drive`: passed by value, the pumps' state would be stored
-    // twice in the connection's task (once as an argument, once in the select).
-    let pumps = std::pin::pin!(pumps);
-    drive(&state, &settings, &shutdown, &client, pumps, true).await;
-    state.summary()
+    async move {
+        let (mut client_rx, mut upstream_rx) = (client_rx, upstream_rx);
+        let pumps = async {
+            tokio::join!(
+                pump(
+                    Direction::ClientToUpstream,
+                    &mut client_rx,
+                    &client,
+                    &upstream,
+                    &state,
+                    &settings
+                ),
+                pump(
+                    Direction::UpstreamToClient,
+                    &mut upstream_rx,
+                    &upstream,
+                    &client,
+                    &state,
+                    &settings
+                ),
+            );
+            client.settle().await;
+            upstream.settle().await;
+        };
+        // Pinned here and lent to `drive`: passed by value, the pumps' state would be stored
+        // twice in the connection's task (once as an argument, once in the select).
+        let pumps = std::pin::pin!(pumps);
+        drive(&state, &settings, &shutdown, &client, pumps, true).await;
+        state.summary()
+    }
 }
 
 /// What a pump does after writing out the frames it read before this.
