@@ -229,9 +229,9 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
 ) {
     loop {
         // Wait for data holding no buffer: an idle connection costs no read memory.
+        // (An abort needs no branch here: `drive` ends the whole relay on it.)
         tokio::select! {
             biased;
-            _ = state.abort.cancelled() => return,
             _ = shutdown.graceful.cancelled(), if !state.closing.is_cancelled() => {
                 return Box::pin(drain_and_close(&upstream, client, state)).await;
             }

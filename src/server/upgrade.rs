@@ -292,6 +292,9 @@ impl UpgradeRequest<'_> {
             started: self.started,
         };
         let server = conn.listener.server.clone();
+        // Unpacked only after the upgrade: captured as they are, they would stay in the task's
+        // state for the connection's life next to the relay made of them.
+        let parts = Box::new((settings, connected));
         server.tracker.clone().spawn(async move {
             let _permit = permit;
             let _lease = lease;
@@ -307,6 +310,7 @@ impl UpgradeRequest<'_> {
             let flow = metrics.flow(&done.route);
             let shutdown = server.shutdown.clone();
             let client = TokioIo::new(upgraded);
+            let (settings, connected) = *parts;
             let summary = match connected {
                 Connected::Stream(stream) => {
                     relay::relay_stream(client, stream, settings, shutdown, flow).await
