@@ -365,3 +365,43 @@ async fn ws_health_checks_use_a_handshake_on_their_path() {
     .await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_keeps_what_the_pool_learned() {
+    let dead = Named::down("dead").await;
+    let live = Named::start("live").await;
+    let text = pool_config(
+        &[dead.url(), live.url()],
+        "max_fails = 1\nfail_timeout = \"1h\"",
+    );
+    let gw = start_gateway(&text).await;
+    let errors = |gw: &TestGateway| {
+        metric(
+            &gw.stats.encode(),
+            &format!(
+                "wsgate_upstream_connect_errors_total{{upstream=\"{}\"}}",
+                dead.url()
+            ),
+        )
+    };
+    let (mut ws, name) = open(&gw).await;
+    assert_eq!(name, "live");
+    ws.close(None).await.unwrap();
+    assert_eq!(errors(&gw), 1.0, "the first client found it down: ejected");
+    // SIGHUP with the same file: a new configuration, but the ejection stands.
+    let config = wsgate::config::Config::parse(&text, "test.toml").unwrap();
+    let gateway = wsgate::gateway::Gateway::prepare(config).unwrap();
+    gw.server.reload(gateway).await.unwrap();
+    for _ in 0..4 {
+        let (mut ws, name) = open(&gw).await;
+        assert_eq!(name, "live");
+        ws.close(None).await.unwrap();
+    }
+    assert_eq!(
+        errors(&gw),
+        1.0,
+        "no client was sent to the ejected upstream after the reload"
+    );
+    gw.wait_idle().await;
+    gw.stop().await;
+}
