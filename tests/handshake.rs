@@ -174,7 +174,7 @@ async fn refused_upstream_is_502() {
         .unwrap()
         .port();
     let gw = start_gateway(&simple_config(&format!("tcp://127.0.0.1:{port}"), "")).await;
-    let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    let r = gw.upgrade().await;
     assert_eq!(r.status, 502);
     let gw2 = start_gateway(&simple_config(&format!("ws://127.0.0.1:{port}/x"), "")).await;
     let r = raw_request(gw2.addr(), &upgrade_request("/", "")).await;
@@ -197,7 +197,7 @@ async fn silent_ws_upstream_is_504() {
     ))
     .await;
     let started = tokio::time::Instant::now();
-    let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    let r = gw.upgrade().await;
     assert_eq!(r.status, 504);
     assert!(started.elapsed() >= Duration::from_millis(300));
     gw.stop().await;
@@ -215,7 +215,7 @@ async fn ws_upstream_non_101_is_502() {
     })
     .await;
     let gw = start_gateway(&simple_config(&format!("ws://{upstream}/"), "")).await;
-    let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    let r = gw.upgrade().await;
     assert_eq!(r.status, 502);
     gw.stop().await;
 }
@@ -233,7 +233,7 @@ async fn ws_upstream_with_wrong_accept_is_502() {
     })
     .await;
     let gw = start_gateway(&simple_config(&format!("ws://{upstream}/"), "")).await;
-    let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    let r = gw.upgrade().await;
     assert_eq!(
         r.status, 502,
         "an accept computed for another key must be refused"

@@ -25,13 +25,13 @@ async fn max_connections_gives_503_with_retry_after_and_frees_slots() {
     let gw = start_gateway(&config_with("max_connections = 2", "", "", &upstream)).await;
     let a = connect(&gw.ws_url("/")).await;
     let _b = connect(&gw.ws_url("/")).await;
-    let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    let r = gw.upgrade().await;
     assert_eq!(r.status, 503);
     assert_eq!(r.header("retry-after"), Some("5"));
     drop(a);
     let stats = gw.stats.clone();
     wait_until("slot freed", move || stats.active_relays() == 1).await;
-    let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    let r = gw.upgrade().await;
     assert_eq!(r.status, 101);
     gw.stop().await;
 }
@@ -476,7 +476,7 @@ async fn rejections_are_logged_at_a_bounded_rate() {
         let r = raw_request(gw.addr(), "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(r.status, 426);
     }
-    let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    let r = gw.upgrade().await;
     assert_eq!(r.status, 101);
     gw.stop().await;
 }

@@ -206,7 +206,7 @@ async fn one_attempt_only_answers_502() {
     ))
     .await;
     // Round robin sends the first client to the dead upstream, with no second try.
-    let response = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    let response = gw.upgrade().await;
     assert_eq!(response.status, 502, "{response:?}");
     gw.stop().await;
 }
@@ -341,7 +341,7 @@ async fn a_timeout_moves_on_to_the_next_upstream_within_the_budget() {
         "connect_timeout = \"300ms\"\nconnect_budget = \"400ms\"\nmax_fails = 0",
     ))
     .await;
-    let response = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    let response = gw.upgrade().await;
     assert_eq!(response.status, 504, "{response:?}");
     assert!(
         echo.seen.lock().unwrap().paths.is_empty(),

@@ -146,7 +146,7 @@ async fn wss_upstream_with_untrusted_certificate_is_502() {
     let with_web_roots = simple_config(&format!("wss://localhost:{}/", upstream.addr.port()), "");
     for config in [with_wrong_ca, with_web_roots] {
         let gw = start_gateway(&config).await;
-        let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+        let r = gw.upgrade().await;
         assert_eq!(r.status, 502);
         gw.stop().await;
     }
@@ -156,7 +156,7 @@ async fn wss_upstream_with_untrusted_certificate_is_502() {
         &format!("ca = \"{}\"", upstream_pki.ca_cert.display()),
     );
     let gw = start_gateway(&wrong_name).await;
-    let r = raw_request(gw.addr(), &upgrade_request("/", "")).await;
+    let r = gw.upgrade().await;
     assert_eq!(
         r.status, 502,
         "certificate for localhost, connected as 127.0.0.1"

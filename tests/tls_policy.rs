@@ -277,34 +277,16 @@ async fn upstream_client_certificate_server_name_and_insecure_mode() {
     ws.send(Message::text("mutual")).await.unwrap();
     assert_eq!(next_data(&mut ws).await, Message::text("mutual"));
     gw.stop().await;
+    let status_with = async |route_extra: String| {
+        let gw = start_gateway(&wss_route(upstream.addr, "127.0.0.1", &route_extra)).await;
+        let status = gw.upgrade().await.status;
+        gw.stop().await;
+        status
+    };
     // Without the client certificate the upstream refuses: 502.
-    let gw = start_gateway(&wss_route(
-        upstream.addr,
-        "127.0.0.1",
-        &format!("{ca}\n{name}"),
-    ))
-    .await;
-    assert_eq!(
-        raw_request(gw.addr(), &upgrade_request("/", ""))
-            .await
-            .status,
-        502
-    );
-    gw.stop().await;
+    assert_eq!(status_with(format!("{ca}\n{name}")).await, 502);
     // Without the name override, 127.0.0.1 is not in the certificate: 502.
-    let gw = start_gateway(&wss_route(
-        upstream.addr,
-        "127.0.0.1",
-        &format!("{ca}\n{client}"),
-    ))
-    .await;
-    assert_eq!(
-        raw_request(gw.addr(), &upgrade_request("/", ""))
-            .await
-            .status,
-        502
-    );
-    gw.stop().await;
+    assert_eq!(status_with(format!("{ca}\n{client}")).await, 502);
     // insecure_skip_verify: no CA, wrong name, still connects (tests only).
     let gw = start_gateway(&wss_route(
         upstream.addr,

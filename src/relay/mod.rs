@@ -331,6 +331,19 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
         }
     }
 
+    /// The gateway ends the connection (shutdown, idle timeout): Close 1001, recorded as
+    /// the gateway's doing with the reason as detail.
+    async fn going_away(&self, state: &State, reason: &'static str) {
+        self.close_recording(
+            state,
+            Side::Gateway,
+            frames::GOING_AWAY,
+            reason,
+            reason.into(),
+        )
+        .await
+    }
+
     async fn close(&self, code: u16, reason: &str) -> bool {
         self.close_with(&close_payload(code, reason)).await
     }
@@ -462,17 +475,6 @@ async fn drive<W: AsyncWrite + Unpin>(
     pumps: std::pin::Pin<&mut impl Future<Output = ()>>,
     close_on_shutdown: bool,
 ) {
-    let going_away = async |reason: &'static str| {
-        client
-            .close_recording(
-                state,
-                Side::Gateway,
-                frames::GOING_AWAY,
-                reason,
-                reason.into(),
-            )
-            .await
-    };
     let close_timeout = settings.close_timeout;
     // Timers that most connections never reach are boxed when they start: their state
     // would otherwise be part of every held connection's.
@@ -483,7 +485,7 @@ async fn drive<W: AsyncWrite + Unpin>(
     let graceful = async {
         if close_on_shutdown {
             shutdown.graceful.cancelled().await;
-            Box::pin(going_away("gateway shutting down")).await;
+            Box::pin(client.going_away(state, "gateway shutting down")).await;
         }
         std::future::pending::<()>().await
     };
@@ -493,7 +495,7 @@ async fn drive<W: AsyncWrite + Unpin>(
                 loop {
                     let last = state.started + Duration::from_millis(last.load(Ordering::Relaxed));
                     if last.elapsed() >= idle {
-                        going_away("idle timeout").await;
+                        client.going_away(state, "idle timeout").await;
                         break;
                     }
                     tokio::time::sleep_until((last + idle).into()).await;

@@ -348,16 +348,7 @@ async fn drain_and_close<C: AsyncWrite + Unpin>(
             break;
         }
     }
-    let reason = "gateway shutting down";
-    client
-        .close_recording(
-            state,
-            Side::Gateway,
-            frames::GOING_AWAY,
-            reason,
-            reason.into(),
-        )
-        .await
+    client.going_away(state, "gateway shutting down").await
 }
 
 /// Fails the connection because of the client (RFC 6455 §7.1.7): Close with the reason,

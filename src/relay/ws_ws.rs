@@ -275,7 +275,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
             }
             Some(Then::Broken(detail)) => {
                 drop(w);
-                return Box::pin(broken(direction, from, to, state, detail)).await;
+                return Box::pin(broken(direction, from, state, detail)).await;
             }
         }
     }
@@ -363,10 +363,9 @@ async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
 }
 
 /// Writing to the other side failed: it is gone.
-async fn broken<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
+async fn broken<F: AsyncWrite + Unpin>(
     direction: Direction,
     from: &WsPeer<F>,
-    _to: &Peer<T>,
     state: &State,
     detail: String,
 ) {

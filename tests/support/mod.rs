@@ -75,6 +75,11 @@ impl TestGateway {
         format!("ws://{}{path}", self.addr())
     }
 
+    /// A plain upgrade request for `/`; the answer (a 101 leaves the connection to close).
+    pub async fn upgrade(&self) -> RawResponse {
+        raw_request(self.addr(), &upgrade_request("/", "")).await
+    }
+
     /// Starts the drain (what SIGTERM does).
     pub fn begin_shutdown(&self) {
         self.server.shutdown();
