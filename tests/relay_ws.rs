@@ -480,3 +480,21 @@ async fn keepalive_does_not_judge_a_client_stuck_behind_a_slow_upstream() {
     gw.wait_idle().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_upstream_gone_after_a_bare_frame_header_is_1011() {
+    // SPEC §4: upstream failure mid-stream closes the client with 1011. Only the header of
+    // a frame arrived, so nothing of it was forwarded: the client can still get a Close.
+    let upstream = tcp_upstream(|mut stream| async move {
+        accept_ws_handshake(&mut stream).await;
+        stream.write_all(&[0x82, 0x7e, 0x10, 0x00]).await.unwrap();
+        // Dropped here: EOF in the middle of the frame.
+    })
+    .await;
+    let gw = start_gateway(&simple_config(&format!("ws://{upstream}"), "")).await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_eq!(close.map(|c| c.0), Some(1011));
+    gw.wait_idle().await;
+    gw.stop().await;
+}

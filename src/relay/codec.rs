@@ -214,8 +214,10 @@ impl Decoder {
     /// True between the first and the last piece of a data frame: nothing else may be written
     /// to the peer the frame is going to until it ends.
     pub fn in_data_frame(&self) -> bool {
+        // Until a first payload byte has gone out, not even the header has (it travels with
+        // the first piece), so nothing is in the middle yet.
         self.frame
-            .is_some_and(|(head, _)| !head.opcode.is_control())
+            .is_some_and(|(head, done)| !head.opcode.is_control() && done > 0)
     }
 
     /// The payload of the control frame [`Piece::Control`] announced, unmasked.
@@ -466,6 +468,13 @@ mod tests {
             let (_, err) = decode(wire, wire.len(), masked);
             assert_eq!(err.map(|f| f.reason), Some(reason), "{wire:?}");
         }
+        // A 64-bit length with its top bit set is not a length (RFC 6455 §5.2).
+        let mut d = Decoder::new(false, usize::MAX);
+        let huge = [0x82, 0x7f, 0x80, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            d.next(&huge, &mut 0).unwrap_err().reason,
+            "frame length has its top bit set"
+        );
         let mut d = Decoder::new(false, 10);
         let err = d.next(&[0x82, 11], &mut 0).unwrap_err();
         assert_eq!(err.code, frames::TOO_BIG);
