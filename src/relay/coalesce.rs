@@ -3,7 +3,7 @@
 //! A relay that writes every small frame with its own system call spends its time in the
 //! kernel: 16 pipelined 64-byte messages cost 16 writes. `Coalescing` gathers small writes
 //! in a buffer and the pumps flush it when their source has nothing more ready (see
-//! `pump_ready` in the relays), so a burst goes out in one write. The buffer is taken
+//! `read_or_flush` in the relay), so a burst goes out in one write. The buffer is taken
 //! from the heap when the first byte arrives and given back on flush, so an idle connection
 //! holds no buffer at all. Large writes bypass it.
 
