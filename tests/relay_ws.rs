@@ -498,3 +498,47 @@ async fn an_upstream_gone_after_a_bare_frame_header_is_1011() {
     gw.wait_idle().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_oversize_message_from_the_upstream_is_1009_to_it_and_1011_to_the_client() {
+    use tokio::io::AsyncReadExt;
+    // SPEC §4: a message over max_message_size closes with 1009, here toward the side that
+    // sent it; the client learns its upstream failed (1011).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = tcp_upstream(move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            accept_ws_handshake(&mut stream).await;
+            stream
+                .write_all(&frame(true, 0x2, &[1u8; 2048], None))
+                .await
+                .unwrap();
+            // The gateway's Close, masked as a client's (a Close carries at most 125 bytes).
+            let mut head = [0u8; 6];
+            stream.read_exact(&mut head).await.unwrap();
+            assert_eq!((head[0], head[1] & 0x80), (0x88, 0x80), "a masked Close");
+            let mut payload = vec![0u8; usize::from(head[1] & 0x7f)];
+            stream.read_exact(&mut payload).await.unwrap();
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= head[2 + i % 4];
+            }
+            let _ = tx.send(u16::from_be_bytes([payload[0], payload[1]]));
+        }
+    })
+    .await;
+    let gw = start_gateway(&simple_config(
+        &format!("ws://{upstream}"),
+        "max_message_size = \"1KiB\"",
+    ))
+    .await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    let (data, close) = read_until_close(&mut ws).await;
+    assert!(
+        data.is_empty(),
+        "nothing of the oversize message is passed on"
+    );
+    assert_eq!(close.map(|c| c.0), Some(1011));
+    assert_eq!(within("the upstream's Close", rx.recv()).await, Some(1009));
+    gw.wait_idle().await;
+    gw.stop().await;
+}
