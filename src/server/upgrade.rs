@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::connection::ConnectionContext;
 use super::limits::{ConnectionPermit, LimitHit, PerIp, Permit};
-use crate::config::RouteConfig;
+use crate::config::{ListenerConfig, RouteConfig};
 use crate::forwarded::{self, ClientAddr};
 use crate::gateway::{Gateway, RouteTarget};
 use crate::handshake::{self, HandshakeError};
@@ -79,11 +79,9 @@ pub(super) async fn handle(
     let started = Instant::now();
     // Each request sees the configuration in force when it arrives (hot reload).
     let gateway = conn.listener.server.gateway.load_full();
-    let trusted = |ip| {
-        gateway
-            .listener(&conn.listener.key)
-            .is_some_and(|(_, l)| l.trusts(ip))
-    };
+    // Looked up once: `trusted` runs for the peer and for each forwarded hop.
+    let listener = gateway.listener(&conn.listener.key).map(|(_, l)| l);
+    let trusted = |ip| listener.is_some_and(|l| l.trusts(ip));
     // Behind a PROXY header the named client is the end of the chain of trust.
     let trusted_peer = !conn.proxied && trusted(conn.peer.ip);
     let client = if trusted_peer {
@@ -94,6 +92,7 @@ pub(super) async fn handle(
     let request = UpgradeRequest {
         conn: &conn,
         gateway: &gateway,
+        listener,
         client,
         trusted_peer,
         started,
@@ -125,6 +124,8 @@ pub(super) async fn handle(
 struct UpgradeRequest<'a> {
     conn: &'a Arc<ConnectionContext>,
     gateway: &'a Arc<Gateway>,
+    /// This connection's listener in `gateway` (`None` if a reload just removed it).
+    listener: Option<&'a ListenerConfig>,
     /// The real client: the connection's peer, or whom a trusted proxy forwarded for.
     client: ClientAddr,
     /// The connection's peer is one of the listener's trusted proxies.
@@ -157,9 +158,8 @@ impl UpgradeRequest<'_> {
         let permit = self.acquire()?;
 
         let identity_header = self
-            .gateway
-            .listener(&conn.listener.key)
-            .and_then(|(_, l)| l.tls.as_ref())
+            .listener
+            .and_then(|l| l.tls.as_ref())
             .and_then(|t| t.identity_header.clone());
         let identity_value = conn.identity().map(|i| i.to_string());
         let tls = conn.tls.is_some();
@@ -220,11 +220,7 @@ impl UpgradeRequest<'_> {
         };
         let conn = self.conn;
         let source = std::net::SocketAddr::new(self.client.ip, self.client.port.unwrap_or(0));
-        let destination = conn.local.or_else(|| {
-            self.gateway
-                .listener(&conn.listener.key)
-                .map(|(_, l)| l.bind)
-        });
+        let destination = conn.local.or_else(|| self.listener.map(|l| l.bind));
         let server_name = conn.tls.as_ref().and_then(|t| t.server_name.as_deref());
         let header = match destination {
             Some(destination) => proxy_protocol::encode(version, source, destination, server_name),
@@ -244,9 +240,7 @@ impl UpgradeRequest<'_> {
         let (conn, gateway) = (self.conn, self.gateway);
         let server = &conn.listener.server;
         let limits = &gateway.config.gateway;
-        let listener_max = gateway
-            .listener(&conn.listener.key)
-            .and_then(|(_, l)| l.max_connections);
+        let listener_max = self.listener.and_then(|l| l.max_connections);
         let total = Permit::try_acquire(&server.total, Some(limits.max_connections))
             .ok_or(LimitHit::Gateway(limits.max_connections))?;
         let listener = Permit::try_acquire(&conn.listener.active, listener_max)
@@ -282,11 +276,7 @@ impl UpgradeRequest<'_> {
         };
         let done = Finished {
             client: self.client,
-            listener: self
-                .gateway
-                .listener(&conn.listener.key)
-                .map(|(_, l)| l.name.clone())
-                .unwrap_or_default(),
+            listener: self.listener.map(|l| l.name.clone()).unwrap_or_default(),
             route: route.path.clone(),
             upstream: target.pool.upstream(lease.index()).to_string(),
             started: self.started,
