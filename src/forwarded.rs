@@ -10,6 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::config::TrustedHeader;
+
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -50,21 +52,34 @@ impl fmt::Display for ClientAddr {
     }
 }
 
+impl TrustedHeader {
+    pub fn name(self) -> HeaderName {
+        match self {
+            TrustedHeader::XForwardedFor => X_FORWARDED_FOR,
+            TrustedHeader::Forwarded => header::FORWARDED,
+            TrustedHeader::XRealIp => X_REAL_IP,
+        }
+    }
+}
+
 /// The real client of a request that arrived from `peer`: the peer itself, unless it is
-/// a trusted proxy; then the nearest address in its X-Forwarded-For (or, without one,
-/// Forwarded) that is not a trusted proxy too. A hop that is not an address (`unknown`, an
-/// obfuscated name, an unreadable header) ends the walk at the last hop that could be
-/// believed, as nginx's real_ip does: what lies beyond it may be anyone's invention.
+/// a trusted proxy; then the nearest address in the one header the listener's proxies
+/// write (`trusted_header`) that is not a trusted proxy too. The other forwarded headers
+/// are never consulted: the proxy passes them on as the client wrote them. A hop that is
+/// not an address (`unknown`, an obfuscated name, an unreadable header) ends the walk at
+/// the last hop that could be believed, as nginx's real_ip does: what lies beyond it may be
+/// anyone's invention.
 pub fn real_client(
     peer: ClientAddr,
     headers: &HeaderMap,
+    which: TrustedHeader,
     trusts: impl Fn(IpAddr) -> bool,
 ) -> ClientAddr {
     if !trusts(peer.ip) {
         return peer;
     }
     let mut client = peer;
-    for hop in forwarded_chain(headers).iter().rev() {
+    for hop in forwarded_chain(headers, which).iter().rev() {
         let Some(ip) = *hop else {
             return client;
         };
@@ -76,17 +91,29 @@ pub fn real_client(
     client
 }
 
-/// The hops of a forwarding chain, client first; `None` for a hop that is not an address.
-/// X-Forwarded-For when the request has one (even an unreadable one), else Forwarded.
-fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+/// The hops of the forwarding chain in header `which`, client first; `None` for a hop that
+/// is not an address.
+fn forwarded_chain(headers: &HeaderMap, which: TrustedHeader) -> Vec<Option<IpAddr>> {
     let lines = |name: &HeaderName| headers.get_all(name).iter().map(|v| v.to_str().ok());
-    if headers.contains_key(&X_FORWARDED_FOR) {
-        return lines(&X_FORWARDED_FOR)
-            .flat_map(|line| match line {
-                Some(line) => line.split(',').map(node_ip).collect(),
-                None => vec![None],
-            })
-            .collect();
+    match which {
+        // One address, written by the proxy; several lines are a client adding its own.
+        TrustedHeader::XRealIp => {
+            let all: Vec<_> = lines(&X_REAL_IP).collect();
+            return match all.as_slice() {
+                [] => Vec::new(),
+                [Some(line)] => vec![node_ip(line)],
+                _ => vec![None],
+            };
+        }
+        TrustedHeader::XForwardedFor => {
+            return lines(&X_FORWARDED_FOR)
+                .flat_map(|line| match line {
+                    Some(line) => line.split(',').map(node_ip).collect(),
+                    None => vec![None],
+                })
+                .collect();
+        }
+        TrustedHeader::Forwarded => {}
     }
     lines(&header::FORWARDED)
         .flat_map(|line| match line {
@@ -145,10 +172,19 @@ fn node_ip(node: &str) -> Option<IpAddr> {
 /// headers.
 #[derive(Debug, Clone, Default)]
 pub struct Forwarding {
-    /// Drop the client's X-Forwarded-*, Forwarded and X-Real-IP (untrusted peers).
-    pub strip: bool,
+    /// The forwarding headers of the request that pass on as they came: from a trusted
+    /// proxy, the header it writes and X-Forwarded-Proto/-Host; from anyone else, none.
+    /// Every other header of [`FORWARDING`] is dropped.
+    pub keep: Vec<HeaderName>,
     /// Headers to set, replacing any of the same name.
     pub set: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Forwarding {
+    /// True when the client's header `name` must not reach the upstream.
+    pub fn drops(&self, name: &HeaderName) -> bool {
+        FORWARDING.contains(name) && !self.keep.contains(name)
+    }
 }
 
 /// The route's choices about forwarded headers.
@@ -159,18 +195,24 @@ pub struct Policy {
 }
 
 /// Builds the forwarding headers for a request from `peer` (the socket's peer, or the
-/// client a PROXY header named) whose real client is `client`.
+/// client a PROXY header named) whose real client is `client`. `trusted` is the header the
+/// peer writes when it is a trusted proxy (`None` otherwise): only that one of the address
+/// chains is continued.
 pub fn for_upstream(
     request: &HeaderMap,
     peer: ClientAddr,
     client: ClientAddr,
-    trusted_peer: bool,
+    trusted: Option<TrustedHeader>,
     tls: bool,
     policy: Policy,
 ) -> Forwarding {
+    let mut keep = Vec::new();
+    if let Some(which) = trusted {
+        keep.extend([which.name(), X_FORWARDED_PROTO, X_FORWARDED_HOST]);
+    }
     let mut set = Vec::new();
     let existing = |name: &HeaderName| -> Option<String> {
-        if !trusted_peer {
+        if !keep.contains(name) {
             return None;
         }
         let values: Vec<&str> = request
@@ -222,10 +264,7 @@ pub fn for_upstream(
     if policy.x_real_ip {
         push(X_REAL_IP, client.ip.to_string());
     }
-    Forwarding {
-        strip: !trusted_peer,
-        set,
-    }
+    Forwarding { keep, set }
 }
 
 #[cfg(test)]
@@ -254,12 +293,13 @@ mod tests {
     #[test]
     fn the_real_client_comes_only_from_trusted_peers() {
         let spoof = headers(&[("x-forwarded-for", "1.2.3.4")]);
+        let xff = TrustedHeader::XForwardedFor;
         assert_eq!(
-            real_client(addr("198.51.100.9:4000"), &spoof, lb),
+            real_client(addr("198.51.100.9:4000"), &spoof, xff, lb),
             addr("198.51.100.9:4000")
         );
         let chain = headers(&[("x-forwarded-for", "1.2.3.4, 203.0.113.5, 10.0.0.7")]);
-        let client = real_client(addr("10.0.0.1:4000"), &chain, lb);
+        let client = real_client(addr("10.0.0.1:4000"), &chain, xff, lb);
         assert_eq!(
             client.to_string(),
             "203.0.113.5",
@@ -267,12 +307,38 @@ mod tests {
         );
         let forwarded = headers(&[("forwarded", "for=\"[2001:db8::1]:80\";proto=https")]);
         assert_eq!(
-            real_client(addr("10.0.0.1:1"), &forwarded, lb).ip,
+            real_client(addr("10.0.0.1:1"), &forwarded, TrustedHeader::Forwarded, lb).ip,
             "2001:db8::1".parse::<IpAddr>().unwrap()
         );
         assert_eq!(
-            real_client(addr("10.0.0.1:1"), &HeaderMap::new(), lb),
+            real_client(addr("10.0.0.1:1"), &HeaderMap::new(), xff, lb),
             addr("10.0.0.1:1")
+        );
+    }
+
+    #[test]
+    fn only_the_listeners_trusted_header_is_believed() {
+        // The proxy writes only Forwarded; the X-Forwarded-For is the client's invention.
+        let both = headers(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=203.0.113.5"),
+            ("x-real-ip", "7.7.7.7"),
+        ]);
+        let lb_peer = addr("10.0.0.1:1");
+        let ip = |which| real_client(lb_peer, &both, which, lb).ip.to_string();
+        assert_eq!(ip(TrustedHeader::Forwarded), "203.0.113.5");
+        assert_eq!(ip(TrustedHeader::XForwardedFor), "6.6.6.6");
+        assert_eq!(ip(TrustedHeader::XRealIp), "7.7.7.7");
+        let only_xff = headers(&[("x-forwarded-for", "6.6.6.6")]);
+        assert_eq!(
+            real_client(lb_peer, &only_xff, TrustedHeader::Forwarded, lb),
+            lb_peer,
+            "no Forwarded header: the proxy itself is the client"
+        );
+        let two_real_ips = headers(&[("x-real-ip", "7.7.7.7"), ("x-real-ip", "8.8.8.8")]);
+        assert_eq!(
+            real_client(lb_peer, &two_real_ips, TrustedHeader::XRealIp, lb),
+            lb_peer
         );
     }
 
@@ -284,8 +350,8 @@ mod tests {
         };
         let request = headers(&[("host", "app.example.com"), ("x-forwarded-for", "6.6.6.6")]);
         let peer = addr("198.51.100.9:4000");
-        let f = for_upstream(&request, peer, peer, false, true, policy);
-        assert!(f.strip);
+        let f = for_upstream(&request, peer, peer, None, true, policy);
+        assert!(f.drops(&X_FORWARDED_FOR) && f.drops(&X_REAL_IP));
         let get = |f: &Forwarding, name: &str| {
             f.set
                 .iter()
@@ -309,15 +375,22 @@ mod tests {
             ip: "6.6.6.6".parse().unwrap(),
             port: None,
         };
-        let f = for_upstream(&request, lb, client, true, false, policy);
-        assert!(!f.strip);
+        let f = for_upstream(
+            &request,
+            lb,
+            client,
+            Some(TrustedHeader::XForwardedFor),
+            false,
+            policy,
+        );
+        assert!(!f.drops(&X_FORWARDED_FOR) && f.drops(&header::FORWARDED));
         assert_eq!(
             get(&f, "x-forwarded-for").as_deref(),
             Some("6.6.6.6, 10.0.0.1")
         );
         assert_eq!(get(&f, "x-real-ip").as_deref(), Some("6.6.6.6"));
         let v6 = addr("[2001:db8::2]:1");
-        let f = for_upstream(&HeaderMap::new(), v6, v6, false, false, policy);
+        let f = for_upstream(&HeaderMap::new(), v6, v6, None, false, policy);
         assert_eq!(
             get(&f, "forwarded").as_deref(),
             Some("for=\"[2001:db8::2]\";proto=http")

@@ -2,8 +2,10 @@
 //! once at start-up (and by `wsgate check`), so that a bad certificate is a start-up error
 //! and never a per-connection one.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use http::HeaderName;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
@@ -15,15 +17,41 @@ use crate::upstream::{self, Pool};
 pub struct Gateway {
     pub config: Config,
     router: Router,
-    /// TLS acceptor per listener, in configuration order (`None` for plain ws://).
-    acceptors: Vec<Option<TlsAcceptor>>,
-    /// TLS connector per route, for wss:// upstreams.
-    connectors: Vec<Option<TlsConnector>>,
-    /// Upstream pool per route: balance state, health, connection counts. A reload starts
-    /// fresh pools; connections keep the lease on the pool they were opened from.
-    pools: Vec<Arc<Pool>>,
+    /// Per listener, in configuration order: its TLS acceptor (`None` for plain ws://).
+    listeners: Vec<PreparedListener>,
+    /// Listeners by what identifies a running socket (see [`ListenerKey`]).
+    listener_index: HashMap<ListenerKey, usize>,
+    /// Per route, in configuration order: its TLS connector and upstream pool.
+    routes: Vec<PreparedRoute>,
+    /// Every header that carries a verified client identity on some listener: removed from
+    /// every client request on every listener, so that only the gateway sets them.
+    identity_headers: Arc<[HeaderName]>,
     /// Stops this configuration's health checks when it is replaced.
     health_checks: CancellationToken,
+}
+
+struct PreparedListener {
+    acceptor: Option<TlsAcceptor>,
+    identity_header: Option<HeaderName>,
+}
+
+struct PreparedRoute {
+    /// For wss:// upstreams.
+    connector: Option<TlsConnector>,
+    /// Balance state, health, connection counts; taken over from the previous
+    /// configuration by [`Gateway::inherit_pools`]. Connections keep the lease on the pool
+    /// they were opened from.
+    pool: Arc<Pool>,
+}
+
+/// A listener of this configuration, resolved once per request.
+#[derive(Clone, Copy)]
+pub struct ListenerRef<'a> {
+    pub index: usize,
+    pub config: &'a ListenerConfig,
+    pub acceptor: Option<&'a TlsAcceptor>,
+    /// The header this listener sets to a verified client certificate's identity.
+    pub identity_header: Option<&'a HeaderName>,
 }
 
 /// What a request is routed to.
@@ -52,20 +80,31 @@ pub enum PrepareError {
 
 impl Gateway {
     pub fn prepare(config: Config) -> Result<Gateway, PrepareError> {
-        let acceptors = config
+        let listeners = config
             .listeners
             .iter()
-            .map(|l| match &l.tls {
-                None => Ok(None),
-                Some(files) => tls::server_config(files)
-                    .map(|c| Some(TlsAcceptor::from(c)))
-                    .map_err(|source| PrepareError::ListenerTls {
-                        name: l.name.clone(),
-                        source,
-                    }),
+            .map(|l| {
+                let acceptor = match &l.tls {
+                    None => None,
+                    Some(files) => Some(TlsAcceptor::from(tls::server_config(files).map_err(
+                        |source| PrepareError::ListenerTls {
+                            name: l.name.clone(),
+                            source,
+                        },
+                    )?)),
+                };
+                let identity_header = l
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.identity_header.as_deref())
+                    .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok());
+                Ok(PreparedListener {
+                    acceptor,
+                    identity_header,
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let connectors = config
+        let routes = config
             .routes
             .iter()
             .enumerate()
@@ -74,16 +113,21 @@ impl Gateway {
                     .upstreams
                     .iter()
                     .any(|t| matches!(t.upstream, Upstream::Ws { tls: true, .. }));
-                if !wss {
-                    return Ok(None);
-                }
-                upstream::tls::connector(r)
-                    .map(Some)
-                    .map_err(|source| PrepareError::RouteTls {
-                        index,
-                        path: r.path.clone(),
-                        source,
-                    })
+                let connector = if wss {
+                    Some(
+                        upstream::tls::connector(r).map_err(|source| PrepareError::RouteTls {
+                            index,
+                            path: r.path.clone(),
+                            source,
+                        })?,
+                    )
+                } else {
+                    None
+                };
+                Ok(PreparedRoute {
+                    connector,
+                    pool: Arc::new(Pool::new(r)),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         for listener in &config.listeners {
@@ -101,17 +145,25 @@ impl Gateway {
                 "insecure_skip_verify: the upstream's certificate is not checked; for tests only"
             );
         }
-        let pools = config
-            .routes
+        let mut identity_headers: Vec<HeaderName> = listeners
             .iter()
-            .map(|r| Arc::new(Pool::new(r)))
+            .filter_map(|l| l.identity_header.clone())
+            .collect();
+        identity_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        identity_headers.dedup();
+        let listener_index = config
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (ListenerKey::of(l), i))
             .collect();
         Ok(Gateway {
-            router: Router::new(&config.routes),
+            router: Router::new(&config),
             config,
-            acceptors,
-            connectors,
-            pools,
+            listeners,
+            listener_index,
+            routes,
+            identity_headers: identity_headers.into(),
             health_checks: CancellationToken::new(),
         })
     }
@@ -129,8 +181,8 @@ impl Gateway {
             else {
                 continue;
             };
-            if let Some(pool) = Arc::get_mut(&mut self.pools[index]) {
-                pool.inherit(&old.pools[previous]);
+            if let Some(pool) = Arc::get_mut(&mut self.routes[index].pool) {
+                pool.inherit(&old.routes[previous].pool);
             }
         }
     }
@@ -142,11 +194,11 @@ impl Gateway {
         shutdown: &CancellationToken,
         metrics: &Arc<crate::telemetry::Metrics>,
     ) {
-        for (index, route) in self.config.routes.iter().enumerate() {
+        for (route, prepared) in self.config.routes.iter().zip(&self.routes) {
             upstream::health::spawn(
                 route,
-                self.pools[index].clone(),
-                self.connectors[index].clone(),
+                prepared.pool.clone(),
+                prepared.connector.clone(),
                 self.health_checks.child_token(),
                 shutdown.clone(),
                 metrics.clone(),
@@ -154,18 +206,25 @@ impl Gateway {
         }
     }
 
-    /// The route for a request, with its TLS connector and upstream pool.
-    pub fn route(&self, host: Option<&str>, path: &str) -> Option<RouteTarget<'_>> {
-        let index = self.router.find(host, path)?;
+    /// The route for a request on `listener`, with its TLS connector and upstream pool.
+    /// Routes bound to other listeners do not exist here.
+    pub fn route(
+        &self,
+        listener: usize,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<RouteTarget<'_>> {
+        let index = self.router.find(listener, host, path)?;
         Some(RouteTarget {
             config: &self.config.routes[index],
-            tls: self.connectors[index].as_ref(),
-            pool: &self.pools[index],
+            tls: self.routes[index].connector.as_ref(),
+            pool: &self.routes[index].pool,
         })
     }
 
-    pub fn acceptor(&self, listener: usize) -> Option<&TlsAcceptor> {
-        self.acceptors.get(listener).and_then(Option::as_ref)
+    /// Every identity header of every listener (see the field).
+    pub fn identity_headers(&self) -> &[HeaderName] {
+        &self.identity_headers
     }
 
     /// Every certificate, key and CA file the configuration names, for change detection.
@@ -188,13 +247,16 @@ impl Gateway {
         files
     }
 
-    /// The listener a running socket belongs to in this configuration, with its index.
-    pub fn listener(&self, key: &ListenerKey) -> Option<(usize, &ListenerConfig)> {
-        self.config
-            .listeners
-            .iter()
-            .enumerate()
-            .find(|(_, l)| ListenerKey::of(l) == *key)
+    /// The listener a running socket belongs to in this configuration.
+    pub fn listener(&self, key: &ListenerKey) -> Option<ListenerRef<'_>> {
+        let index = *self.listener_index.get(key)?;
+        let prepared = &self.listeners[index];
+        Some(ListenerRef {
+            index,
+            config: &self.config.listeners[index],
+            acceptor: prepared.acceptor.as_ref(),
+            identity_header: prepared.identity_header.as_ref(),
+        })
     }
 }
 

@@ -10,8 +10,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use sha1::{Digest, Sha1};
 
-use crate::origin::OriginRule;
-
 /// RFC 6455 §1.3. ASCII hyphens: a widely copied tutorial prints U+2010 here instead.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -34,10 +32,6 @@ pub enum HandshakeError {
     MissingHost,
     #[error("the request has more than one {0} header")]
     Duplicate(&'static str),
-    #[error("no route for this path")]
-    NoRoute,
-    #[error("the path has . or .. segments")]
-    DotSegments,
     #[error("method {0} is not allowed; WebSocket upgrades use GET")]
     Method(Method),
     #[error("this path serves WebSocket connections only; send an upgrade request")]
@@ -50,26 +44,25 @@ pub enum HandshakeError {
     BadKey,
     #[error("Sec-WebSocket-Version must be 13")]
     UnsupportedVersion,
-    #[error("Origin {0:?} is not allowed on this route")]
-    OriginNotAllowed(String),
+    /// The bytes after the head are WebSocket frames; read as a body they would be lost.
+    #[error("an upgrade request has no body (Content-Length must be 0, no Transfer-Encoding)")]
+    Body,
 }
 
 impl HandshakeError {
     pub fn status(&self) -> StatusCode {
         match self {
-            HandshakeError::NoRoute => StatusCode::NOT_FOUND,
             HandshakeError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             HandshakeError::NotUpgrade | HandshakeError::UnsupportedVersion => {
                 StatusCode::UPGRADE_REQUIRED
             }
-            HandshakeError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
             HandshakeError::NotHttp11
             | HandshakeError::MissingHost
             | HandshakeError::Duplicate(_)
-            | HandshakeError::DotSegments
             | HandshakeError::ConnectionNotUpgrade
             | HandshakeError::MissingKey
-            | HandshakeError::BadKey => StatusCode::BAD_REQUEST,
+            | HandshakeError::BadKey
+            | HandshakeError::Body => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -126,6 +119,13 @@ pub fn validate<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError> {
         Ok(raw) if raw.len() == 16 => {}
         _ => return Err(HandshakeError::BadKey),
     }
+    let empty_length = headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .all(|v| v.as_bytes() == b"0");
+    if !empty_length || headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(HandshakeError::Body);
+    }
     // Lossy, not `to_str().ok()`: an Origin that is present but not ASCII must still be
     // compared (and fail), not be treated as absent.
     let origin = single(headers, &header::ORIGIN, "Origin")?
@@ -135,20 +135,6 @@ pub fn validate<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError> {
         protocols: offered_protocols(headers),
         origin,
     })
-}
-
-/// Checks the request's Origin against a route's allow-list (see [`crate::origin`]).
-pub fn check_origin(
-    origin: Option<&str>,
-    allowed: Option<&[OriginRule]>,
-) -> Result<(), HandshakeError> {
-    if crate::origin::allowed(allowed, origin) {
-        Ok(())
-    } else {
-        Err(HandshakeError::OriginNotAllowed(
-            origin.unwrap_or_default().to_string(),
-        ))
-    }
 }
 
 /// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2 item 5.4).
@@ -238,11 +224,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn guid_is_ascii() {
-        assert!(ACCEPT_GUID.is_ascii());
-    }
-
     fn upgrade() -> http::request::Builder {
         Request::builder()
             .method("GET")
@@ -292,6 +273,15 @@ mod tests {
                 StatusCode::BAD_REQUEST,
             ),
             (upgrade().version(Version::HTTP_10), StatusCode::BAD_REQUEST),
+            (upgrade().header("Content-Length", "0"), StatusCode::OK),
+            (
+                upgrade().header("Content-Length", "5"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                upgrade().header("Transfer-Encoding", "chunked"),
+                StatusCode::BAD_REQUEST,
+            ),
         ];
         for (builder, status) in cases {
             match check(builder) {
@@ -324,16 +314,6 @@ mod tests {
         let err = validate(&req).unwrap_err();
         assert_eq!(err.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(err.extra_headers()[0].1, "13");
-    }
-
-    #[test]
-    fn origin_allow_list() {
-        let allowed = vec![OriginRule::parse("https://app.example.com").unwrap()];
-        assert!(check_origin(Some("https://APP.example.com"), Some(&allowed)).is_ok());
-        let err = check_origin(Some("https://evil.example"), Some(&allowed)).unwrap_err();
-        assert_eq!(err.status(), StatusCode::FORBIDDEN);
-        assert!(check_origin(None, Some(&allowed)).is_ok());
-        assert!(check_origin(Some("https://evil.example"), None).is_ok());
     }
 
     #[test]

@@ -95,6 +95,20 @@ fn split_port(text: &str) -> Option<(&str, Option<u16>)> {
     Some((host, port))
 }
 
+/// A request whose Origin a route does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Origin {0:?} is not allowed on this route")]
+pub struct OriginRefused(pub String);
+
+/// Checks a request's Origin against a route's allow-list (see [`allowed`]).
+pub fn check(rules: Option<&[OriginRule]>, origin: Option<&str>) -> Result<(), OriginRefused> {
+    if allowed(rules, origin) {
+        Ok(())
+    } else {
+        Err(OriginRefused(origin.unwrap_or_default().to_string()))
+    }
+}
+
 /// `None` allows every Origin. A request without `Origin` comes from a non-browser client,
 /// which cross-site hijacking cannot use, so it passes.
 pub fn allowed(rules: Option<&[OriginRule]>, origin: Option<&str>) -> bool {

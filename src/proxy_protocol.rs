@@ -59,13 +59,14 @@ pub struct Proxied {
 }
 
 /// Reads the start of a connection on a listener with `accept_proxy_protocol`. A trusted
-/// peer must begin with a PROXY header: the connection it names is returned (`None` for a
-/// v2 LOCAL or v1 UNKNOWN header, a load balancer's own health check). An untrusted peer
-/// must not send one. Whatever was read past the header stays in the returned stream.
+/// peer must begin with a PROXY header: `Some` of the connection it names is returned
+/// (`Some(None)` for a header that names none: v2 LOCAL, v1 UNKNOWN, unix or unspecified
+/// families). An untrusted peer must not send one (`None`). Whatever was read past the
+/// header stays in the returned stream.
 pub async fn accept<S: AsyncRead + Unpin>(
     mut stream: S,
     trusted: bool,
-) -> Result<(Option<Proxied>, Prefixed<S>), ProxyHeaderError> {
+) -> Result<(Option<Option<Proxied>>, Prefixed<S>), ProxyHeaderError> {
     let mut buf = Vec::with_capacity(256);
     loop {
         let decided = looks_like_header(&buf);
@@ -78,7 +79,7 @@ pub async fn accept<S: AsyncRead + Unpin>(
                 if result.is_complete() {
                     let (source, used) = source_of(result)?;
                     let rest = buf.split_off(used);
-                    return Ok((source, Prefixed::new(rest, stream)));
+                    return Ok((Some(source), Prefixed::new(rest, stream)));
                 }
                 // ppp reports a v1 line with missing fields as "incomplete"; once its CRLF
                 // (or its longest possible length) is here, nothing more can complete it.
@@ -288,11 +289,11 @@ mod tests {
     async fn accept_bytes(
         bytes: &[u8],
         trusted: bool,
-    ) -> Result<(Option<SocketAddr>, Vec<u8>), ProxyHeaderError> {
+    ) -> Result<(Option<Option<SocketAddr>>, Vec<u8>), ProxyHeaderError> {
         let (proxied, mut rest) = accept(bytes, trusted).await?;
         let mut after = Vec::new();
         rest.read_to_end(&mut after).await?;
-        Ok((proxied.map(|p| p.source), after))
+        Ok((proxied.map(|p| p.map(|p| p.source)), after))
     }
 
     #[tokio::test]
@@ -303,13 +304,13 @@ mod tests {
             let mut wire = encode(version, client, gateway, Some("app.example.com")).unwrap();
             wire.extend_from_slice(b"GET / HTTP/1.1\r\n");
             let (source, after) = accept_bytes(&wire, true).await.unwrap();
-            assert_eq!(source, Some(client), "{version:?}");
+            assert_eq!(source, Some(Some(client)), "{version:?}");
             assert_eq!(after, b"GET / HTTP/1.1\r\n", "{version:?}");
         }
         let v6: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
         let wire = encode(ProxyProtocol::V1, v6, gateway, None).unwrap();
         assert!(wire.starts_with(b"PROXY TCP6 2001:db8::1 ::ffff:10.0.0.2 4000 443\r\n"));
-        assert_eq!(accept_bytes(&wire, true).await.unwrap().0, Some(v6));
+        assert_eq!(accept_bytes(&wire, true).await.unwrap().0, Some(Some(v6)));
     }
 
     #[tokio::test]
@@ -320,8 +321,8 @@ mod tests {
             let (source, after) = accept_bytes(&wire, true).await.unwrap();
             assert_eq!(
                 (source, after.as_slice()),
-                (None, &b"rest"[..]),
-                "{version:?}"
+                (Some(None), &b"rest"[..]),
+                "{version:?}: a header that names nobody is still a header"
             );
         }
     }

@@ -1,6 +1,11 @@
-//! (Host, path) → route. Pure, so every rule is unit-tested here.
+//! (listener, Host, path) → route, and the request path it is matched on. Pure, so every
+//! rule is unit-tested here.
 //!
 //! Rules, as an nginx user would expect them:
+//! - the path is normalised first ([`normalize_path`]) and everything after routing (Origin
+//!   rules, the path sent upstream) sees the normalised one, so `//admin` or `/%61dmin`
+//!   cannot reach `/admin`'s upstream while side-stepping `/admin`'s policy;
+//! - a route bound to listeners (`listeners = [...]`) does not exist on the others;
 //! - a route's `path` is a prefix on whole segments: `/vnc` matches `/vnc`, `/vnc/` and
 //!   `/vnc/a`, never `/vncx`; `/` matches everything;
 //! - routes that name the request's host are tried first, then routes without `host`;
@@ -8,7 +13,7 @@
 //! - `host = "*.example.com"` matches any name below example.com (not example.com itself);
 //!   at equal prefix length an exact host beats a wildcard.
 
-use crate::config::RouteConfig;
+use crate::config::Config;
 
 /// The match keys of one configuration's routes, in configuration order.
 #[derive(Debug, Clone)]
@@ -20,28 +25,43 @@ pub struct Router {
 struct RouteKey {
     path: String,
     host: Option<String>,
+    /// Indexes of the listeners the route exists on; `None` for all of them.
+    listeners: Option<Vec<usize>>,
 }
 
 impl Router {
-    pub fn new(routes: &[RouteConfig]) -> Self {
-        let keys = routes
+    pub fn new(config: &Config) -> Self {
+        let keys = config
+            .routes
             .iter()
             .map(|r| RouteKey {
                 path: r.path.clone(),
                 host: r.host.clone(),
+                // Names were checked against the listeners when the file was validated.
+                listeners: r.listeners.as_ref().map(|names| {
+                    config
+                        .listeners
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| names.contains(&l.name))
+                        .map(|(i, _)| i)
+                        .collect()
+                }),
             })
             .collect();
         Self { keys }
     }
 
-    /// The index of the route for a request, by its Host header value (port allowed) and its
-    /// path (without query).
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
+    /// The index of the route for a request on listener `listener` (its index in the
+    /// configuration), by its Host header value (port allowed) and its normalised path
+    /// (without query).
+    pub fn find(&self, listener: usize, host: Option<&str>, path: &str) -> Option<usize> {
         let host = host.map(normalize_host);
         let best = |host_specific: bool| {
             self.keys
                 .iter()
                 .enumerate()
+                .filter(|(_, r)| r.listeners.as_ref().is_none_or(|l| l.contains(&listener)))
                 .filter(|(_, r)| r.host.is_some() == host_specific)
                 .filter(|(_, r)| match (&r.host, &host) {
                     (None, _) => true,
@@ -129,20 +149,73 @@ pub fn upstream_path(route_prefix: &str, upstream_path: &str, path_and_query: &s
     out
 }
 
-/// True when a path has `.` or `..` segments (also percent-encoded). Such paths are refused
-/// rather than forwarded, because the upstream might resolve them to a place the route does
-/// not cover.
-pub fn has_dot_segments(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+/// Why a request path cannot be routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path has . or .. segments")]
+    DotSegments,
+    #[error("the path has a malformed percent-escape")]
+    BadEscape,
+    #[error("the path must start with /")]
+    NotAbsolute,
+}
+
+/// The path a request is routed on and forwarded with, as nginx normalises it:
+/// percent-escapes of unreserved characters (RFC 3986 §2.3) decoded, other escapes kept
+/// with upper-case hex (so `%2f` and `%2F` are one path, and an encoded `/` never splits a
+/// segment), repeated slashes merged. Dot segments (also encoded ones) are refused rather
+/// than resolved: the upstream might resolve them to a place the route does not cover.
+pub fn normalize_path(path: &str) -> Result<String, PathError> {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+                let (Some(hi), Some(lo)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) else {
+                    return Err(PathError::BadEscape);
+                };
+                let decoded = (hi * 16 + lo) as u8;
+                if is_unreserved(decoded) {
+                    out.push(decoded as char);
+                } else {
+                    out.push('%');
+                    out.push_str(&format!("{decoded:02X}"));
+                }
+                i += 3;
+            }
+            b'/' if out.ends_with('/') => i += 1,
+            // hyper admits only visible ASCII in a request target.
+            b => {
+                out.push(b as char);
+                i += 1;
+            }
+        }
+    }
+    if out
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(PathError::DotSegments);
+    }
+    Ok(out)
+}
+
+/// RFC 3986 §2.3.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Config, Upstream};
+
+    use crate::config::RouteConfig;
 
     fn route(path: &str, host: Option<&str>, port: u16) -> RouteConfig {
         let text = format!(
@@ -154,9 +227,16 @@ mod tests {
         route
     }
 
+    fn router(routes: &[RouteConfig]) -> Router {
+        let text = "[[listener]]\nbind = \"127.0.0.1:1\"\n[[route]]\npath = \"/\"\nupstream = \"tcp://127.0.0.1:1\"\n";
+        let mut config = Config::parse(text, "t").unwrap();
+        config.routes = routes.to_vec();
+        Router::new(&config)
+    }
+
     fn port_of(routes: &[RouteConfig], host: Option<&str>, path: &str) -> Option<u16> {
-        Router::new(routes)
-            .find(host, path)
+        router(routes)
+            .find(0, host, path)
             .map(|i| match routes[i].upstreams[0].upstream {
                 Upstream::Tcp { port, .. } => port,
                 _ => 0,
@@ -224,10 +304,38 @@ mod tests {
     }
 
     #[test]
-    fn dot_segments_are_detected() {
-        assert!(has_dot_segments("/a/../b"));
-        assert!(has_dot_segments("/a/%2E%2e/b"));
-        assert!(has_dot_segments("/./"));
-        assert!(!has_dot_segments("/a/..b/c.d"));
+    fn paths_are_normalised_as_nginx_does() {
+        let ok = |p: &str| normalize_path(p).unwrap();
+        assert_eq!(ok("/%61dmin"), "/admin");
+        assert_eq!(ok("//admin"), "/admin");
+        assert_eq!(ok("/a///b//"), "/a/b/");
+        assert_eq!(ok("/%7Euser/%41-%5f"), "/~user/A-_");
+        assert_eq!(ok("/a%2fb"), "/a%2Fb", "an encoded slash stays encoded");
+        assert_eq!(ok("/a%2Fb%20c%3F"), "/a%2Fb%20c%3F");
+        assert_eq!(ok("/"), "/");
+        assert_eq!(ok("/a/..b/c.d"), "/a/..b/c.d");
+        for bad in ["/a/../b", "/a/%2E%2e/b", "/./", "/%2e", "/a/.", "//.."] {
+            assert_eq!(normalize_path(bad), Err(PathError::DotSegments), "{bad}");
+        }
+        for bad in ["/%", "/%4", "/%zz", "/a%g1"] {
+            assert_eq!(normalize_path(bad), Err(PathError::BadEscape), "{bad}");
+        }
+        assert_eq!(normalize_path("*"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn a_route_bound_to_listeners_exists_only_there() {
+        let mut internal = route("/admin", None, 2);
+        internal.listeners = Some(vec!["second".into()]);
+        let text = "[[listener]]\nbind = \"127.0.0.1:1\"\nname = \"first\"\n[[listener]]\nbind = \"127.0.0.1:2\"\nname = \"second\"\n[[route]]\npath = \"/\"\nupstream = \"tcp://127.0.0.1:1\"\n";
+        let mut config = Config::parse(text, "t").unwrap();
+        config.routes.push(internal);
+        let router = Router::new(&config);
+        assert_eq!(
+            router.find(0, None, "/admin"),
+            Some(0),
+            "falls to / on first"
+        );
+        assert_eq!(router.find(1, None, "/admin"), Some(1));
     }
 }

@@ -44,6 +44,7 @@ pub struct ListenerSection {
     pub max_connections: Option<Spanned<i64>>,
     pub accept_proxy_protocol: Option<Spanned<bool>>,
     pub trusted: Option<Spanned<Vec<String>>>,
+    pub trusted_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +70,7 @@ pub struct CertPairSection {
 pub struct RouteSection {
     pub path: Spanned<String>,
     pub host: Option<Spanned<String>>,
+    pub listeners: Option<Spanned<Vec<String>>>,
     pub upstream: Option<Spanned<String>>,
     pub upstreams: Option<Spanned<Vec<UpstreamEntry>>>,
     pub balance: Option<Spanned<String>>,

@@ -119,6 +119,17 @@ pub struct ListenerConfig {
     /// Proxies in front of this listener: their PROXY headers and forwarded headers are
     /// believed. Nobody is trusted by default.
     pub trusted: Vec<ipnet::IpNet>,
+    /// The one forwarded header the trusted proxies write; the others are not believed.
+    pub trusted_header: TrustedHeader,
+}
+
+/// Which header names the client behind a trusted proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrustedHeader {
+    #[default]
+    XForwardedFor,
+    Forwarded,
+    XRealIp,
 }
 
 impl ListenerConfig {
@@ -169,6 +180,8 @@ pub struct RouteConfig {
     pub path: String,
     /// Lower-case host name or `*.suffix` pattern.
     pub host: Option<String>,
+    /// Names of the listeners the route exists on; `None` for every listener.
+    pub listeners: Option<Vec<String>>,
     /// One or more, all of the same kind (byte stream or WebSocket).
     pub upstreams: Vec<Target>,
     pub balance: Balance,

@@ -13,7 +13,7 @@ use super::units::{parse_duration, parse_size};
 use super::{
     AdminConfig, Balance, ClientAuth, Config, ConfigError, ConfigIssue, GatewayConfig, HealthCheck,
     ListenerConfig, ListenerTls, LogFormat, PingConfig, ProxyProtocol, RouteConfig, Target,
-    TlsFiles, Upstream, defaults,
+    TlsFiles, TrustedHeader, Upstream, defaults,
 };
 use crate::origin::OriginRule;
 use std::time::Duration;
@@ -422,6 +422,22 @@ impl Validator<'_> {
                 Some(flag) => *flag.get_ref(),
                 None => false,
             };
+            let trusted_header = match section.trusted_header {
+                None => TrustedHeader::default(),
+                Some(value) => match value.get_ref().to_ascii_lowercase().as_str() {
+                    "x-forwarded-for" => TrustedHeader::XForwardedFor,
+                    "forwarded" => TrustedHeader::Forwarded,
+                    "x-real-ip" => TrustedHeader::XRealIp,
+                    other => {
+                        self.issue(
+                            &value,
+                            format!("{key}.trusted_header"),
+                            format!("`{other}` is not a forwarded header; write \"x-forwarded-for\", \"forwarded\" or \"x-real-ip\", the one your proxies write"),
+                        );
+                        TrustedHeader::default()
+                    }
+                },
+            };
             listeners.push(ListenerConfig {
                 name,
                 bind,
@@ -429,6 +445,7 @@ impl Validator<'_> {
                 max_connections,
                 accept_proxy_protocol,
                 trusted,
+                trusted_header,
             });
         }
 
@@ -444,7 +461,7 @@ impl Validator<'_> {
         let mut seen = HashSet::new();
         for (i, section) in file.routes.into_iter().enumerate() {
             let at = Spanned::new(section.span(), ());
-            if let Some(route) = self.route(i, section.into_inner()) {
+            if let Some(route) = self.route(i, section.into_inner(), &names) {
                 if !seen.insert((route.host.clone(), route.path.clone())) {
                     self.issue(
                         &at,
@@ -592,9 +609,36 @@ impl Validator<'_> {
         })
     }
 
-    fn route(&mut self, i: usize, section: RouteSection) -> Option<RouteConfig> {
+    fn route(
+        &mut self,
+        i: usize,
+        mut section: RouteSection,
+        listener_names: &HashSet<String>,
+    ) -> Option<RouteConfig> {
         let key = format!("route[{i}]");
         let issues_before = self.issues.len();
+
+        let listeners = section.listeners.take().map(|list| {
+            if list.get_ref().is_empty() {
+                self.issue(
+                    &list,
+                    format!("{key}.listeners"),
+                    "an empty list binds the route to no listener; name at least one, or remove the key to serve it on every listener",
+                );
+            }
+            for name in list.get_ref() {
+                if !listener_names.contains(name) {
+                    let mut known: Vec<&String> = listener_names.iter().collect();
+                    known.sort();
+                    self.issue(
+                        &list,
+                        format!("{key}.listeners"),
+                        format!("no [[listener]] is named `{name}`; the listeners are named {known:?}"),
+                    );
+                }
+            }
+            list.into_inner()
+        });
 
         let path = normalize_path(section.path.get_ref());
         if path.is_none() {
@@ -839,6 +883,7 @@ impl Validator<'_> {
         Some(RouteConfig {
             path: path?,
             host,
+            listeners,
             upstreams,
             balance: balance.unwrap_or(Balance::RoundRobin),
             connect_attempts,
@@ -869,10 +914,13 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// A route prefix, normalised as request paths are (so that it can match them), without a
+/// trailing `/`.
 fn normalize_path(path: &str) -> Option<String> {
-    if !path.starts_with('/') || path.contains(['?', '#']) || path.contains(char::is_whitespace) {
+    if path.contains(['?', '#']) || path.contains(char::is_whitespace) {
         return None;
     }
+    let path = crate::routing::normalize_path(path).ok()?;
     let trimmed = path.trim_end_matches('/');
     Some(if trimmed.is_empty() {
         "/".to_string()

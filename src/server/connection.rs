@@ -24,9 +24,9 @@ pub(super) struct ConnectionContext {
     /// The client as far as the connection tells: the socket's peer, or the client a
     /// trusted load balancer named in a PROXY header.
     pub peer: ClientAddr,
-    /// A trusted load balancer named `peer` in a PROXY header. That is where trust stops:
-    /// forwarded headers from the client it named are not believed, even when its address
-    /// falls in `trusted` too (nginx and HAProxy stop there as well).
+    /// The connection began with a PROXY header from a trusted load balancer (naming `peer`,
+    /// or nobody). That is where trust stops: forwarded headers on this connection are not
+    /// believed, even when `peer` falls in `trusted` too (nginx and HAProxy stop there too).
     pub proxied: bool,
     /// The gateway address the client connected to (or, behind a PROXY-speaking load
     /// balancer, the one it named).
@@ -52,9 +52,10 @@ impl ConnectionContext {
 pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerContext>) {
     // The configuration in force when the connection arrived decides its TLS and limits.
     let gateway = listener.server.gateway.load_full();
-    let Some((index, config)) = gateway.listener(&listener.key) else {
+    let Some(this) = gateway.listener(&listener.key) else {
         return; // removed by a reload a moment ago
     };
+    let config = this.config;
     // `handshake_timeout` covers the PROXY header, the TLS handshake and the request head.
     let deadline = Instant::now() + gateway.config.gateway.handshake_timeout;
     let mut local = stream.local_addr().ok();
@@ -63,11 +64,14 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<Lis
     let stream = if config.accept_proxy_protocol {
         let trusted = config.trusts(peer.ip());
         match tokio::time::timeout_at(deadline, proxy_protocol::accept(stream, trusted)).await {
-            Ok(Ok((proxied_by, stream))) => {
-                if let Some(p) = proxied_by {
+            Ok(Ok((preamble, stream))) => {
+                // Any PROXY header ends the chain of trust, also one that names no client
+                // (LOCAL, UNKNOWN, unix or unspecified families): the bytes after it are the
+                // end client's, and so are any forwarded headers in them.
+                proxied = preamble.is_some();
+                if let Some(Some(p)) = preamble {
                     client = p.source.into();
                     local = Some(p.destination);
-                    proxied = true;
                 }
                 stream
             }
@@ -85,7 +89,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<Lis
     } else {
         Prefixed::new(Vec::new(), stream)
     };
-    let Some(acceptor) = gateway.acceptor(index).cloned() else {
+    let Some(acceptor) = this.acceptor.cloned() else {
         let io = TokioIo::new(stream);
         let who = Who {
             peer: client,

@@ -315,11 +315,10 @@ impl Server {
                 }
             };
             let gateway = self.inner.gateway.load();
-            let (index, name) = match gateway.listener(&key) {
-                Some((i, l)) => (i, l.name.clone()),
-                None => continue,
+            let Some(this) = gateway.listener(&key) else {
+                continue;
             };
-            info!(listener = %name, addr = %local, tls = gateway.acceptor(index).is_some(), "listening");
+            info!(listener = %this.config.name, addr = %local, tls = this.acceptor.is_some(), "listening");
             let stop = self.inner.shutdown.graceful.child_token();
             let ctx = Arc::new(ListenerContext {
                 key: key.clone(),

@@ -1,6 +1,16 @@
-//! One upgrade request, top to bottom: validate → route → Origin → connection budget →
-//! connect the upstream → 101 → relay. Every failure becomes exactly one HTTP answer here
-//! (SPEC §3) and at most one log line (rate-limited).
+//! One upgrade request, top to bottom, in the order the checks run:
+//!
+//! 1. the request line and Host (HTTP/1.1, exactly one Host): 400;
+//! 2. the path, normalised (`routing::normalize_path`): 400 for dot segments or bad escapes;
+//! 3. the route for (listener, Host, path): 404;
+//! 4. the upgrade itself (RFC 6455 §4.2.1, no body): 405, 426 or 400;
+//! 5. the route's Origin allow-list: 403;
+//! 6. the connection budgets (gateway, listener, client IP): 503;
+//! 7. the upstream, connected and (ws) handshaken before the client hears anything: 502/504;
+//! 8. the 101, and the relay task.
+//!
+//! Every failure becomes exactly one HTTP answer here (SPEC §3) and at most one log line
+//! (rate-limited).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,21 +26,26 @@ use tracing::{debug, info, warn};
 
 use super::connection::ConnectionContext;
 use super::limits::{ConnectionPermit, LimitHit, PerIp, Permit};
-use crate::config::{ListenerConfig, RouteConfig};
 use crate::forwarded::{self, ClientAddr};
-use crate::gateway::{Gateway, RouteTarget};
+use crate::gateway::{Gateway, ListenerRef, RouteTarget};
 use crate::handshake::{self, HandshakeError};
-use crate::proxy_protocol;
+use crate::origin::{self, OriginRefused};
 use crate::relay::{self, RelaySettings, Summary};
-use crate::routing;
+use crate::routing::{self, PathError};
 use crate::telemetry::ratelimit::Verdict;
-use crate::upstream::{self, ClientHandshake, Connected, Lease, UpstreamError};
+use crate::upstream::{self, Connected, Introduction, Lease, UpstreamError};
 
 /// Why an upgrade request was not accepted.
 #[derive(Debug, thiserror::Error)]
 enum Rejection {
     #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("no route for this path")]
+    NoRoute,
+    #[error(transparent)]
     Handshake(#[from] HandshakeError),
+    #[error(transparent)]
+    Origin(#[from] OriginRefused),
     #[error(transparent)]
     Limit(#[from] LimitHit),
     #[error(transparent)]
@@ -42,18 +57,21 @@ impl Rejection {
         // A few seconds lets connections finish without inviting a stampede.
         const RETRY: &[(HeaderName, &str)] = &[(header::RETRY_AFTER, "5")];
         let (status, extra) = match self {
+            Rejection::Path(_) => (StatusCode::BAD_REQUEST, &[][..]),
+            Rejection::NoRoute => (StatusCode::NOT_FOUND, &[][..]),
             Rejection::Handshake(e) => (e.status(), e.extra_headers()),
+            Rejection::Origin(_) => (StatusCode::FORBIDDEN, &[][..]),
             Rejection::Limit(_) => (StatusCode::SERVICE_UNAVAILABLE, RETRY),
             Rejection::Upstream(e) => (e.status(), &[][..]),
         };
         // The client learns the category; the details of the upstream stay in the log.
         let body = match self {
-            Rejection::Handshake(e) => format!("{e}\n"),
             Rejection::Limit(_) => "too many connections; try again later\n".into(),
             Rejection::Upstream(UpstreamError::Timeout { .. }) => {
                 "the upstream did not answer in time\n".into()
             }
             Rejection::Upstream(_) => "the upstream is not reachable\n".into(),
+            other => format!("{other}\n"),
         };
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
@@ -79,13 +97,18 @@ pub(super) async fn handle(
     let started = Instant::now();
     // Each request sees the configuration in force when it arrives (hot reload).
     let gateway = conn.listener.server.gateway.load_full();
-    // Looked up once: `trusted` runs for the peer and for each forwarded hop.
-    let listener = gateway.listener(&conn.listener.key).map(|(_, l)| l);
-    let trusted = |ip| listener.is_some_and(|l| l.trusts(ip));
-    // Behind a PROXY header the named client is the end of the chain of trust.
-    let trusted_peer = !conn.proxied && trusted(conn.peer.ip);
+    let Some(listener) = gateway.listener(&conn.listener.key) else {
+        // Removed by a reload while this connection was open: it serves nothing now.
+        return Ok(Rejection::NoRoute.response());
+    };
+    let config = listener.config;
+    // Any PROXY header, even one that names no client, ends the chain of trust: what
+    // follows it was written by whoever is behind the balancer.
+    let trusted_peer = !conn.proxied && config.trusts(conn.peer.ip);
     let client = if trusted_peer {
-        forwarded::real_client(conn.peer, req.headers(), trusted)
+        forwarded::real_client(conn.peer, req.headers(), config.trusted_header, |ip| {
+            config.trusts(ip)
+        })
     } else {
         conn.peer
     };
@@ -124,8 +147,8 @@ pub(super) async fn handle(
 struct UpgradeRequest<'a> {
     conn: &'a Arc<ConnectionContext>,
     gateway: &'a Arc<Gateway>,
-    /// This connection's listener in `gateway` (`None` if a reload just removed it).
-    listener: Option<&'a ListenerConfig>,
+    /// This connection's listener in `gateway`.
+    listener: ListenerRef<'a>,
     /// The real client: the connection's peer, or whom a trusted proxy forwarded for.
     client: ClientAddr,
     /// The connection's peer is one of the listener's trusted proxies.
@@ -134,61 +157,50 @@ struct UpgradeRequest<'a> {
 }
 
 impl UpgradeRequest<'_> {
+    /// The checks in the order of the module's list.
     async fn accept(
         &self,
         req: &mut Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Rejection> {
         let conn = self.conn;
         handshake::check_request_line(req)?;
-        let path = req.uri().path();
-        if routing::has_dot_segments(path) {
-            return Err(HandshakeError::DotSegments.into());
-        }
+        let path = routing::normalize_path(req.uri().path())?;
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok());
         let target = self
             .gateway
-            .route(host, path)
-            .ok_or(HandshakeError::NoRoute)?;
+            .route(self.listener.index, host, &path)
+            .ok_or(Rejection::NoRoute)?;
         let route = target.config;
         let upgrade = handshake::validate(req)?;
-        handshake::check_origin(upgrade.origin.as_deref(), route.allowed_origins.as_deref())?;
+        origin::check(route.allowed_origins.as_deref(), upgrade.origin.as_deref())?;
         let permit = self.acquire()?;
 
-        let identity_header = self
-            .listener
-            .and_then(|l| l.tls.as_ref())
-            .and_then(|t| t.identity_header.clone());
-        let identity_value = conn.identity().map(|i| i.to_string());
-        let tls = conn.tls.is_some();
-        let forwarding = forwarded::for_upstream(
-            req.headers(),
-            conn.peer,
-            self.client,
-            self.trusted_peer,
-            tls,
-            forwarded::Policy {
-                forwarded_headers: route.forwarded_headers,
-                x_real_ip: route.x_real_ip,
-            },
-        );
-        let client_handshake = ClientHandshake {
-            path_and_query: req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string(),
-            map_path: true,
-            protocols: &upgrade.protocols,
-            headers: req.headers(),
-            identity: identity_header
-                .as_deref()
-                .map(|h| (h, identity_value.as_deref())),
-            forwarding,
+        let introduction = Introduction {
+            peer: conn.peer,
+            client: self.client,
+            trusted: self
+                .trusted_peer
+                .then_some(self.listener.config.trusted_header),
+            tls: conn.tls.is_some(),
+            server_name: conn.tls.as_ref().and_then(|t| t.server_name.as_deref()),
+            local: conn.local.or(Some(self.listener.config.bind)),
+            identity: self
+                .listener
+                .identity_header
+                .map(|name| (name, conn.identity().map(|i| i.to_string()))),
+            identity_headers: self.gateway.identity_headers(),
         };
-        let proxy_header = self.proxy_header(route)?;
+        // The normalised path goes upstream; the query as it came.
+        let path_and_query = match req.uri().query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
+        let client_handshake =
+            introduction.handshake(route, path_and_query, &upgrade.protocols, req.headers());
+        let proxy_header = introduction.proxy_header(route)?;
         let metrics = &conn.listener.server.metrics;
         let (connected, lease) = upstream::connect(
             route,
@@ -211,36 +223,13 @@ impl UpgradeRequest<'_> {
         Ok(response)
     }
 
-    /// The PROXY protocol header for a byte-stream upstream, naming the real client and
-    /// the gateway address it reached. An upstream that expects one must never get the
-    /// client's bytes without it, so failing to build it fails the request.
-    fn proxy_header(&self, route: &RouteConfig) -> Result<Option<Vec<u8>>, UpstreamError> {
-        let Some(version) = route.proxy_protocol else {
-            return Ok(None);
-        };
-        let conn = self.conn;
-        let source = std::net::SocketAddr::new(self.client.ip, self.client.port.unwrap_or(0));
-        let destination = conn.local.or_else(|| self.listener.map(|l| l.bind));
-        let server_name = conn.tls.as_ref().and_then(|t| t.server_name.as_deref());
-        let header = match destination {
-            Some(destination) => proxy_protocol::encode(version, source, destination, server_name),
-            None => Err(std::io::Error::other("the listener address is unknown")),
-        };
-        header
-            .map(Some)
-            .map_err(|source| UpstreamError::ProxyHeader {
-                target: route.upstream_names(),
-                source,
-            })
-    }
-
     /// Takes a slot in each connection budget: the gateway's, the listener's, the client
     /// IP's (the real client's, when a trusted proxy named it).
     fn acquire(&self) -> Result<ConnectionPermit, LimitHit> {
         let (conn, gateway) = (self.conn, self.gateway);
         let server = &conn.listener.server;
         let limits = &gateway.config.gateway;
-        let listener_max = self.listener.and_then(|l| l.max_connections);
+        let listener_max = self.listener.config.max_connections;
         let total = Permit::try_acquire(&server.total, Some(limits.max_connections))
             .ok_or(LimitHit::Gateway(limits.max_connections))?;
         let listener = Permit::try_acquire(&conn.listener.active, listener_max)
@@ -276,7 +265,7 @@ impl UpgradeRequest<'_> {
         };
         let done = Finished {
             client: self.client,
-            listener: self.listener.map(|l| l.name.clone()).unwrap_or_default(),
+            listener: self.listener.config.name.clone(),
             route: route.path.clone(),
             upstream: target.pool.upstream(lease.index()).to_string(),
             started: self.started,

@@ -113,6 +113,7 @@ async fn probe(
         protocols: &[],
         headers: &headers,
         identity: None,
+        drop_headers: &[],
         forwarding: Default::default(),
     };
     let connection = Connection {

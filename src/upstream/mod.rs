@@ -5,6 +5,7 @@
 //! next upstream, within `connect_attempts` and `connect_budget`.
 
 pub mod health;
+mod introduction;
 pub mod pool;
 mod stream;
 pub mod tls;
@@ -19,6 +20,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::warn;
 
+pub use introduction::Introduction;
 pub use pool::{Lease, Pool};
 pub use stream::{UpstreamReader, UpstreamStream, UpstreamWriter};
 pub use ws::{ClientHandshake, UpstreamWs};

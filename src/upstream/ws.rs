@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::UpstreamError;
-use crate::forwarded::{FORWARDING, Forwarding};
+use crate::forwarded::Forwarding;
 use crate::handshake::{accept_key, has_token};
 
 /// A WebSocket connection to an upstream, after its handshake.
@@ -33,10 +33,11 @@ pub struct ClientHandshake<'a> {
     /// The client's request headers; end-to-end ones are forwarded (Origin, Cookie,
     /// Authorization, User-Agent, …), hop-by-hop and handshake ones are not.
     pub headers: &'a HeaderMap,
-    /// mTLS listeners with `identity_header`: the header name and the verified identity, if
-    /// the client presented a certificate. A client-sent header of that name is always
-    /// dropped, so it cannot be forged.
-    pub identity: Option<(&'a str, Option<&'a str>)>,
+    /// mTLS listeners with `identity_header`: the header name and the verified identity of
+    /// the client's certificate.
+    pub identity: Option<(&'a HeaderName, &'a str)>,
+    /// Client headers that never pass: every identity header of every listener.
+    pub drop_headers: &'a [HeaderName],
     /// X-Forwarded-For and friends: which of the client's to drop, which to set.
     pub forwarding: Forwarding,
 }
@@ -154,18 +155,15 @@ fn build_request(
             || name.as_str() == "keep-alive"
             || name.as_str() == "proxy-connection"
             || connection_tokens.iter().any(|t| t == name.as_str());
-        let spoofable = hs.forwarding.strip && FORWARDING.contains(name);
+        let spoofable = hs.forwarding.drops(name) || hs.drop_headers.contains(name);
         if !hop_by_hop && !spoofable {
             headers.append(name.clone(), value.clone());
         }
     }
     if let Some((name, value)) = hs.identity
-        && let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+        && let Ok(value) = HeaderValue::from_str(value)
     {
-        headers.remove(&name);
-        if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
-            headers.insert(name, value);
-        }
+        headers.insert(name.clone(), value);
     }
     for (name, value) in &hs.forwarding.set {
         headers.insert(name.clone(), value.clone());
@@ -295,14 +293,16 @@ mod tests {
             HeaderValue::from_static("permessage-deflate"),
         );
         client.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        client.insert("x-client-identity", HeaderValue::from_static("CN=admin"));
         let hs = ClientHandshake {
             path_and_query: "/ignored".into(),
             map_path: true,
             protocols: &["a".to_string(), "b".to_string()],
             headers: &client,
             identity: None,
+            drop_headers: &[HeaderName::from_static("x-client-identity")],
             forwarding: Forwarding {
-                strip: true,
+                keep: Vec::new(),
                 set: vec![(
                     crate::forwarded::X_REAL_IP,
                     HeaderValue::from_static("192.0.2.1"),
@@ -324,5 +324,6 @@ mod tests {
             "the client's own is dropped"
         );
         assert_eq!(h["x-real-ip"], "192.0.2.1");
+        assert!(!h.contains_key("x-client-identity"), "forged identity");
     }
 }
