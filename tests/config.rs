@@ -151,6 +151,19 @@ fn config_errors_name_file_line_column_and_key() {
             ":5:12: ",
             "route[0].upstream",
         ),
+        (
+            // Passed `check` once and then panicked on every connection (Instant overflow).
+            "forever.toml",
+            "[gateway]\nhandshake_timeout = \"300000000000y\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nupstream = \"tcp://127.0.0.1:1\"\n",
+            ":2:21: ",
+            "gateway.handshake_timeout",
+        ),
+        (
+            "idle.toml",
+            "[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nupstream = \"tcp://127.0.0.1:1\"\nidle_timeout = \"400d\"\n",
+            ":6:16: ",
+            "route[0].idle_timeout",
+        ),
     ];
     for (name, text, position, key) in cases {
         let path = write_config(dir.path(), name, text);

@@ -36,6 +36,8 @@ pub mod defaults {
     /// what an unauthenticated peer can make the gateway hold. hyper needs at least 8 KiB.
     pub const MAX_REQUEST_HEAD_SIZE: usize = 16 << 10;
     pub const MIN_REQUEST_HEAD_SIZE: usize = 8 << 10;
+    pub const REQUEST_HEAD_SIZE_LIMIT: usize = 1 << 20;
+    pub const MAX_WORKERS: usize = 1024;
     /// Renewal tools replace certificates hours before they expire; a few seconds' delay
     /// costs nothing, and reading a few small files that often costs nothing either.
     pub const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(5);

@@ -2,7 +2,12 @@
 
 use std::time::Duration;
 
-/// Parses a duration such as `250ms`, `30s`, `5m` or `1h`.
+/// The longest duration any setting takes. Deadlines are computed as "now + duration" on
+/// tokio's clock; a bound far below where that overflows keeps every such sum safe, and
+/// no timeout in a gateway needs more than a month.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Parses a duration such as `250ms`, `30s`, `5m` or `1h`, at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     if trimmed.is_empty() || !trimmed.starts_with(|c: char| c.is_ascii_digit()) {
@@ -10,9 +15,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "`{text}` is not a duration; write a number with a unit, like \"250ms\", \"30s\" or \"5m\""
         ));
     }
-    humantime::parse_duration(trimmed).map_err(|e| {
+    let duration = humantime::parse_duration(trimmed).map_err(|e| {
         format!("`{text}` is not a duration ({e}); write a number with a unit, like \"250ms\", \"30s\" or \"5m\"")
-    })
+    })?;
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "`{text}` is longer than the longest duration wsgate takes, 30 days (\"30d\")"
+        ));
+    }
+    Ok(duration)
 }
 
 /// Parses a size such as `1024`, `512B`, `64KiB`, `16MiB` or `1GiB` into bytes.
@@ -52,6 +63,10 @@ mod tests {
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_duration("30d"), Ok(MAX_DURATION));
+        let too_long = parse_duration("300000000000y").unwrap_err();
+        assert!(too_long.contains("30 days"), "{too_long}");
+        assert!(parse_duration("31d").is_err());
     }
 
     #[test]

@@ -289,6 +289,13 @@ impl Validator<'_> {
                         "gateway.max_request_head_size",
                         "must be at least 8KiB",
                     );
+                } else if n > defaults::REQUEST_HEAD_SIZE_LIMIT {
+                    // Each connection may buffer this much before it is routed.
+                    self.issue(
+                        &size,
+                        "gateway.max_request_head_size",
+                        "must be at most 1MiB",
+                    );
                 } else {
                     gateway.max_request_head_size = n;
                 }
@@ -301,6 +308,14 @@ impl Validator<'_> {
             }
             if let Some(n) = section.workers {
                 gateway.workers = self.count(&n, "gateway.workers");
+                if gateway.workers.is_some_and(|w| w > defaults::MAX_WORKERS) {
+                    self.issue(
+                        &n,
+                        "gateway.workers",
+                        "must be at most 1024 (one thread each)",
+                    );
+                    gateway.workers = None;
+                }
             }
             if let Some(format) = section.log_format {
                 match format.get_ref().as_str() {
@@ -1221,6 +1236,8 @@ mod tests {
         assert_eq!(Config::parse(&text, "t").unwrap().gateway.workers, Some(2));
         let text = format!("[gateway]\nworkers = 0\n{MINIMAL}");
         assert!(errors(&text).contains("gateway.workers: must be a whole number of at least 1"));
+        let text = format!("[gateway]\nworkers = 100000\n{MINIMAL}");
+        assert!(errors(&text).contains("gateway.workers: must be at most 1024"));
     }
 
     #[test]
