@@ -61,6 +61,7 @@ pub mod relay;
 pub mod routing;
 pub mod server;
 pub mod shutdown;
+pub mod sockets;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

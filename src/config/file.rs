@@ -27,6 +27,23 @@ pub struct GatewaySection {
     pub log_format: Option<Spanned<String>>,
     pub certificate_check_interval: Option<Spanned<String>>,
     pub workers: Option<Spanned<i64>>,
+    pub tcp_keepalive: Option<Spanned<KeepaliveValue>>,
+}
+
+/// `tcp_keepalive = "off"` or `{ idle = "60s", interval = "10s", probes = 6 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum KeepaliveValue {
+    Text(String),
+    Table(KeepaliveSection),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveSection {
+    pub idle: Option<String>,
+    pub interval: Option<String>,
+    pub probes: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -38,6 +38,18 @@ pub mod defaults {
     pub const MIN_REQUEST_HEAD_SIZE: usize = 8 << 10;
     pub const REQUEST_HEAD_SIZE_LIMIT: usize = 1 << 20;
     pub const MAX_WORKERS: usize = 1024;
+    /// Dead peers found within two minutes: 60 s idle, then six probes ten seconds apart.
+    pub const TCP_KEEPALIVE: super::TcpKeepalive = super::TcpKeepalive {
+        idle: Duration::from_secs(60),
+        interval: Duration::from_secs(10),
+        probes: 6,
+    };
+    /// Keepalive pings toward clients: one every 30 s, answered within 30 s (ping_timeout
+    /// defaults to the interval).
+    pub const PING: super::PingConfig = super::PingConfig {
+        interval: Duration::from_secs(30),
+        timeout: Duration::from_secs(30),
+    };
     /// Renewal tools replace certificates hours before they expire; a few seconds' delay
     /// costs nothing, and reading a few small files that often costs nothing either.
     pub const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -78,6 +90,25 @@ pub struct GatewayConfig {
     pub certificate_check_interval: Duration,
     /// Runtime worker threads; `None` for one per CPU the process may run on.
     pub workers: Option<usize>,
+    /// TCP keepalive on every client and upstream socket; `None` when turned off.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+/// TCP keepalive probes: after `idle` without traffic, a probe every `interval`; `probes`
+/// unanswered ones end the connection. The same bound caps how long sent data may stay
+/// unacknowledged (TCP_USER_TIMEOUT), so a peer that vanished mid-transfer is noticed too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub probes: u32,
+}
+
+impl TcpKeepalive {
+    /// How long after its last sign of life a vanished peer is detected, at most.
+    pub fn detection_time(&self) -> Duration {
+        self.idle + self.interval * self.probes
+    }
 }
 
 impl Default for GatewayConfig {
@@ -92,6 +123,7 @@ impl Default for GatewayConfig {
             log_format: LogFormat::Text,
             certificate_check_interval: defaults::CERTIFICATE_CHECK_INTERVAL,
             workers: None,
+            tcp_keepalive: Some(defaults::TCP_KEEPALIVE),
         }
     }
 }

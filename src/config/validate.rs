@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use toml::Spanned;
 
 use super::file::{
-    FileConfig, HealthCheckSection, RouteSection, SizeValue, TlsSection, UpstreamEntry,
+    FileConfig, HealthCheckSection, KeepaliveValue, RouteSection, SizeValue, TlsSection,
+    UpstreamEntry,
 };
 use super::units::{parse_duration, parse_size};
 use super::{
     AdminConfig, Balance, ClientAuth, Config, ConfigError, ConfigIssue, GatewayConfig, HealthCheck,
     ListenerConfig, ListenerTls, LogFormat, PingConfig, ProxyProtocol, RouteConfig, Target,
-    TlsFiles, TrustedHeader, Upstream, defaults,
+    TcpKeepalive, TlsFiles, TrustedHeader, Upstream, defaults,
 };
 use crate::origin::OriginRule;
 use std::time::Duration;
@@ -232,6 +233,54 @@ impl Validator<'_> {
         None
     }
 
+    /// `"off"`, or a table whose missing keys take the defaults.
+    fn tcp_keepalive(&mut self, value: &Spanned<KeepaliveValue>) -> Option<TcpKeepalive> {
+        const KEY: &str = "gateway.tcp_keepalive";
+        let table = match value.get_ref() {
+            KeepaliveValue::Text(text) if text == "off" => return None,
+            KeepaliveValue::Text(text) => {
+                self.issue(value, KEY, format!("`{text}` is not a keepalive setting; write \"off\" or a table like {{ idle = \"60s\", interval = \"10s\", probes = 6 }}"));
+                return Some(defaults::TCP_KEEPALIVE);
+            }
+            KeepaliveValue::Table(table) => table,
+        };
+        let mut keepalive = defaults::TCP_KEEPALIVE;
+        let duration = |this: &mut Self, text: &Option<String>, name: &str, slot: &mut Duration| {
+            let Some(text) = text else { return };
+            match parse_duration(text) {
+                // Kernel options count whole seconds, up to 32767.
+                Ok(d) if d.as_secs() >= 1 && d.as_secs() <= 32767 => *slot = d,
+                Ok(_) => this.issue(
+                    value,
+                    format!("{KEY}.{name}"),
+                    "must be between 1s and 32767s (whole seconds)",
+                ),
+                Err(e) => this.issue(value, format!("{KEY}.{name}"), e),
+            }
+        };
+        duration(self, &table.idle, "idle", &mut keepalive.idle);
+        duration(self, &table.interval, "interval", &mut keepalive.interval);
+        if let Some(probes) = table.probes {
+            match u32::try_from(probes) {
+                Ok(n @ 1..=127) => keepalive.probes = n,
+                _ => self.issue(
+                    value,
+                    format!("{KEY}.probes"),
+                    "must be a whole number from 1 to 127",
+                ),
+            }
+        }
+        Some(keepalive)
+    }
+
+    /// A duration, or `"off"` (`Ok(None)`).
+    fn duration_or_off(&mut self, value: &Spanned<String>, key: &str) -> Option<Option<Duration>> {
+        if value.get_ref() == "off" {
+            return Some(None);
+        }
+        self.positive_duration(value, key).map(Some)
+    }
+
     fn positive_duration(&mut self, value: &Spanned<String>, key: &str) -> Option<Duration> {
         match parse_duration(value.get_ref()) {
             Ok(d) if !d.is_zero() => Some(d),
@@ -316,6 +365,9 @@ impl Validator<'_> {
                     );
                     gateway.workers = None;
                 }
+            }
+            if let Some(value) = section.tcp_keepalive {
+                gateway.tcp_keepalive = self.tcp_keepalive(&value);
             }
             if let Some(format) = section.log_format {
                 match format.get_ref().as_str() {
@@ -812,15 +864,20 @@ impl Validator<'_> {
         let idle_timeout = section
             .idle_timeout
             .and_then(|v| self.positive_duration(&v, &format!("{key}.idle_timeout")));
-        let ping_interval = section
-            .ping_interval
-            .and_then(|v| self.positive_duration(&v, &format!("{key}.ping_interval")));
+        // Keepalive pings are on unless turned off: a client that vanished without FIN or
+        // RST is otherwise never noticed (SPEC §4).
+        let ping_interval = match section.ping_interval {
+            None => Some(defaults::PING.interval),
+            Some(v) => self
+                .duration_or_off(&v, &format!("{key}.ping_interval"))
+                .unwrap_or(Some(defaults::PING.interval)),
+        };
         let ping_timeout = section.ping_timeout.and_then(|v| {
             if ping_interval.is_none() {
                 self.issue(
                     &v,
                     format!("{key}.ping_timeout"),
-                    "needs ping_interval; set both or neither",
+                    "has no effect with ping_interval = \"off\"; remove it",
                 );
                 None
             } else {
@@ -1228,6 +1285,54 @@ mod tests {
             Config::parse(&text, "t").unwrap().routes[0].max_message_size,
             1000
         );
+    }
+
+    #[test]
+    fn dead_peer_detection_is_on_by_default_and_can_be_turned_off() {
+        let config = Config::parse(MINIMAL, "t").unwrap();
+        assert_eq!(
+            config.gateway.tcp_keepalive,
+            Some(defaults::TCP_KEEPALIVE),
+            "tcp keepalive on by default"
+        );
+        assert_eq!(
+            config.gateway.tcp_keepalive.unwrap().detection_time(),
+            Duration::from_secs(120)
+        );
+        assert_eq!(config.routes[0].ping, Some(defaults::PING));
+
+        let text = format!(
+            "[gateway]\ntcp_keepalive = {{ idle = \"5s\", probes = 3 }}\n{}",
+            MINIMAL.replace("[[route]]\n", "[[route]]\nping_interval = \"10s\"\n")
+        );
+        let config = Config::parse(&text, "t").unwrap();
+        let keepalive = config.gateway.tcp_keepalive.unwrap();
+        assert_eq!(keepalive.idle, Duration::from_secs(5));
+        assert_eq!(keepalive.interval, defaults::TCP_KEEPALIVE.interval);
+        assert_eq!(keepalive.probes, 3);
+        let ping = config.routes[0].ping.unwrap();
+        assert_eq!(
+            (ping.interval, ping.timeout),
+            (Duration::from_secs(10), Duration::from_secs(10))
+        );
+
+        let text = format!(
+            "[gateway]\ntcp_keepalive = \"off\"\n{}",
+            MINIMAL.replace("[[route]]\n", "[[route]]\nping_interval = \"off\"\n")
+        );
+        let config = Config::parse(&text, "t").unwrap();
+        assert_eq!(config.gateway.tcp_keepalive, None);
+        assert_eq!(config.routes[0].ping, None);
+
+        let text = format!("[gateway]\ntcp_keepalive = \"sometimes\"\n{MINIMAL}");
+        assert!(errors(&text).contains("gateway.tcp_keepalive"));
+        let text = format!("[gateway]\ntcp_keepalive = {{ probes = 0 }}\n{MINIMAL}");
+        assert!(errors(&text).contains("gateway.tcp_keepalive.probes"));
+        let text = MINIMAL.replace(
+            "[[route]]\n",
+            "[[route]]\nping_interval = \"off\"\nping_timeout = \"5s\"\n",
+        );
+        assert!(errors(&text).contains("ping_timeout"));
     }
 
     #[test]

@@ -438,8 +438,8 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
         match accepted {
             Ok((stream, peer)) => {
                 backoff = FIRST_BACKOFF;
-                // Frames are written whole; Nagle would only delay interactive traffic.
-                let _ = stream.set_nodelay(true);
+                let keepalive = ctx.server.gateway.load().config.gateway.tcp_keepalive;
+                crate::sockets::prepare(&stream, keepalive.as_ref());
                 ctx.server
                     .tracker
                     .spawn(connection::serve(stream, peer, ctx.clone()));

@@ -208,6 +208,7 @@ impl UpgradeRequest<'_> {
             target.tls,
             &client_handshake,
             proxy_header.as_deref(),
+            self.gateway.config.gateway.tcp_keepalive,
             metrics,
         )
         .await?;

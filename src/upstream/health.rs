@@ -122,6 +122,7 @@ async fn probe(
         tls,
         handshake: &handshake,
         proxy_header: proxy_header.as_deref(),
+        keepalive: None,
         timeout: check.timeout,
     };
     // `open` runs every phase against the check's timeout and names the one it cut.

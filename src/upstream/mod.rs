@@ -25,7 +25,7 @@ pub use pool::{Lease, Pool};
 pub use stream::{UpstreamReader, UpstreamStream, UpstreamWriter};
 pub use ws::{ClientHandshake, UpstreamWs};
 
-use crate::config::{RouteConfig, Upstream, authority};
+use crate::config::{RouteConfig, TcpKeepalive, Upstream, authority};
 use crate::routing;
 use crate::telemetry::Metrics;
 
@@ -119,6 +119,7 @@ pub async fn connect(
     tls: Option<&TlsConnector>,
     handshake: &ClientHandshake<'_>,
     proxy_header: Option<&[u8]>,
+    keepalive: Option<TcpKeepalive>,
     metrics: &Metrics,
 ) -> Result<(Connected, Lease), UpstreamError> {
     let budget = route.connect_budget.map(|b| Instant::now() + b);
@@ -140,6 +141,7 @@ pub async fn connect(
             tls,
             handshake,
             proxy_header,
+            keepalive,
             timeout: left.map_or(route.connect_timeout, |d| d.min(route.connect_timeout)),
         };
         let started = Instant::now();
@@ -185,6 +187,9 @@ pub(crate) struct Connection<'a> {
     pub tls: Option<&'a TlsConnector>,
     pub handshake: &'a ClientHandshake<'a>,
     pub proxy_header: Option<&'a [u8]>,
+    /// For the TCP socket (see [`crate::sockets`]); `None` for health checks, which are
+    /// short, and where turned off.
+    pub keepalive: Option<TcpKeepalive>,
     pub timeout: Duration,
 }
 
@@ -211,7 +216,10 @@ impl Connection<'_> {
         match self.upstream {
             Upstream::Tcp { host, port } => {
                 let stream = deadline
-                    .run(Phase::Connect, stream::connect_tcp(host, *port))
+                    .run(
+                        Phase::Connect,
+                        stream::connect_tcp(host, *port, self.keepalive.as_ref()),
+                    )
                     .await?
                     .map_err(connect_failed)?;
                 self.stream(UpstreamStream::Tcp(stream), &deadline).await
@@ -245,7 +253,10 @@ impl Connection<'_> {
                 path,
             } => {
                 let tcp = deadline
-                    .run(Phase::Connect, stream::connect_tcp(host, *port))
+                    .run(
+                        Phase::Connect,
+                        stream::connect_tcp(host, *port, self.keepalive.as_ref()),
+                    )
                     .await?
                     .map_err(connect_failed)?;
                 let host_header = host_header(host, *port, *use_tls);

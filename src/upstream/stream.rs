@@ -16,9 +16,13 @@ pub enum UpstreamStream {
 
 /// Connects and disables Nagle: the relay writes whole messages, so waiting to coalesce them
 /// only adds latency to interactive protocols (VNC, terminals).
-pub(super) async fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
+pub(super) async fn connect_tcp(
+    host: &str,
+    port: u16,
+    keepalive: Option<&crate::config::TcpKeepalive>,
+) -> io::Result<TcpStream> {
     let stream = TcpStream::connect((host, port)).await?;
-    stream.set_nodelay(true)?;
+    crate::sockets::prepare(&stream, keepalive);
     Ok(stream)
 }
 

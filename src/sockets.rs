@@ -1,0 +1,27 @@
+//! Options set on every TCP socket the gateway relays on, toward clients and upstreams.
+
+use socket2::{SockRef, TcpKeepalive as Probes};
+use tokio::net::TcpStream;
+
+use crate::config::TcpKeepalive;
+
+/// No Nagle delay (frames are written whole; waiting only delays interactive traffic) and,
+/// unless turned off, TCP keepalive, so that a peer that vanished without FIN or RST (power
+/// loss, a NAT that forgot the flow) is noticed while the connection is idle. The same bound
+/// goes into TCP_USER_TIMEOUT: keepalive probes are not sent while data waits for its
+/// acknowledgement, and without it a peer that vanished mid-transfer holds the socket for
+/// the kernel's retransmission limit (about 15 minutes).
+pub fn prepare(stream: &TcpStream, keepalive: Option<&TcpKeepalive>) {
+    // Failures here leave a working connection with the kernel's defaults.
+    let _ = stream.set_nodelay(true);
+    let Some(k) = keepalive else {
+        return;
+    };
+    let socket = SockRef::from(stream);
+    let probes = Probes::new()
+        .with_time(k.idle)
+        .with_interval(k.interval)
+        .with_retries(k.probes);
+    let _ = socket.set_tcp_keepalive(&probes);
+    let _ = socket.set_tcp_user_timeout(Some(k.detection_time()));
+}
