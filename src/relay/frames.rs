@@ -1,7 +1,8 @@
 //! Checks the relay makes on frames beyond their headers (SPEC §4, RFC 6455 §5, §7): close
 //! codes and reasons must be valid; continuation frames must follow an unfinished message; a
-//! message may not exceed the route's limit across its fragments; text must be UTF-8 where
-//! the gateway is the endpoint, even when split over fragments at any byte.
+//! message may not exceed the route's limit across its fragments; text must be UTF-8, in
+//! both directions and on every route (SPEC §4, round 2), even when split over fragments at
+//! any byte.
 
 use super::codec::{Decoder, Head, OpCode, Piece};
 
@@ -66,8 +67,7 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// `expect_masked` for frames from a client; `validate_utf8` where the gateway is the
-    /// endpoint of text messages (tcp upstreams).
+    /// `expect_masked` for frames from a client; `validate_utf8` to check text messages.
     pub fn new(
         expect_masked: bool,
         validate_utf8: bool,
@@ -100,8 +100,7 @@ pub struct MessageCheck {
     size: u64,
     /// The frame being received belongs to a text message.
     text: bool,
-    /// `Some` when text must be checked (tcp upstreams, where the gateway is the endpoint
-    /// that RFC 6455 §8.1 asks to validate).
+    /// `Some` when text is checked (RFC 6455 §8.1).
     utf8: Option<Utf8Stream>,
 }
 
@@ -145,6 +144,12 @@ impl MessageCheck {
         self.text = opcode == OpCode::Text;
         self.current = if head.fin { None } else { Some(opcode) };
         Ok(())
+    }
+
+    /// The frame being received belongs to a text message that is checked: its pieces must
+    /// be passed to [`MessageCheck::payload`] unmasked.
+    pub fn checks_text(&self) -> bool {
+        self.text && self.utf8.is_some()
     }
 
     /// Checks a piece of payload, unmasked; `last` when it ends the message.

@@ -248,11 +248,22 @@ struct Peer<W> {
     /// A pump holds the writer across a read, waiting for the rest of a frame it has begun
     /// to forward: writes to this peer wait on the other side, not on this peer.
     awaiting_frame_rest: AtomicBool,
-    /// The payload of the Close this peer sent us, echoed when we answer it.
-    close_received: StdMutex<Option<Vec<u8>>>,
+    /// The Close this peer gets once the other side is done (see [`Owed`]).
+    owed_close: StdMutex<Option<Owed>>,
     /// The connection's close deadline starts when a Close is first attempted, not when it
     /// has been written: a peer that stopped reading would otherwise block that write forever.
     closing: CancellationToken,
+}
+
+/// What a peer is owed at the end.
+#[derive(Clone)]
+enum Owed {
+    /// It sent a Close with this payload.
+    Echo(Vec<u8>),
+    /// It broke the protocol. A connection fails in order (SPEC §4): the offender is no
+    /// longer read, the other side is closed and what it still sends is delivered, and only
+    /// then does the offender get this Close, so nothing the other side had sent is lost.
+    Failure(Vec<u8>),
 }
 
 /// The locked writer of a [`Peer`].
@@ -268,7 +279,7 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
             close_sent: AtomicBool::new(false),
             masks,
             awaiting_frame_rest: AtomicBool::new(false),
-            close_received: StdMutex::new(None),
+            owed_close: StdMutex::new(None),
             closing: state.closing.clone(),
         }
     }
@@ -354,20 +365,38 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
         drop(self.writer.lock().await);
     }
 
+    /// This peer sent a Close with `payload`: it is echoed when we answer.
     fn remember_close(&self, payload: &[u8]) {
-        if let Ok(mut slot) = self.close_received.lock() {
-            *slot = Some(payload.to_vec());
+        if let Ok(mut slot) = self.owed_close.lock()
+            && slot.is_none()
+        {
+            *slot = Some(Owed::Echo(payload.to_vec()));
         }
     }
 
-    /// The reply to a Close this peer sent: its own code echoed (RFC 6455 §5.5.1), or a
-    /// normal close when it sent none.
+    /// This peer broke the protocol: once the other side has finished, it gets this error.
+    fn owe_failure(&self, failure: frames::Failure) {
+        if let Ok(mut slot) = self.owed_close.lock() {
+            *slot = Some(Owed::Failure(close_payload(failure.code, failure.reason)));
+        }
+    }
+
+    /// The error Close this peer is owed, if it broke the protocol.
+    fn failure_owed(&self) -> Option<Vec<u8>> {
+        match self.owed_close.lock().ok()?.as_ref()? {
+            Owed::Failure(payload) => Some(payload.clone()),
+            Owed::Echo(_) => None,
+        }
+    }
+
+    /// The Close this peer gets when the gateway answers or ends the connection: its error
+    /// if it broke the protocol, its own code echoed if it closed (RFC 6455 §5.5.1), else a
+    /// normal close.
     fn close_reply(&self) -> Vec<u8> {
-        self.close_received
-            .lock()
-            .ok()
-            .and_then(|slot| slot.clone())
-            .unwrap_or_else(|| frames::NORMAL.to_be_bytes().to_vec())
+        match self.owed_close.lock().ok().and_then(|slot| slot.clone()) {
+            Some(Owed::Echo(payload) | Owed::Failure(payload)) => payload,
+            None => frames::NORMAL.to_be_bytes().to_vec(),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::buffers::{self, Chunk};
-use super::codec::{Head, MAX_HEAD, OpCode, Output, Piece, apply_mask};
+use super::codec::{Head, MAX_CONTROL, MAX_HEAD, OpCode, Output, Piece, apply_mask};
 use super::frames::{self, Incoming};
 use super::{
     Coalescing, Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush,
@@ -92,7 +92,22 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
             state.abort.cancel();
         }
         Exit::Vanished(detail) => state.fail(Side::Client, None, detail),
-        Exit::Protocol(f) => Box::pin(fail_client(client, state, f)).await,
+        Exit::Protocol(f) => {
+            // In order (SPEC §4): the client is no longer read, the upstream reads EOF, and
+            // what it still sends reaches the client before its error Close, which
+            // `upstream_finished` sends (or the close deadline, if the upstream never ends).
+            state.record(
+                Side::Gateway,
+                Some(f.code),
+                Some(format!("client: {}", f.reason)),
+            );
+            client.owe_failure(f);
+            let _ = Box::pin(tokio::time::timeout(
+                settings.close_timeout,
+                upstream.shutdown(),
+            ))
+            .await;
+        }
     }
 }
 
@@ -132,6 +147,9 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
         let mut out = Output::default();
         // What to do once the data before it is written.
         let mut then: Option<Exit> = None;
+        // The latest Ping of this read: one Pong answers them all (RFC 6455 §5.5.3 allows
+        // answering only the most recent), so a ping flood costs one write per read.
+        let mut ping: Option<([u8; MAX_CONTROL], usize)> = None;
         loop {
             let piece = match frames.next(&chunk, &mut pos) {
                 Ok(Some(piece)) => piece,
@@ -183,16 +201,21 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
                             break;
                         }
                         OpCode::Ping => {
-                            if let Err(e) = Box::pin(client.send_now(OpCode::Pong, payload)).await {
-                                then = Some(Exit::Vanished(format!("write to client failed: {e}")));
-                                break;
-                            }
+                            let mut copy = [0u8; MAX_CONTROL];
+                            copy[..payload.len()].copy_from_slice(payload);
+                            ping = Some((copy, payload.len()));
                         }
                         // Pongs only show liveness (recorded above).
                         _ => {}
                     }
                 }
             }
+        }
+        if let Some((payload, len)) = ping
+            && let Err(e) = Box::pin(client.send_now(OpCode::Pong, &payload[..len])).await
+            && then.is_none()
+        {
+            then = Some(Exit::Vanished(format!("write to client failed: {e}")));
         }
         let data = out.take();
         if !data.is_empty() {
@@ -267,7 +290,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
 }
 
 /// Everything the upstream sent has been delivered; now the Close (echoing the client's
-/// own when it closed first).
+/// own when it closed first, its error when it broke the protocol).
 async fn upstream_finished<C: AsyncWrite + Unpin>(client: &ClientPeer<C>, state: &State) {
     let payload = client.close_reply();
     if client.close_with(&payload).await {
@@ -349,19 +372,4 @@ async fn drain_and_close<C: AsyncWrite + Unpin>(
         }
     }
     client.going_away(state, "gateway shutting down").await
-}
-
-/// Fails the connection because of the client (RFC 6455 §7.1.7): Close with the reason,
-/// then drop both sides without waiting for an answer.
-async fn fail_client<C: AsyncWrite + Unpin>(
-    client: &ClientPeer<C>,
-    state: &State,
-    failure: frames::Failure,
-) {
-    client.close(failure.code, failure.reason).await;
-    state.fail(
-        Side::Gateway,
-        Some(failure.code),
-        failure.reason.to_string(),
-    );
 }

@@ -79,7 +79,9 @@ where
 /// What a pump does after writing out the frames it read before this.
 enum Then {
     Close(Vec<u8>),
-    Violated(Failure),
+    /// The side read from broke the protocol; `true` when the peer written to was left in
+    /// the middle of a frame (it can no longer be sent a Close).
+    Violated(Failure, bool),
     Broken(String),
 }
 
@@ -97,7 +99,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     // RFC 6455 §5.1: clients mask every frame, servers none.
     let mut frames = Incoming::new(
         to_upstream,
-        false,
+        true,
         settings.max_frame_size,
         settings.max_message_size,
     );
@@ -168,12 +170,16 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         let mut pos = chunk.data_start();
         let mut out = Output::default();
         let mut then = None;
+        // Where the frame being forwarded starts in `out`, when it started in this read: a
+        // frame that turns out bad before any of it was written is dropped whole, so that
+        // the peer is not left inside a frame and can still be sent a Close.
+        let mut frame_at = None;
         loop {
             let piece = match frames.next(&chunk, &mut pos) {
                 Ok(Some(piece)) => piece,
                 Ok(None) => break,
                 Err(f) => {
-                    then = Some(Then::Violated(f));
+                    then = Some(Then::Violated(f, false));
                     break;
                 }
             };
@@ -188,12 +194,43 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                         // The other side is closing; RFC 6455 §5.5.1 allows no more data to it.
                         continue;
                     }
-                    if let Some(key) = head.mask {
-                        if offset == 0 {
-                            remask = rand::random();
+                    let (len, fin) = (range.len(), end && head.fin);
+                    if offset == 0 && head.mask.is_some() {
+                        remask = rand::random();
+                    }
+                    // Text is checked as it streams (SPEC §4), which needs it unmasked;
+                    // binary is re-masked in one pass, the client's key and ours combined.
+                    let checked = if frames.message.checks_text() {
+                        let payload = &mut chunk[range.clone()];
+                        if let Some(key) = head.mask {
+                            apply_mask(payload, key, offset);
                         }
-                        let both = std::array::from_fn(|i| key[i] ^ remask[i]);
-                        apply_mask(&mut chunk[range.clone()], both, offset);
+                        let checked = frames.message.payload(payload, fin);
+                        if let Some(_key) = head.mask {
+                            apply_mask(payload, remask, offset);
+                        }
+                        checked
+                    } else {
+                        if let Some(key) = head.mask {
+                            let both = std::array::from_fn(|i| key[i] ^ remask[i]);
+                            apply_mask(&mut chunk[range.clone()], both, offset);
+                        }
+                        Ok(())
+                    };
+                    if let Err(f) = checked {
+                        let cut = match (offset, frame_at) {
+                            // Nothing of this frame is collected yet.
+                            (0, _) => false,
+                            // Begun in this read: nothing of it went out yet; drop it.
+                            (_, Some(at)) => {
+                                out.truncate(at);
+                                false
+                            }
+                            // Its first pieces were written in earlier reads.
+                            (_, None) => true,
+                        };
+                        then = Some(Then::Violated(f, cut));
+                        break;
                     }
                     let mut h = [0u8; MAX_HEAD];
                     let n = if offset == 0 {
@@ -202,8 +239,10 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                     } else {
                         0
                     };
-                    let (len, fin) = (range.len(), end && head.fin);
-                    out.push(&mut chunk, &h[..n], range);
+                    let at = out.push(&mut chunk, &h[..n], range);
+                    if offset == 0 {
+                        frame_at = Some(at);
+                    }
                     match direction {
                         Direction::ClientToUpstream => state.count_from_client(len, fin),
                         Direction::UpstreamToClient => state.count_to_client(len, fin),
@@ -211,6 +250,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                 }
                 Piece::Control(head) => {
                     // What came before it goes first.
+                    frame_at = None;
                     let data = out.take();
                     if let Err(e) = w.write_frames(&chunk[data]).await {
                         then = Some(Then::Broken(e.to_string()));
@@ -220,7 +260,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                     match head.opcode {
                         OpCode::Close => {
                             then = Some(match frames::check_close(payload) {
-                                Err(f) => Then::Violated(f),
+                                Err(f) => Then::Violated(f, false),
                                 Ok(code) => {
                                     if !from.close_sent() {
                                         // This side starts the close (rather than answering
@@ -264,14 +304,17 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
             None if frames.decoder.in_data_frame() => held = Some(w),
             None => drop(w),
             Some(Then::Close(payload)) => {
-                // Forward it (a no-op when `to` was already sent a Close). Nothing more comes
-                // from this side; the relay ends when the other side has closed too.
+                // Forward it (a no-op when `to` was already sent a Close), unless `to` broke
+                // the protocol: then this Close, the other side's last word, is what it was
+                // waiting for, and `to` gets its error now. Nothing more comes from this
+                // side; the relay ends when the other side has closed too.
+                let payload = to.failure_owed().unwrap_or(payload);
                 Box::pin(w.close_with(&payload)).await;
                 return;
             }
-            Some(Then::Violated(f)) => {
+            Some(Then::Violated(f, cut)) => {
                 drop(w);
-                return Box::pin(violated(direction, from, to, state, f)).await;
+                return Box::pin(violated(direction, from, to, state, f, cut)).await;
             }
             Some(Then::Broken(detail)) => {
                 drop(w);
@@ -328,38 +371,57 @@ async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     }
 }
 
-/// The side we read from broke the protocol: it gets the failure code; the other side is
-/// told it is going away (client) or that its upstream failed (1011).
+/// The side we read from broke the protocol. The connection fails in order (SPEC §4): the
+/// offender is no longer read, the other side is told it is going away (the client) or that
+/// its upstream failed (1011), and what the other side still sends is delivered until its
+/// Close, which the other pump answers by sending the offender its error (see `Then::Close`;
+/// `close_timeout` bounds the wait). Invalid UTF-8 is 1001 to the other side either way.
 async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
     from: &WsPeer<F>,
     to: &Peer<T>,
     state: &State,
     f: Failure,
+    cut: bool,
 ) {
     // Recorded first: the closes below may wait behind a frame the other pump is still
     // forwarding, and whatever happens meanwhile must not be taken for the cause.
-    match direction {
-        Direction::ClientToUpstream => {
-            state.record(
-                Side::Gateway,
-                Some(f.code),
-                Some(format!("client: {}", f.reason)),
-            );
-            from.close(f.code, f.reason).await;
-            to.close(frames::GOING_AWAY, "client protocol error").await;
-        }
-        Direction::UpstreamToClient => {
-            let detail = format!("upstream: {}", f.reason);
-            state.record(Side::Gateway, Some(frames::INTERNAL_ERROR), Some(detail));
-            from.close(f.code, f.reason).await;
-            // 1011, not 1014 (Bad Gateway): 1014 is newer than many clients, and some
-            // (tungstenite among them) reject it as a protocol violation of their own.
-            to.close(frames::INTERNAL_ERROR, "upstream protocol error")
-                .await;
-        }
+    let (code, reason, detail) = match direction {
+        Direction::ClientToUpstream => (
+            frames::GOING_AWAY,
+            "client protocol error",
+            format!("client: {}", f.reason),
+        ),
+        // 1011, not 1014 (Bad Gateway): 1014 is newer than many clients, and some
+        // (tungstenite among them) reject it as a protocol violation of their own.
+        Direction::UpstreamToClient => (
+            frames::INTERNAL_ERROR,
+            "upstream protocol error",
+            format!("upstream: {}", f.reason),
+        ),
+    };
+    let (code, reason) = if f.code == frames::INVALID_PAYLOAD {
+        (frames::GOING_AWAY, "peer sent invalid UTF-8")
+    } else {
+        (code, reason)
+    };
+    let logged = match direction {
+        Direction::ClientToUpstream => f.code,
+        Direction::UpstreamToClient => code,
+    };
+    state.record(Side::Gateway, Some(logged), Some(detail));
+    from.owe_failure(f);
+    if cut {
+        // Half of a frame went to `to`: a Close now would land inside it, so it is dropped
+        // without one, and nothing more is waited for.
+        to.abandon();
+        from.close_with(&from.close_reply()).await;
+        return state.abort.cancel();
     }
-    state.abort.cancel();
+    if !to.close(code, reason).await && to.close_sent() && from.close_sent() {
+        // Both sides were closed already: nothing left to wait for.
+        state.abort.cancel();
+    }
 }
 
 /// Writing to the other side failed: it is gone.

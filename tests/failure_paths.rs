@@ -1,0 +1,181 @@
+//! Failure paths, round 2 (SPEC §4): text is checked in both directions on every route,
+//! a connection fails in order (nothing the other side had sent is lost), and a ping flood
+//! on a tcp route costs one Pong per read.
+
+mod support;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads one frame a client (here: the gateway, toward a ws upstream) sent: masked.
+async fn read_masked_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    within("masked frame", async {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.expect("frame head");
+        assert_ne!(head[1] & 0x80, 0, "client frames are masked");
+        let len = match head[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                stream.read_exact(&mut b).await.expect("len16");
+                u16::from_be_bytes(b) as usize
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                stream.read_exact(&mut b).await.expect("len64");
+                u64::from_be_bytes(b) as usize
+            }
+            n => n as usize,
+        };
+        let mut key = [0u8; 4];
+        stream.read_exact(&mut key).await.expect("mask");
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await.expect("payload");
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= key[i % 4];
+        }
+        (head[0] & 0x0f, payload)
+    })
+    .await
+}
+
+fn code_of(payload: &[u8]) -> u16 {
+    u16::from_be_bytes([payload[0], payload[1]])
+}
+
+/// A hand-written ws upstream whose connection the test drives.
+async fn raw_ws_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = tcp_upstream(move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            accept_ws_handshake(&mut stream).await;
+            let _ = tx.send(stream);
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn invalid_utf8_from_a_client_never_reaches_a_ws_upstream() {
+    let (addr, mut upstreams) = raw_ws_upstream().await;
+    let gw = start_gateway(&simple_config(&format!("ws://{addr}"), "")).await;
+    let mut client = raw_upgrade(gw.addr(), "/").await;
+    let mut upstream = within("upstream", upstreams.recv()).await.unwrap();
+    // Valid text split over two fragments at a character, then a message whose second
+    // fragment breaks the sequence.
+    let mut bytes = client_frame(false, 1, &"✓".as_bytes()[..1]);
+    bytes.extend(client_frame(true, 0, &"✓".as_bytes()[1..]));
+    bytes.extend(client_frame(false, 1, b"ok \xe2\x9c"));
+    bytes.extend(client_frame(true, 0, b"\x28"));
+    client.write_all(&bytes).await.unwrap();
+    let (op, first) = read_masked_frame(&mut upstream).await;
+    assert_eq!((op, first.as_slice()), (1, &"✓".as_bytes()[..1]));
+    let (op, second) = read_masked_frame(&mut upstream).await;
+    assert_eq!((op, second.as_slice()), (0, &"✓".as_bytes()[1..]));
+    // The first fragment of the bad message is a valid beginning and goes on; the one that
+    // breaks the sequence does not.
+    let (op, third) = read_masked_frame(&mut upstream).await;
+    assert_eq!((op, third.as_slice()), (1, &b"ok \xe2\x9c"[..]));
+    let (op, payload) = read_masked_frame(&mut upstream).await;
+    assert_eq!(op, 8, "the invalid fragment went upstream: {payload:?}");
+    assert_eq!(code_of(&payload), 1001);
+    // The upstream answers; then the client gets its 1007.
+    upstream
+        .write_all(&frame(true, 8, &1001u16.to_be_bytes(), None))
+        .await
+        .unwrap();
+    assert_eq!(read_raw_close(&mut client).await, 1007);
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_from_a_ws_upstream_never_reaches_the_client() {
+    let (addr, mut upstreams) = raw_ws_upstream().await;
+    let gw = start_gateway(&simple_config(&format!("ws://{addr}"), "")).await;
+    let mut client = raw_upgrade(gw.addr(), "/").await;
+    let mut upstream = within("upstream", upstreams.recv()).await.unwrap();
+    let mut bytes = frame(true, 1, "fine ✓".as_bytes(), None);
+    bytes.extend(frame(true, 1, b"bad \xff", None));
+    upstream.write_all(&bytes).await.unwrap();
+    let (_, op, payload) = read_raw_frame(&mut client).await;
+    assert_eq!((op, payload.as_slice()), (1, "fine ✓".as_bytes()));
+    let (_, op, payload) = read_raw_frame(&mut client).await;
+    assert_eq!(op, 8, "the invalid text reached the client: {payload:?}");
+    assert_eq!(code_of(&payload), 1001);
+    client
+        .write_all(&client_frame(true, 8, &1001u16.to_be_bytes()))
+        .await
+        .unwrap();
+    let (op, payload) = read_masked_frame(&mut upstream).await;
+    assert_eq!((op, code_of(&payload)), (8, 1007));
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+/// A text message, then a frame with RSV2 set: the answer to the message still arrives,
+/// before the Close 1002.
+async fn answer_arrives_before_the_error(upstream: &str, answer_opcode: u8) {
+    let gw = start_gateway(&simple_config(upstream, "")).await;
+    let mut client = raw_upgrade(gw.addr(), "/").await;
+    let mut bytes = client_frame(true, 1, b"hello");
+    let mut broken = client_frame(true, 2, b"x");
+    broken[0] |= 0x20;
+    bytes.extend(broken);
+    client.write_all(&bytes).await.unwrap();
+    let (_, op, payload) = read_raw_frame(&mut client).await;
+    assert_eq!(
+        (op, payload.as_slice()),
+        (answer_opcode, &b"hello"[..]),
+        "{upstream}: the echo was lost"
+    );
+    let (_, op, payload) = read_raw_frame(&mut client).await;
+    assert_eq!((op, code_of(&payload)), (8, 1002), "{upstream}");
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_protocol_error_loses_nothing_the_upstream_had_sent() {
+    let ws = ws_echo().await;
+    answer_arrives_before_the_error(&format!("ws://{}", ws.addr), 1).await;
+    let closes = ws.seen.lock().unwrap().closes.clone();
+    assert_eq!(closes, [Some((1001, "client protocol error".to_string()))]);
+    let tcp = tcp_echo().await;
+    answer_arrives_before_the_error(&format!("tcp://{tcp}"), 2).await;
+}
+
+#[tokio::test]
+async fn a_ping_flood_on_a_tcp_route_gets_one_pong_per_read() {
+    let upstream = tcp_echo().await;
+    let gw = start_gateway(&simple_config(&format!("tcp://{upstream}"), "")).await;
+    let mut client = raw_upgrade(gw.addr(), "/").await;
+    let mut bytes = Vec::new();
+    for n in 0..1000 {
+        bytes.extend(client_frame(true, 9, format!("p{n}").as_bytes()));
+    }
+    bytes.extend(client_frame(true, 8, &1000u16.to_be_bytes()));
+    client.write_all(&bytes).await.unwrap();
+    let mut pongs = Vec::new();
+    loop {
+        let (_, op, payload) = read_raw_frame(&mut client).await;
+        match op {
+            10 => pongs.push(payload),
+            8 => break,
+            other => panic!("unexpected opcode {other}"),
+        }
+    }
+    assert!(
+        !pongs.is_empty() && pongs.len() <= 20,
+        "{} pongs for 1000 pings in one write",
+        pongs.len()
+    );
+    assert_eq!(pongs.last().map(Vec::as_slice), Some(&b"p999"[..]));
+    gw.wait_idle().await;
+    gw.stop().await;
+}
