@@ -179,3 +179,68 @@ async fn a_ping_flood_on_a_tcp_route_gets_one_pong_per_read() {
     gw.wait_idle().await;
     gw.stop().await;
 }
+
+/// A tcp upstream that, once the client's half-close reaches it (EOF), sends `chunks`
+/// messages `gap` apart, and then closes, or stalls with the socket open when `stall`.
+async fn slow_finisher(
+    chunks: usize,
+    gap: std::time::Duration,
+    stall: bool,
+) -> std::net::SocketAddr {
+    tcp_upstream(move |mut stream| async move {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+        for n in 0..chunks {
+            let _ = stream.write_all(format!("chunk {n}").as_bytes()).await;
+            tokio::time::sleep(gap).await;
+        }
+        if stall {
+            std::future::pending::<()>().await;
+        }
+    })
+    .await
+}
+
+/// Sends Close 1000 and reads until the gateway's Close: (data messages, close code).
+async fn close_and_collect(gw: &TestGateway) -> (Vec<Vec<u8>>, u16) {
+    let mut client = raw_upgrade(gw.addr(), "/").await;
+    client
+        .write_all(&client_frame(true, 8, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    let mut data = Vec::new();
+    loop {
+        let (_, op, payload) = read_raw_frame(&mut client).await;
+        match op {
+            2 => data.push(payload),
+            8 => return (data, code_of(&payload)),
+            other => panic!("unexpected opcode {other}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn close_timeout_restarts_while_the_upstream_still_sends() {
+    // close_timeout is 1s; the upstream needs 1.5s for its last 15 messages, 100ms apart.
+    let upstream = slow_finisher(15, std::time::Duration::from_millis(100), false).await;
+    let gw = start_gateway(&simple_config(&format!("tcp://{upstream}"), "")).await;
+    let (data, code) = close_and_collect(&gw).await;
+    assert_eq!(data.len(), 15, "the transfer was cut short");
+    assert_eq!(
+        code, 1000,
+        "a complete transfer ends with the client's own code"
+    );
+    gw.wait_idle().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_transfer_cut_short_by_close_timeout_is_1011() {
+    let upstream = slow_finisher(1, std::time::Duration::ZERO, true).await;
+    let gw = start_gateway(&simple_config(&format!("tcp://{upstream}"), "")).await;
+    let (data, code) = close_and_collect(&gw).await;
+    assert_eq!(data, [b"chunk 0".to_vec()]);
+    assert_eq!(code, 1011, "an unfinished transfer must not look complete");
+    gw.wait_idle().await;
+    gw.stop().await;
+}

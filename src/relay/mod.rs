@@ -112,6 +112,8 @@ struct State {
     last_client_frame_ms: Option<AtomicU64>,
     /// The close handshake did not finish within close_timeout.
     timed_out: AtomicBool,
+    /// ...and the client was waiting for the rest of the upstream's data: it got 1011.
+    cut_short: AtomicBool,
     /// The client pump is blocked writing to a slow upstream, so it reads no pongs: the
     /// client may well be alive (keepalive must not judge it then).
     upstream_backlog: AtomicBool,
@@ -133,6 +135,7 @@ impl State {
             last_data_ms: settings.idle_timeout.map(|_| AtomicU64::new(0)),
             last_client_frame_ms: settings.ping.map(|_| AtomicU64::new(0)),
             timed_out: AtomicBool::new(false),
+            cut_short: AtomicBool::new(false),
             upstream_backlog: AtomicBool::new(false),
         }
     }
@@ -156,6 +159,12 @@ impl State {
             self.upstream_backlog.store(true, Ordering::Relaxed);
         }
         BacklogGuard(tracked.then_some(self))
+    }
+
+    /// Payload bytes relayed so far, both ways.
+    fn bytes_moved(&self) -> u64 {
+        self.bytes_from_client.load(Ordering::Relaxed)
+            + self.bytes_to_client.load(Ordering::Relaxed)
     }
 
     fn now_ms(&self) -> u64 {
@@ -205,7 +214,11 @@ impl State {
             Some("ended without a close".into()),
         ));
         if self.timed_out.load(Ordering::Relaxed) {
-            let timeout = "close handshake not finished within close_timeout".to_string();
+            let timeout = if self.cut_short.load(Ordering::Relaxed) {
+                "close_timeout passed with the upstream's data unfinished: the transfer was cut short (client sent 1011/1001)".to_string()
+            } else {
+                "close handshake not finished within close_timeout".to_string()
+            };
             detail = Some(match detail {
                 Some(d) => format!("{d}; {timeout}"),
                 None => timeout,
@@ -507,9 +520,22 @@ async fn drive<W: AsyncWrite + Unpin>(
     let close_timeout = settings.close_timeout;
     // Timers that most connections never reach are boxed when they start: their state
     // would otherwise be part of every held connection's.
+    // `close_timeout` bounds inactivity once closing (SPEC §4): it restarts while data still
+    // moves (checked once per period, so it fires after one to two periods of silence).
     let close_deadline = async {
         state.closing.cancelled().await;
-        Box::pin(tokio::time::sleep(close_timeout)).await;
+        Box::pin(async {
+            let mut moved = state.bytes_moved();
+            loop {
+                tokio::time::sleep(close_timeout).await;
+                let now = state.bytes_moved();
+                if now == moved {
+                    break;
+                }
+                moved = now;
+            }
+        })
+        .await;
     };
     let graceful = async {
         if close_on_shutdown {
@@ -552,10 +578,22 @@ async fn drive<W: AsyncWrite + Unpin>(
         }
         _ = close_deadline => {
             state.timed_out.store(true, Ordering::Relaxed);
-            // A client whose Close is still unanswered (its upstream never finished) gets
-            // its answer now, if its socket takes it at once.
-            let reply = client.close_reply();
-            let _ = Box::pin(tokio::time::timeout(Duration::from_millis(100), client.close_with(&reply))).await;
+            // A client whose Close is still unanswered gets its answer now, if its socket
+            // takes it at once: its error if it broke the protocol; else the transfer toward
+            // it was cut short, which must not look like a complete one (1011, or 1001 when
+            // the gateway is shutting down).
+            if !client.close_sent() {
+                let reply = client.failure_owed().unwrap_or_else(|| {
+                    state.cut_short.store(true, Ordering::Relaxed);
+                    let code = if shutdown.graceful.is_cancelled() {
+                        frames::GOING_AWAY
+                    } else {
+                        frames::INTERNAL_ERROR
+                    };
+                    close_payload(code, "close_timeout: the upstream did not finish")
+                });
+                let _ = Box::pin(tokio::time::timeout(Duration::from_millis(100), client.close_with(&reply))).await;
+            }
         }
     }
 }
