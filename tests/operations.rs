@@ -503,10 +503,11 @@ async fn close_timeout_answers_the_client_and_drops_an_upstream_that_never_finis
     .await
     .unwrap();
     let (_, close) = read_until_close(&mut ws).await;
+    // SPEC §4 (round 2): the upstream never finished, so the client is not told it did.
     assert_eq!(
         close.map(|c| c.0),
-        Some(4000),
-        "the client's code is echoed at the deadline"
+        Some(CloseCode::Error),
+        "an unfinished transfer is 1011 at the deadline"
     );
     gw.wait_idle().await;
     gw.stop().await;
