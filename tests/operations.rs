@@ -506,7 +506,7 @@ async fn close_timeout_answers_the_client_and_drops_an_upstream_that_never_finis
     // SPEC §4 (round 2): the upstream never finished, so the client is not told it did.
     assert_eq!(
         close.map(|c| c.0),
-        Some(CloseCode::Error),
+        Some(CloseCode::Error.into()),
         "an unfinished transfer is 1011 at the deadline"
     );
     gw.wait_idle().await;
