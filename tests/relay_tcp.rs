@@ -459,7 +459,8 @@ async fn unix_socket_upstream() {
     gw.stop().await;
 }
 
-/// fastwebsockets' `read_frame` loses a half-read frame if its future is dropped. A frame
+/// A reader that drops a half-read frame when its future is dropped (as fastwebsockets'
+/// `read_frame` did) would lose one here. A frame
 /// split around the moment shutdown starts must still arrive whole, and the client's
 /// Close answer after it must be recognised (the relay ends long before close_timeout).
 #[tokio::test]

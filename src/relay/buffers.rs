@@ -54,7 +54,7 @@ impl Chunk {
         self.end
     }
 
-    /// The whole buffer, headroom included, for reading into.
+    /// The buffer after the headroom, for reading into.
     pub fn space(&mut self) -> &mut [u8] {
         &mut self.buf[HEADROOM..]
     }

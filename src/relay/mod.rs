@@ -30,7 +30,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PingConfig;
@@ -263,6 +263,9 @@ struct Peer<W> {
     awaiting_frame_rest: AtomicBool,
     /// The Close this peer gets once the other side is done (see [`Owed`]).
     owed_close: StdMutex<Option<Owed>>,
+    /// A Close frame was read from this peer: it may send nothing after it, so its socket
+    /// needs no draining at the end (see [`linger`]).
+    close_read: AtomicBool,
     /// The connection's close deadline starts when a Close is first attempted, not when it
     /// has been written: a peer that stopped reading would otherwise block that write forever.
     closing: CancellationToken,
@@ -293,6 +296,7 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
             masks,
             awaiting_frame_rest: AtomicBool::new(false),
             owed_close: StdMutex::new(None),
+            close_read: AtomicBool::new(false),
             closing: state.closing.clone(),
         }
     }
@@ -376,6 +380,11 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
     /// Close frame in half.
     async fn settle(&self) {
         drop(self.writer.lock().await);
+    }
+
+    /// A Close frame (first, or answering ours) was read from this peer.
+    fn close_read(&self) {
+        self.close_read.store(true, Ordering::Relaxed);
     }
 
     /// This peer sent a Close with `payload`: it is echoed when we answer.
@@ -596,6 +605,40 @@ async fn drive<W: AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// How long a socket is drained after the gateway's last frame to it, at most, and for how
+/// long it may stay silent before it is closed (nginx's lingering_time and
+/// lingering_timeout, shorter: a WebSocket peer has at most a Close frame left to send).
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_QUIET: Duration = Duration::from_millis(250);
+/// ...and how much of what it still sends is read and thrown away meanwhile.
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Closes a peer's socket lingeringly, as nginx's `lingering_close` does: the write side is
+/// shut down (after the Close frame: a FIN, or TLS close_notify and FIN), then what the peer
+/// still sends is read and discarded until its EOF or a short bound. Dropping a socket with
+/// unread bytes in its receive buffer makes the kernel send RST, which can destroy the
+/// Close frame still on its way to the peer (SPEC §4). A peer whose Close was read may send
+/// nothing more, so after a complete close handshake only the write side is shut down.
+async fn linger<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(reader: &mut R, peer: &Peer<W>) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = peer.lock().await.io.shutdown().await;
+        if peer.close_read.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut chunk = buffers::Chunk::take();
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            // Once nothing has come for a while the receive buffer is empty, and closing
+            // now sends FIN, not RST.
+            match tokio::time::timeout(LINGER_QUIET, reader.read(chunk.space())).await {
+                Ok(Ok(0) | Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => drained += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Pings the client every interval; returns (after recording why) when the client did not

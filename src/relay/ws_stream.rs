@@ -42,17 +42,22 @@ where
     let upstream_tx = Coalescing::new(upstream_tx);
     async move {
         let mut client_rx = client_rx;
-        let pumps = async {
-            tokio::join!(
-                client_to_upstream(&mut client_rx, upstream_tx, &client, &state, &settings),
-                upstream_to_client(upstream_rx, &client, &state, &shutdown),
-            );
-            client.settle().await;
-        };
-        // Pinned here and lent to `drive`: passed by value, the pumps' state would be stored
-        // twice in the connection's task (once as an argument, once in the select).
-        let pumps = std::pin::pin!(pumps);
-        drive(&state, &settings, &shutdown, &client, pumps, false).await;
+        {
+            let pumps = async {
+                tokio::join!(
+                    client_to_upstream(&mut client_rx, upstream_tx, &client, &state, &settings),
+                    upstream_to_client(upstream_rx, &client, &state, &shutdown),
+                );
+                client.settle().await;
+            };
+            // Pinned here and lent to `drive`: passed by value, the pumps' state would be
+            // stored twice in the connection's task (once as an argument, once in the select).
+            let pumps = std::pin::pin!(pumps);
+            drive(&state, &settings, &shutdown, &client, pumps, false).await;
+        }
+        if !shutdown.force.is_cancelled() {
+            Box::pin(super::linger(&mut client_rx, &client)).await;
+        }
         state.summary()
     }
 }
@@ -185,6 +190,7 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
                     let payload = frames.decoder.control(&head);
                     match head.opcode {
                         OpCode::Close => {
+                            client.close_read();
                             then = Some(match frames::check_close(payload) {
                                 Err(f) => Exit::Protocol(f),
                                 Ok(_) if client.close_sent() => Exit::Answered,

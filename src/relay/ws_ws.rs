@@ -46,32 +46,43 @@ where
     let upstream = Peer::new(upstream_tx, true, &state);
     async move {
         let (mut client_rx, mut upstream_rx) = (client_rx, upstream_rx);
-        let pumps = async {
-            tokio::join!(
-                pump(
-                    Direction::ClientToUpstream,
-                    &mut client_rx,
-                    &client,
-                    &upstream,
-                    &state,
-                    &settings
-                ),
-                pump(
-                    Direction::UpstreamToClient,
-                    &mut upstream_rx,
-                    &upstream,
-                    &client,
-                    &state,
-                    &settings
-                ),
-            );
-            client.settle().await;
-            upstream.settle().await;
-        };
-        // Pinned here and lent to `drive`: passed by value, the pumps' state would be stored
-        // twice in the connection's task (once as an argument, once in the select).
-        let pumps = std::pin::pin!(pumps);
-        drive(&state, &settings, &shutdown, &client, pumps, true).await;
+        {
+            let pumps = async {
+                tokio::join!(
+                    pump(
+                        Direction::ClientToUpstream,
+                        &mut client_rx,
+                        &client,
+                        &upstream,
+                        &state,
+                        &settings
+                    ),
+                    pump(
+                        Direction::UpstreamToClient,
+                        &mut upstream_rx,
+                        &upstream,
+                        &client,
+                        &state,
+                        &settings
+                    ),
+                );
+                client.settle().await;
+                upstream.settle().await;
+            };
+            // Pinned here and lent to `drive`: passed by value, the pumps' state would be
+            // stored twice in the connection's task (once as an argument, once in the select).
+            let pumps = std::pin::pin!(pumps);
+            drive(&state, &settings, &shutdown, &client, pumps, true).await;
+        }
+        if !shutdown.force.is_cancelled() {
+            Box::pin(async {
+                tokio::join!(
+                    super::linger(&mut client_rx, &client),
+                    super::linger(&mut upstream_rx, &upstream),
+                )
+            })
+            .await;
+        }
         state.summary()
     }
 }
@@ -259,6 +270,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                     let payload = frames.decoder.control(&head);
                     match head.opcode {
                         OpCode::Close => {
+                            from.close_read();
                             then = Some(match frames::check_close(payload) {
                                 Err(f) => Then::Violated(f, false),
                                 Ok(code) => {

@@ -3,6 +3,8 @@
 //! raw frames for what a well-behaved client would never send, and rcgen certificates.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
