@@ -244,32 +244,3 @@ async fn a_transfer_cut_short_by_close_timeout_is_1011() {
     gw.wait_idle().await;
     gw.stop().await;
 }
-
-/// A client that broke the protocol and goes on sending: the gateway stops reading it, so
-/// its bytes pile up unread. Dropping such a socket sends RST, and a reset may destroy the
-/// Close frame on its way; a lingering close lets the Close arrive.
-#[tokio::test]
-async fn the_error_close_reaches_a_client_whose_bytes_were_left_unread() {
-    let upstream = tcp_echo().await;
-    let gw = start_gateway(&simple_config(&format!("tcp://{upstream}"), "")).await;
-    let client = raw_upgrade(gw.addr(), "/").await;
-    let (mut reader, mut writer) = client.into_split();
-    let mut bytes = client_frame(true, 2, b"x");
-    bytes[0] |= 0x20;
-    let junk = client_frame(true, 2, &[7u8; 60_000]);
-    let sender = tokio::spawn(async move {
-        let _ = writer.write_all(&bytes).await;
-        // Keep sending while the gateway fails the connection.
-        for _ in 0..20 {
-            if writer.write_all(&junk).await.is_err() {
-                break;
-            }
-        }
-        writer
-    });
-    let (_, op, payload) = read_raw_frame(&mut reader).await;
-    assert_eq!((op, code_of(&payload)), (8, 1002));
-    drop(sender);
-    gw.wait_idle().await;
-    gw.stop().await;
-}

@@ -10,11 +10,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info};
 
 use super::ListenerContext;
 use crate::forwarded::ClientAddr;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, ListenerRef};
 use crate::proxy_protocol::{self, Prefixed};
 use crate::telemetry::ratelimit::Verdict;
 use crate::tls::ClientIdentity;
@@ -49,12 +49,27 @@ impl ConnectionContext {
     }
 }
 
+/// Serves one accepted connection inside its span: every line logged on its behalf (the
+/// upstream failover warnings, the relay's closing line) names its peer and listener.
 pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerContext>) {
     // The configuration in force when the connection arrived decides its TLS and limits.
     let gateway = listener.server.gateway.load_full();
     let Some(this) = gateway.listener(&listener.key) else {
         return; // removed by a reload a moment ago
     };
+    let span = tracing::info_span!("connection", peer = %peer, listener = %this.config.name);
+    serve_in_span(stream, peer, listener.clone(), &gateway, this)
+        .instrument(span)
+        .await
+}
+
+async fn serve_in_span(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerContext>,
+    gateway: &Gateway,
+    this: ListenerRef<'_>,
+) {
     let config = this.config;
     // `handshake_timeout` covers the PROXY header, the TLS handshake and the request head.
     let deadline = Instant::now() + gateway.config.gateway.handshake_timeout;
@@ -96,7 +111,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<Lis
             proxied,
             local,
         };
-        return serve_http(io, who, listener, &gateway, deadline, None).await;
+        return serve_http(io, who, listener, gateway, deadline, None).await;
     };
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
@@ -116,7 +131,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<Lis
                 proxied,
                 local,
             };
-            serve_http(io, who, listener, &gateway, deadline, Some(info)).await
+            serve_http(io, who, listener, gateway, deadline, Some(info)).await
         }
         Ok(Err(e)) => debug!(client = %client, error = %e, "TLS handshake failed"),
         Err(_) => debug!(client = %client, "TLS handshake timed out (handshake_timeout)"),

@@ -47,6 +47,8 @@ pub enum ReloadError {
     Prepare(#[from] PrepareError),
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error("preparing the configuration stopped: {0}")]
+    Aborted(String),
 }
 
 /// A running gateway. Cloning gives another handle to the same one.
@@ -185,8 +187,7 @@ impl Server {
     /// or success is logged in one line and counted.
     pub async fn reload_from(&self, path: &Path) -> Result<(), ReloadError> {
         let result = async {
-            let config = Config::load(path)?;
-            let gateway = Gateway::prepare(config)?;
+            let gateway = prepare_off_runtime(path.to_path_buf()).await?;
             self.reload(gateway).await
         }
         .await;
@@ -383,7 +384,7 @@ async fn watch_certificates(server: Server) {
         else {
             continue;
         };
-        match prepared {
+        match prepared.map_err(ReloadError::from) {
             Ok(fresh) => match server.reload_unless_changed(fresh, Some(&gateway)).await {
                 Ok(true) => info!("certificate files changed: reloaded; new connections use them"),
                 Ok(false) => {}
@@ -395,6 +396,18 @@ async fn watch_certificates(server: Server) {
             }
         }
     }
+}
+
+/// Reads and checks a configuration file and loads its certificates on the blocking pool:
+/// file reads and key parsing must not stall a runtime worker's connections. The one path
+/// for SIGHUP reloads; the certificate watcher prepares the configuration in force the
+/// same way.
+async fn prepare_off_runtime(path: std::path::PathBuf) -> Result<Gateway, ReloadError> {
+    tokio::task::spawn_blocking(move || -> Result<Gateway, ReloadError> {
+        Ok(Gateway::prepare(Config::load(&path)?)?)
+    })
+    .await
+    .unwrap_or_else(|e| Err(ReloadError::Aborted(e.to_string())))
 }
 
 fn fingerprint(files: &[std::path::PathBuf]) -> u64 {

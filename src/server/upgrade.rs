@@ -22,7 +22,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::connection::ConnectionContext;
 use super::limits::{ConnectionPermit, LimitHit, PerIp, Permit};
@@ -275,6 +275,7 @@ impl UpgradeRequest<'_> {
         // Unpacked only after the upgrade: captured as they are, they would stay in the task's
         // state for the connection's life next to the relay made of them.
         let parts = Box::new((settings, connected));
+        let span = tracing::Span::current();
         server.tracker.clone().spawn(async move {
             let _permit = permit;
             let _lease = lease;
@@ -306,7 +307,7 @@ impl UpgradeRequest<'_> {
                 done.started.elapsed(),
             );
             log_summary(&conn, &done, &summary);
-        });
+        }.instrument(span));
     }
 }
 
