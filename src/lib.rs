@@ -14,7 +14,7 @@
 //!   hot reload and drain; the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`origin`]: the Origin allow-list.
 //! - [`handshake`]: RFC 6455 §4.2 request validation, `Sec-WebSocket-Accept`, the 101.
-//! - [`routing`]: (host, path) → route; upstream path mapping.
+//! - [`routing`]: path normalisation; (listener, host, path) → route; upstream path mapping.
 //! - [`proxy_protocol`], [`forwarded`]: who the client really is (PROXY headers from
 //!   trusted load balancers, forwarded headers from trusted proxies) and how upstreams
 //!   are told.
@@ -22,16 +22,22 @@
 //!   deadlines; PROXY header, TLS and the client handshake for ws upstreams.
 //! - [`relay`]: the two pumps per connection: frames parsed and streamed in place through
 //!   pooled read buffers; close codes, half-close, limits.
-//! - [`tls`], [`shutdown`], [`telemetry`]: TLS settings, signals, logs and counters.
+//! - [`tls`], [`shutdown`], [`telemetry`], [`sockets`]: TLS settings, signals, logs and
+//!   counters, TCP options.
 //!
 //! # Data path
 //!
 //! ```text
-//! accept (server) → PROXY header (proxy_protocol) → TLS (tls) → HTTP/1.1 (hyper)
-//!   → forwarded::real_client → handshake::validate → routing → handshake::check_origin
-//!   → upstream::connect (pool pick, failover; TCP/Unix + PROXY header, or TLS + WS handshake)
-//!   → 101 → relay::relay_stream | relay::relay_ws → close → one log line
+//! accept (server; sockets: nodelay, keepalive) → PROXY header (proxy_protocol) → TLS (tls)
+//!   → HTTP/1.1 (hyper) → forwarded::real_client (trusted proxies only)
+//!   → handshake::check_request_line → routing::normalize_path → Gateway::route
+//!   → handshake::validate → origin::check → limits
+//!   → upstream::connect (pool pick, failover; TCP/Unix + PROXY header, or TLS + WS handshake;
+//!     upstream::Introduction says who the client is)
+//!   → 101 → relay::relay_stream | relay::relay_ws → lingering close → one log line
 //! ```
+//!
+//! `server::upgrade` runs the checks in that order and documents the status each earns.
 //!
 //! The library binds what the configuration names (port 0 included) and hands back a
 //! handle, so tests run the real server in-process:
