@@ -168,12 +168,23 @@ fn node_ip(node: &str) -> Option<IpAddr> {
         .and_then(|ip| ip.parse::<IpAddr>().ok())
 }
 
+/// True when `sent` names `header`, also when spelled with underscores: CGI, WSGI, Rack
+/// and PHP read `x_real_ip` and `x-real-ip` as the same `HTTP_X_REAL_IP`.
+pub fn same_header(header: &HeaderName, sent: &HeaderName) -> bool {
+    let (a, b) = (header.as_str().as_bytes(), sent.as_str().as_bytes());
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x == y || (*x == b'-' && *y == b'_'))
+}
+
 /// What a ws upstream's handshake request gets instead of the client's own forwarding
 /// headers.
 #[derive(Debug, Clone, Default)]
 pub struct Forwarding {
     /// The forwarding headers of the request that pass on as they came: from a trusted
-    /// proxy, the header it writes and X-Forwarded-Proto/-Host; from anyone else, none.
+    /// proxy, the header it writes (with X-Forwarded-Proto/-Host when that is
+    /// X-Forwarded-For); from anyone else, none.
     /// Every other header of [`FORWARDING`] is dropped.
     pub keep: Vec<HeaderName>,
     /// Headers to set, replacing any of the same name.
@@ -183,7 +194,7 @@ pub struct Forwarding {
 impl Forwarding {
     /// True when the client's header `name` must not reach the upstream.
     pub fn drops(&self, name: &HeaderName) -> bool {
-        FORWARDING.contains(name) && !self.keep.contains(name)
+        FORWARDING.iter().any(|f| same_header(f, name)) && !self.keep.contains(name)
     }
 }
 
@@ -207,8 +218,13 @@ pub fn for_upstream(
     policy: Policy,
 ) -> Forwarding {
     let mut keep = Vec::new();
-    if let Some(which) = trusted {
-        keep.extend([which.name(), X_FORWARDED_PROTO, X_FORWARDED_HOST]);
+    match trusted {
+        // X-Forwarded-Proto and -Host come from the same proxies as X-Forwarded-For.
+        Some(TrustedHeader::XForwardedFor) => {
+            keep.extend([X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST])
+        }
+        Some(which) => keep.push(which.name()),
+        None => {}
     }
     let mut set = Vec::new();
     let existing = |name: &HeaderName| -> Option<String> {
@@ -384,6 +400,22 @@ mod tests {
             policy,
         );
         assert!(!f.drops(&X_FORWARDED_FOR) && f.drops(&header::FORWARDED));
+        assert!(
+            f.drops(&HeaderName::from_static("x_real_ip")),
+            "underscore spelling"
+        );
+        let g = for_upstream(
+            &request,
+            lb,
+            client,
+            Some(TrustedHeader::Forwarded),
+            false,
+            policy,
+        );
+        assert!(
+            g.drops(&X_FORWARDED_HOST) && g.drops(&X_FORWARDED_PROTO),
+            "a Forwarded-writing proxy vouches for no X-Forwarded-*"
+        );
         assert_eq!(
             get(&f, "x-forwarded-for").as_deref(),
             Some("6.6.6.6, 10.0.0.1")

@@ -189,17 +189,26 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
                 i += 3;
             }
             b'/' if out.ends_with('/') => i += 1,
-            // hyper admits only visible ASCII in a request target.
+            // http admits UTF-8 in a path: encoded, so that `/café` and `/caf%C3%A9` are
+            // one path to routing and to the upstream.
+            b if b >= 0x80 => {
+                out.push_str(&format!("%{b:02X}"));
+                i += 1;
+            }
             b => {
                 out.push(b as char);
                 i += 1;
             }
         }
     }
-    if out
-        .split('/')
-        .any(|segment| segment == "." || segment == "..")
-    {
+    // Some backends decode `%2F` or read `\` as `/` (IIS, some Java and Node stacks):
+    // `/public/..%2Fadmin` is a dot segment to them, so it is one here too.
+    let dot = |segment: &str| segment == "." || segment == "..";
+    let as_backends_read = out
+        .replace("%2F", "/")
+        .replace("%5C", "/")
+        .replace('\\', "/");
+    if as_backends_read.split('/').any(dot) {
         return Err(PathError::DotSegments);
     }
     Ok(out)
@@ -321,6 +330,16 @@ mod tests {
             assert_eq!(normalize_path(bad), Err(PathError::BadEscape), "{bad}");
         }
         assert_eq!(normalize_path("*"), Err(PathError::NotAbsolute));
+        assert_eq!(ok("/caf\u{e9}"), "/caf%C3%A9");
+        assert_eq!(ok("/caf%c3%a9"), "/caf%C3%A9");
+        for bad in [
+            "/public/..%2Fadmin",
+            "/a/%2e%2e%5cb",
+            "/public/..\\admin",
+            "/%2F..",
+        ] {
+            assert_eq!(normalize_path(bad), Err(PathError::DotSegments), "{bad}");
+        }
     }
 
     #[test]

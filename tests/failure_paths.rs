@@ -244,3 +244,33 @@ async fn a_transfer_cut_short_by_close_timeout_is_1011() {
     gw.wait_idle().await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_trickles_data_cannot_hold_a_close_open() {
+    // The upstream resets at once: the client gets 1011, never answers it, and sends a
+    // byte more often than close_timeout (1s). Only data toward the client restarts the
+    // close deadline, so the connection still ends.
+    let upstream = tcp_upstream(|stream| async move {
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    })
+    .await;
+    let gw = start_gateway(&simple_config(&format!("tcp://{upstream}"), "")).await;
+    let mut client = raw_upgrade(gw.addr(), "/").await;
+    let (_, op, payload) = read_raw_frame(&mut client).await;
+    assert_eq!((op, code_of(&payload)), (8, 1011));
+    let trickle = tokio::spawn(async move {
+        loop {
+            if client
+                .write_all(&client_frame(true, 2, b"x"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    gw.wait_idle().await;
+    trickle.abort();
+    gw.stop().await;
+}

@@ -161,12 +161,6 @@ impl State {
         BacklogGuard(tracked.then_some(self))
     }
 
-    /// Payload bytes relayed so far, both ways.
-    fn bytes_moved(&self) -> u64 {
-        self.bytes_from_client.load(Ordering::Relaxed)
-            + self.bytes_to_client.load(Ordering::Relaxed)
-    }
-
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -530,14 +524,16 @@ async fn drive<W: AsyncWrite + Unpin>(
     // Timers that most connections never reach are boxed when they start: their state
     // would otherwise be part of every held connection's.
     // `close_timeout` bounds inactivity once closing (SPEC §4): it restarts while data still
-    // moves (checked once per period, so it fires after one to two periods of silence).
+    // moves toward the client (checked once per period, so it fires after one to two
+    // periods of silence), but never past CLOSE_CAP periods: a peer that trickles data
+    // cannot hold the connection open.
     let close_deadline = async {
         state.closing.cancelled().await;
         Box::pin(async {
-            let mut moved = state.bytes_moved();
-            loop {
+            let mut moved = state.bytes_to_client.load(Ordering::Relaxed);
+            for _ in 0..CLOSE_CAP {
                 tokio::time::sleep(close_timeout).await;
-                let now = state.bytes_moved();
+                let now = state.bytes_to_client.load(Ordering::Relaxed);
                 if now == moved {
                     break;
                 }
@@ -606,6 +602,9 @@ async fn drive<W: AsyncWrite + Unpin>(
         }
     }
 }
+
+/// A close takes at most this many `close_timeout` periods, however busy.
+const CLOSE_CAP: u32 = 4;
 
 /// How long a socket is drained after the gateway's last frame to it, at most, and for how
 /// long it may stay silent before it is closed (nginx's lingering_time and

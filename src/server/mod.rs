@@ -452,7 +452,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
             Ok((stream, peer)) => {
                 backoff = FIRST_BACKOFF;
                 let keepalive = ctx.server.gateway.load().config.gateway.tcp_keepalive;
-                crate::sockets::prepare(&stream, keepalive.as_ref());
+                crate::sockets::prepare(&stream, keepalive.as_ref(), crate::sockets::Side::Client);
                 ctx.server
                     .tracker
                     .spawn(connection::serve(stream, peer, ctx.clone()));

@@ -22,7 +22,7 @@ pub(super) async fn connect_tcp(
     keepalive: Option<&crate::config::TcpKeepalive>,
 ) -> io::Result<TcpStream> {
     let stream = TcpStream::connect((host, port)).await?;
-    crate::sockets::prepare(&stream, keepalive);
+    crate::sockets::prepare(&stream, keepalive, crate::sockets::Side::Upstream);
     Ok(stream)
 }
 

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::UpstreamError;
-use crate::forwarded::Forwarding;
+use crate::forwarded::{Forwarding, same_header};
 use crate::handshake::{accept_key, has_token};
 
 /// A WebSocket connection to an upstream, after its handshake.
@@ -155,7 +155,8 @@ fn build_request(
             || name.as_str() == "keep-alive"
             || name.as_str() == "proxy-connection"
             || connection_tokens.iter().any(|t| t == name.as_str());
-        let spoofable = hs.forwarding.drops(name) || hs.drop_headers.contains(name);
+        let spoofable =
+            hs.forwarding.drops(name) || hs.drop_headers.iter().any(|h| same_header(h, name));
         if !hop_by_hop && !spoofable {
             headers.append(name.clone(), value.clone());
         }
@@ -294,6 +295,7 @@ mod tests {
         );
         client.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         client.insert("x-client-identity", HeaderValue::from_static("CN=admin"));
+        client.insert("x_client_identity", HeaderValue::from_static("CN=admin"));
         let hs = ClientHandshake {
             path_and_query: "/ignored".into(),
             map_path: true,
@@ -325,5 +327,6 @@ mod tests {
         );
         assert_eq!(h["x-real-ip"], "192.0.2.1");
         assert!(!h.contains_key("x-client-identity"), "forged identity");
+        assert!(!h.contains_key("x_client_identity"), "forged, underscored");
     }
 }
