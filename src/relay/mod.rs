@@ -28,7 +28,9 @@ use std::io;
 use std::sync::Mutex as StdMutex;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -558,7 +560,7 @@ async fn drive<W: AsyncWrite + Unpin>(
                         client.going_away(state, "idle timeout").await;
                         break;
                     }
-                    tokio::time::sleep_until((last + idle).into()).await;
+                    tokio::time::sleep_until(last + idle).await;
                 }
             })
             .await;
@@ -680,10 +682,8 @@ async fn keepalive<W: AsyncWrite + Unpin>(state: &State, client: &Peer<W>, ping:
         // The client's time to answer runs from when the ping was written, which may have
         // waited behind a frame.
         let sent_at = state.now_ms();
-        tokio::time::sleep_until(
-            (state.started + Duration::from_millis(sent_at) + ping.timeout).into(),
-        )
-        .await;
+        tokio::time::sleep_until(state.started + Duration::from_millis(sent_at) + ping.timeout)
+            .await;
         if last_frame.load(Ordering::Relaxed) < asked_at
             && !state.upstream_backlog.load(Ordering::Relaxed)
         {

@@ -3,7 +3,9 @@
 //! the next line that passes.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 #[derive(Debug)]
 pub struct LogLimiter {
