@@ -1,0 +1,193 @@
+//! What the two pumps of one connection share: who closed and why, the counters, the
+//! timers' clocks, and the summary for the log line.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{RelaySettings, ShutdownSignals};
+use crate::telemetry::metrics::Flow;
+
+/// Which party ended the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Gateway,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+            Side::Gateway => "gateway",
+        }
+    }
+}
+
+/// How a relayed connection went, for the log line and metrics.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+    pub messages_from_client: u64,
+    pub messages_to_client: u64,
+    /// The close code of the first Close frame (1005 when it had none), or `None` when a
+    /// side vanished without a Close.
+    pub close_code: Option<u16>,
+    pub closed_by: Side,
+    /// Why, in words, when it was not a plain close.
+    pub detail: Option<String>,
+}
+
+/// What the two pumps of one connection share.
+pub(super) struct State {
+    pub(super) first_close: OnceLock<(Side, Option<u16>, Option<String>)>,
+    /// Fires at the first Close frame in either direction: the close deadline starts.
+    pub(super) closing: CancellationToken,
+    /// Fires when the connection must end now.
+    pub(super) abort: CancellationToken,
+    pub(super) bytes_from_client: AtomicU64,
+    pub(super) bytes_to_client: AtomicU64,
+    pub(super) messages_from_client: AtomicU64,
+    pub(super) messages_to_client: AtomicU64,
+    pub(super) flow: Flow,
+    pub(super) started: Instant,
+    /// Milliseconds after `started` of the last data message either way (idle_timeout);
+    /// only kept when the route has an idle timeout, to spare the clock read per frame.
+    pub(super) last_data_ms: Option<AtomicU64>,
+    /// Milliseconds after `started` of the last frame of any kind from the client
+    /// (keepalive); only kept when the route pings.
+    pub(super) last_client_frame_ms: Option<AtomicU64>,
+    /// The close handshake did not finish within close_timeout.
+    pub(super) timed_out: AtomicBool,
+    /// ...and the client was waiting for the rest of the upstream's data: it got 1011.
+    pub(super) cut_short: AtomicBool,
+    /// The client pump is blocked writing to a slow upstream, so it reads no pongs: the
+    /// client may well be alive (keepalive must not judge it then).
+    pub(super) upstream_backlog: AtomicBool,
+}
+
+impl State {
+    pub(super) fn new(settings: &RelaySettings, flow: Flow, shutdown: &ShutdownSignals) -> Self {
+        Self {
+            first_close: OnceLock::new(),
+            closing: CancellationToken::new(),
+            // A forced shutdown aborts too: one wait in `drive` serves both.
+            abort: shutdown.force.child_token(),
+            bytes_from_client: AtomicU64::new(0),
+            bytes_to_client: AtomicU64::new(0),
+            messages_from_client: AtomicU64::new(0),
+            messages_to_client: AtomicU64::new(0),
+            flow,
+            started: Instant::now(),
+            last_data_ms: settings.idle_timeout.map(|_| AtomicU64::new(0)),
+            last_client_frame_ms: settings.ping.map(|_| AtomicU64::new(0)),
+            timed_out: AtomicBool::new(false),
+            cut_short: AtomicBool::new(false),
+            upstream_backlog: AtomicBool::new(false),
+        }
+    }
+
+    /// Records who ended the connection; only the first record counts.
+    pub(super) fn record(&self, side: Side, code: Option<u16>, detail: Option<String>) {
+        let _ = self.first_close.set((side, code, detail));
+        self.closing.cancel();
+    }
+
+    pub(super) fn fail(&self, side: Side, code: Option<u16>, detail: String) {
+        self.record(side, code, Some(detail));
+        self.abort.cancel();
+    }
+
+    /// Marks the client pump as writing toward the upstream until the guard is dropped.
+    /// Only kept when the route pings (nobody reads it otherwise): no stores per frame.
+    pub(super) fn writing_upstream(&self) -> BacklogGuard<'_> {
+        let tracked = self.last_client_frame_ms.is_some();
+        if tracked {
+            self.upstream_backlog.store(true, Ordering::Relaxed);
+        }
+        BacklogGuard(tracked.then_some(self))
+    }
+
+    pub(super) fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub(super) fn client_frame_seen(&self) {
+        if let Some(last) = &self.last_client_frame_ms {
+            last.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn data_seen(&self) {
+        if let Some(last) = &self.last_data_ms {
+            last.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn count_from_client(&self, bytes: usize, fin: bool) {
+        self.bytes_from_client
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.messages_from_client
+            .fetch_add(fin as u64, Ordering::Relaxed);
+        self.flow.bytes_from_client.inc_by(bytes as u64);
+        if fin {
+            self.flow.messages_from_client.inc();
+        }
+        self.data_seen();
+    }
+
+    pub(super) fn count_to_client(&self, bytes: usize, fin: bool) {
+        self.bytes_to_client
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.messages_to_client
+            .fetch_add(fin as u64, Ordering::Relaxed);
+        self.flow.bytes_to_client.inc_by(bytes as u64);
+        if fin {
+            self.flow.messages_to_client.inc();
+        }
+        self.data_seen();
+    }
+
+    pub(super) fn summary(&self) -> Summary {
+        let (closed_by, close_code, mut detail) = self.first_close.get().cloned().unwrap_or((
+            Side::Gateway,
+            None,
+            Some("ended without a close".into()),
+        ));
+        if self.timed_out.load(Ordering::Relaxed) {
+            let timeout = if self.cut_short.load(Ordering::Relaxed) {
+                "close_timeout passed with the upstream's data unfinished: the transfer was cut short (client sent 1011/1001)".to_string()
+            } else {
+                "close handshake not finished within close_timeout".to_string()
+            };
+            detail = Some(match detail {
+                Some(d) => format!("{d}; {timeout}"),
+                None => timeout,
+            });
+        }
+        Summary {
+            bytes_from_client: self.bytes_from_client.load(Ordering::Relaxed),
+            bytes_to_client: self.bytes_to_client.load(Ordering::Relaxed),
+            messages_from_client: self.messages_from_client.load(Ordering::Relaxed),
+            messages_to_client: self.messages_to_client.load(Ordering::Relaxed),
+            close_code,
+            closed_by,
+            detail,
+        }
+    }
+}
+
+pub(super) struct BacklogGuard<'a>(Option<&'a State>);
+
+impl Drop for BacklogGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(state) = self.0 {
+            state.upstream_backlog.store(false, Ordering::Relaxed);
+        }
+    }
+}
