@@ -122,6 +122,10 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     // prevent (RFC 6455 §10.3).
     let mut remask = [0u8; 4];
     loop {
+        // `read_or_flush` spelled out: its flush closure would capture `held` and `to` and
+        // store them in every connection's state once more (96 bytes, measured with
+        // relay_state_stays_small); the mid-frame flag must also be set between the flush
+        // and the wait.
         let mut read = std::pin::pin!(buffers::read(from_rx));
         let read = match super::poll_once(read.as_mut()).await {
             std::task::Poll::Ready(read) => read,
