@@ -340,8 +340,8 @@ pub struct Output {
 }
 
 impl Output {
-    /// Appends `head` followed by the bytes at `payload`; returns where `head` now starts.
-    pub fn push(&mut self, buf: &mut [u8], head: &[u8], payload: Range<usize>) -> usize {
+    /// Appends `head` followed by the bytes at `payload`.
+    pub fn push(&mut self, buf: &mut [u8], head: &[u8], payload: Range<usize>) {
         let here = payload.start - head.len();
         let at = match &self.range {
             None => here,
@@ -355,15 +355,6 @@ impl Output {
         let end = body + payload.len();
         let start = self.range.as_ref().map_or(at, |r| r.start);
         self.range = Some(start..end);
-        at
-    }
-
-    /// Drops what was collected from `at` on (a position [`Output::push`] returned).
-    pub fn truncate(&mut self, at: usize) {
-        self.range = match self.range.take() {
-            Some(r) if at > r.start => Some(r.start..at.min(r.end)),
-            _ => None,
-        };
     }
 
     /// What was collected, and a fresh start.

@@ -185,10 +185,6 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         let mut pos = chunk.data_start();
         let mut out = Output::default();
         let mut then = None;
-        // Where the frame being forwarded starts in `out`, when it started in this read: a
-        // frame that turns out bad before any of it was written is dropped whole, so that
-        // the peer is not left inside a frame and can still be sent a Close.
-        let mut frame_at = None;
         loop {
             let piece = match frames.next(&chunk, &mut pos) {
                 Ok(Some(piece)) => piece,
@@ -233,18 +229,10 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                         Ok(())
                     };
                     if let Err(f) = checked {
-                        let cut = match (offset, frame_at) {
-                            // Nothing of this frame is collected yet.
-                            (0, _) => false,
-                            // Begun in this read: nothing of it went out yet; drop it.
-                            (_, Some(at)) => {
-                                out.truncate(at);
-                                false
-                            }
-                            // Its first pieces were written in earlier reads.
-                            (_, None) => true,
-                        };
-                        then = Some(Then::Violated(f, cut));
+                        // A read yields one piece per frame, so a bad piece at offset 0 is a
+                        // frame none of which was collected: the peer can still get a
+                        // Close. Past offset 0 its beginning went out with earlier reads.
+                        then = Some(Then::Violated(f, offset > 0));
                         break;
                     }
                     let mut h = [0u8; MAX_HEAD];
@@ -254,10 +242,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                     } else {
                         0
                     };
-                    let at = out.push(&mut chunk, &h[..n], range);
-                    if offset == 0 {
-                        frame_at = Some(at);
-                    }
+                    out.push(&mut chunk, &h[..n], range);
                     match direction {
                         Direction::ClientToUpstream => state.count_from_client(len, fin),
                         Direction::UpstreamToClient => state.count_to_client(len, fin),
@@ -265,7 +250,6 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                 }
                 Piece::Control(head) => {
                     // What came before it goes first.
-                    frame_at = None;
                     let data = out.take();
                     if let Err(e) = w.write_frames(&chunk[data]).await {
                         then = Some(Then::Broken(e.to_string()));
