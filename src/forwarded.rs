@@ -166,6 +166,7 @@ fn node_ip(node: &str) -> Option<IpAddr> {
     node.strip_prefix('[')
         .and_then(|rest| rest.split(']').next())
         .and_then(|ip| ip.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
 }
 
 /// True when `sent` names `header`, also when spelled with underscores: CGI, WSGI, Rack
@@ -351,6 +352,16 @@ mod tests {
             lb_peer,
             "no Forwarded header: the proxy itself is the client"
         );
+        // One client, however its address is spelled (found by the forwarded fuzz target):
+        // per-IP limits must not count `[::ffff:a.b.c.d]` apart from `a.b.c.d`.
+        for spelling in [
+            "for=\"[::ffff:198.51.100.7]\"",
+            "for=\"[::ffff:198.51.100.7]:9\"",
+        ] {
+            let h = headers(&[("forwarded", spelling)]);
+            let ip = real_client(lb_peer, &h, TrustedHeader::Forwarded, lb).ip;
+            assert_eq!(ip.to_string(), "198.51.100.7", "{spelling}");
+        }
         let two_real_ips = headers(&[("x-real-ip", "7.7.7.7"), ("x-real-ip", "8.8.8.8")]);
         assert_eq!(
             real_client(lb_peer, &two_real_ips, TrustedHeader::XRealIp, lb),
