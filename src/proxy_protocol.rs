@@ -75,16 +75,21 @@ pub async fn accept<S: AsyncRead + Unpin>(
             Some(false) => return Ok((None, Prefixed::new(buf, stream))),
             Some(true) if !trusted => return Err(ProxyHeaderError::Untrusted),
             Some(true) => {
-                let result = ppp::HeaderResult::parse(&buf);
-                if result.is_complete() {
+                // A v1 line is parsed only once its CRLF (or its longest possible length) is
+                // here: ppp calls some prefixes of a valid line invalid (`PROXY TCP4 a b 1 `,
+                // a read that ends after the source port's space; found by the
+                // proxy_protocol fuzz target), so a header split there would be refused.
+                let v1 = buf.starts_with(V1_PREFIX);
+                let v1_done = buf.windows(2).any(|w| w == b"\r\n") || buf.len() > V1_MAX;
+                let result = (!v1 || v1_done).then(|| ppp::HeaderResult::parse(&buf));
+                if let Some(result) = result.filter(|r| r.is_complete()) {
                     let (source, used) = source_of(result)?;
                     let rest = buf.split_off(used);
                     return Ok((Some(source), Prefixed::new(rest, stream)));
                 }
                 // ppp reports a v1 line with missing fields as "incomplete"; once its CRLF
                 // (or its longest possible length) is here, nothing more can complete it.
-                let v1_done = buf.windows(2).any(|w| w == b"\r\n") || buf.len() > V1_MAX;
-                if buf.starts_with(V1_PREFIX) && v1_done {
+                if v1 && v1_done {
                     let line = String::from_utf8_lossy(&buf[..buf.len().min(V1_MAX)]);
                     return Err(ProxyHeaderError::Invalid(format!(
                         "malformed v1 line {:?}",
@@ -311,6 +316,42 @@ mod tests {
         let wire = encode(ProxyProtocol::V1, v6, gateway, None).unwrap();
         assert!(wire.starts_with(b"PROXY TCP6 2001:db8::1 ::ffff:10.0.0.2 4000 443\r\n"));
         assert_eq!(accept_bytes(&wire, true).await.unwrap().0, Some(Some(v6)));
+    }
+
+    /// A header that arrives in two reads, split at every byte, is the same header.
+    #[tokio::test]
+    async fn a_header_split_across_reads_is_still_read() {
+        let client: SocketAddr = "203.0.113.7:51234".parse().unwrap();
+        let gateway: SocketAddr = "10.0.0.2:443".parse().unwrap();
+        for version in [ProxyProtocol::V1, ProxyProtocol::V2] {
+            let mut wire = encode(version, client, gateway, None).unwrap();
+            wire.extend_from_slice(b"GET");
+            for split in 1..wire.len() {
+                let (first, second) = wire.split_at(split);
+                let stream = tokio_test_reader(first, second);
+                let (proxied, mut rest) = accept(stream, true)
+                    .await
+                    .unwrap_or_else(|e| panic!("{version:?} split at {split}: {e}"));
+                assert_eq!(
+                    proxied,
+                    Some(Some(Proxied {
+                        source: client,
+                        destination: gateway
+                    }))
+                );
+                let mut after = Vec::new();
+                rest.read_to_end(&mut after).await.unwrap();
+                assert_eq!(after, b"GET", "{version:?} split at {split}");
+            }
+        }
+    }
+
+    /// A reader that returns `first`, then `second`, in two reads.
+    fn tokio_test_reader(first: &[u8], second: &[u8]) -> impl AsyncRead + Unpin {
+        AsyncReadExt::chain(
+            std::io::Cursor::new(first.to_vec()),
+            std::io::Cursor::new(second.to_vec()),
+        )
     }
 
     #[tokio::test]
