@@ -183,8 +183,7 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
                 if is_unreserved(decoded) {
                     out.push(decoded as char);
                 } else {
-                    out.push('%');
-                    out.push_str(&format!("{decoded:02X}"));
+                    push_escape(&mut out, decoded);
                 }
                 i += 3;
             }
@@ -192,7 +191,7 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
             // http admits UTF-8 in a path: encoded, so that `/café` and `/caf%C3%A9` are
             // one path to routing and to the upstream.
             b if b >= 0x80 => {
-                out.push_str(&format!("%{b:02X}"));
+                push_escape(&mut out, b);
                 i += 1;
             }
             b => {
@@ -212,6 +211,14 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
         return Err(PathError::DotSegments);
     }
     Ok(out)
+}
+
+/// `%XX` with upper-case hex (RFC 3986 §6.2.2.1).
+fn push_escape(out: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(HEX[usize::from(b >> 4)] as char);
+    out.push(HEX[usize::from(b & 0xf)] as char);
 }
 
 /// RFC 3986 §2.3.

@@ -8,37 +8,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Reads one frame a client (here: the gateway, toward a ws upstream) sent: masked.
-async fn read_masked_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
-    within("masked frame", async {
-        let mut head = [0u8; 2];
-        stream.read_exact(&mut head).await.expect("frame head");
-        assert_ne!(head[1] & 0x80, 0, "client frames are masked");
-        let len = match head[1] & 0x7f {
-            126 => {
-                let mut b = [0u8; 2];
-                stream.read_exact(&mut b).await.expect("len16");
-                u16::from_be_bytes(b) as usize
-            }
-            127 => {
-                let mut b = [0u8; 8];
-                stream.read_exact(&mut b).await.expect("len64");
-                u64::from_be_bytes(b) as usize
-            }
-            n => n as usize,
-        };
-        let mut key = [0u8; 4];
-        stream.read_exact(&mut key).await.expect("mask");
-        let mut payload = vec![0u8; len];
-        stream.read_exact(&mut payload).await.expect("payload");
-        for (i, b) in payload.iter_mut().enumerate() {
-            *b ^= key[i % 4];
-        }
-        (head[0] & 0x0f, payload)
-    })
-    .await
-}
-
 fn code_of(payload: &[u8]) -> u16 {
     u16::from_be_bytes([payload[0], payload[1]])
 }

@@ -115,16 +115,9 @@ async fn unnormalised_paths_meet_the_policy_of_the_route_they_name() {
         assert_eq!(answer.status, expected, "{path}: {}", answer.body);
     }
     let good = "Origin: https://admin.example\r\n";
-    let mut stream = TcpStream::connect(gw.addr()).await.unwrap();
-    let request = upgrade_request("//%61dmin//a%2fb%7e?q=%61//x", good);
-    stream.write_all(request.as_bytes()).await.unwrap();
-    assert_eq!(read_response(&mut stream).await.status, 101);
-    wait_until("the upstream handshake", || {
-        !upstream.seen.lock().unwrap().paths.is_empty()
-    })
-    .await;
+    let stream = raw_upgrade_with(gw.addr(), "//%61dmin//a%2fb%7e?q=%61//x", good).await;
     assert_eq!(
-        upstream.seen.lock().unwrap().paths,
+        upstream_paths(&upstream, 1).await,
         ["/admin/a%2Fb~?q=%61//x"],
         "normalised path, query as it came"
     );
@@ -151,20 +144,8 @@ async fn a_path_in_utf8_is_one_path_however_it_is_written() {
         assert_eq!(answer.status, 403, "{path}: {}", answer.body);
     }
     let good = "Origin: https://cafe.example\r\n";
-    let mut stream = TcpStream::connect(gw.addr()).await.unwrap();
-    stream
-        .write_all(upgrade_request("/café/menü", good).as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut stream).await.status, 101);
-    wait_until("the upstream handshake", || {
-        !upstream.seen.lock().unwrap().paths.is_empty()
-    })
-    .await;
-    assert_eq!(
-        upstream.seen.lock().unwrap().paths,
-        ["/caf%C3%A9/men%C3%BC"]
-    );
+    let stream = raw_upgrade_with(gw.addr(), "/café/menü", good).await;
+    assert_eq!(upstream_paths(&upstream, 1).await, ["/caf%C3%A9/men%C3%BC"]);
     drop(stream);
     gw.wait_idle().await;
     gw.stop().await;
@@ -184,18 +165,8 @@ async fn behind_proxy_writing(which: &str) -> (TestGateway, WsUpstream) {
 async fn only_the_header_the_proxy_writes_names_the_client() {
     let (gw, upstream) = behind_proxy_writing("forwarded").await;
     // The proxy wrote Forwarded; the X-Forwarded-For is the client's, passed on by it.
-    let request = |xff: &str| {
-        upgrade_request(
-            "/",
-            &format!("Forwarded: for=203.0.113.5\r\nX-Forwarded-For: {xff}\r\n"),
-        )
-    };
-    let mut first = TcpStream::connect(gw.addr()).await.unwrap();
-    first
-        .write_all(request("6.6.6.1").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut first).await.status, 101);
+    let extra = |xff: &str| format!("Forwarded: for=203.0.113.5\r\nX-Forwarded-For: {xff}\r\n");
+    let first = raw_upgrade_with(gw.addr(), "/", &extra("6.6.6.1")).await;
     {
         let seen = upstream.seen.lock().unwrap();
         assert_eq!(seen.header(0, "x-real-ip"), ["203.0.113.5"]);
@@ -206,20 +177,19 @@ async fn only_the_header_the_proxy_writes_names_the_client() {
         );
     }
     // The per-IP limit counts 203.0.113.5 whatever X-Forwarded-For says.
-    let second = raw_request(gw.addr(), &request("6.6.6.2")).await;
+    let second = raw_request(gw.addr(), &upgrade_request("/", &extra("6.6.6.2"))).await;
     assert_eq!(second.status, 503);
     drop(first);
     gw.wait_idle().await;
     gw.stop().await;
 
     let (gw, upstream) = behind_proxy_writing("x-real-ip").await;
-    let mut stream = TcpStream::connect(gw.addr()).await.unwrap();
-    let head = upgrade_request(
+    let stream = raw_upgrade_with(
+        gw.addr(),
         "/",
         "X-Real-IP: 198.51.100.7\r\nX-Forwarded-For: 6.6.6.6\r\n",
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    assert_eq!(read_response(&mut stream).await.status, 101);
+    )
+    .await;
     assert_eq!(
         upstream.seen.lock().unwrap().header(0, "x-real-ip"),
         ["198.51.100.7"]

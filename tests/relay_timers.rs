@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use support::client_frame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncWriteExt, DuplexStream};
 use wsgate::config::PingConfig;
 use wsgate::relay::{RelaySettings, ShutdownSignals, Summary, relay_ws};
 use wsgate::telemetry::metrics::Flow;
@@ -42,24 +42,16 @@ fn start(
     (client_far, upstream_far, relay)
 }
 
-/// One unmasked frame from the relay: (fin, opcode, payload). The harness's reader gives up
+/// One frame from the relay: (fin, opcode, payload). The harness's own reader gives up
 /// after 10 s, which on a paused clock passes before the timers under test fire; this one
 /// allows a day.
 async fn read_raw_frame(stream: &mut DuplexStream) -> (bool, u8, Vec<u8>) {
-    tokio::time::timeout(Duration::from_secs(86_400), async {
-        let mut head = [0u8; 2];
-        stream.read_exact(&mut head).await.expect("frame head");
-        let len = match head[1] & 0x7f {
-            126 => stream.read_u16().await.expect("len16") as usize,
-            127 => stream.read_u64().await.expect("len64") as usize,
-            n => n as usize,
-        };
-        let mut payload = vec![0u8; len];
-        stream.read_exact(&mut payload).await.expect("payload");
-        (head[0] & 0x80 != 0, head[0] & 0x0f, payload)
-    })
-    .await
-    .expect("a frame within a day")
+    let read = support::read_any_frame(stream);
+    let (fin, opcode, masked, payload) = tokio::time::timeout(Duration::from_secs(86_400), read)
+        .await
+        .expect("a frame within a day");
+    assert!(!masked, "frames toward the client are not masked");
+    (fin, opcode, payload)
 }
 
 fn code(payload: &[u8]) -> u16 {

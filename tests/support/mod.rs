@@ -512,9 +512,14 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
 
 /// Opens a raw upgraded connection: the test then writes frames byte by byte.
 pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
+    raw_upgrade_with(addr, path, "").await
+}
+
+/// The same with extra request header lines (each ending in \r\n).
+pub async fn raw_upgrade_with(addr: SocketAddr, path: &str, extra: &str) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream
-        .write_all(upgrade_request(path, "").as_bytes())
+        .write_all(upgrade_request(path, extra).as_bytes())
         .await
         .expect("write upgrade");
     let response = read_response(&mut stream).await;
@@ -552,30 +557,53 @@ pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame(fin, opcode, payload, Some([0x12, 0x34, 0x56, 0x78]))
 }
 
+/// One frame as it came: (fin, opcode, masked, payload unmasked). No deadline of its own:
+/// see [`read_raw_frame`] and [`read_masked_frame`].
+pub async fn read_any_frame<S: AsyncRead + Unpin>(stream: &mut S) -> (bool, u8, bool, Vec<u8>) {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.expect("frame head");
+    let len = match head[1] & 0x7f {
+        126 => stream.read_u16().await.expect("len16") as usize,
+        127 => stream.read_u64().await.expect("len64") as usize,
+        n => n as usize,
+    };
+    let masked = head[1] & 0x80 != 0;
+    let mut key = [0u8; 4];
+    if masked {
+        stream.read_exact(&mut key).await.expect("mask");
+    }
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.expect("payload");
+    if masked {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= key[i % 4];
+        }
+    }
+    (head[0] & 0x80 != 0, head[0] & 0x0f, masked, payload)
+}
+
 /// Reads one unmasked server frame: (fin, opcode, payload).
 pub async fn read_raw_frame<S: AsyncRead + Unpin>(stream: &mut S) -> (bool, u8, Vec<u8>) {
-    within("raw frame", async {
-        let mut head = [0u8; 2];
-        stream.read_exact(&mut head).await.expect("frame head");
-        assert_eq!(head[1] & 0x80, 0, "server frames must not be masked");
-        let len = match head[1] & 0x7f {
-            126 => {
-                let mut b = [0u8; 2];
-                stream.read_exact(&mut b).await.expect("len16");
-                u16::from_be_bytes(b) as usize
-            }
-            127 => {
-                let mut b = [0u8; 8];
-                stream.read_exact(&mut b).await.expect("len64");
-                u64::from_be_bytes(b) as usize
-            }
-            n => n as usize,
-        };
-        let mut payload = vec![0u8; len];
-        stream.read_exact(&mut payload).await.expect("payload");
-        (head[0] & 0x80 != 0, head[0] & 0x0f, payload)
+    let (fin, opcode, masked, payload) = within("raw frame", read_any_frame(stream)).await;
+    assert!(!masked, "server frames must not be masked");
+    (fin, opcode, payload)
+}
+
+/// Reads one frame the gateway sent as a client (toward a ws upstream): masked, as RFC
+/// 6455 §5.1 asks. Returns (opcode, payload unmasked).
+pub async fn read_masked_frame<S: AsyncRead + Unpin>(stream: &mut S) -> (u8, Vec<u8>) {
+    let (_, opcode, masked, payload) = within("masked frame", read_any_frame(stream)).await;
+    assert!(masked, "client frames are masked");
+    (opcode, payload)
+}
+
+/// Waits until a ws upstream has seen `n` handshakes and returns their request targets.
+pub async fn upstream_paths(upstream: &WsUpstream, n: usize) -> Vec<String> {
+    wait_until("the upstream handshakes", || {
+        upstream.seen.lock().unwrap().paths.len() >= n
     })
-    .await
+    .await;
+    upstream.seen.lock().unwrap().paths.clone()
 }
 
 /// Reads raw frames until a Close and returns its code.
