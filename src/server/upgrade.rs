@@ -186,7 +186,7 @@ impl UpgradeRequest<'_> {
                 .then_some(self.listener.config.trusted_header),
             tls: conn.tls.is_some(),
             server_name: conn.tls.as_ref().and_then(|t| t.server_name.as_deref()),
-            local: conn.local.or(Some(self.listener.config.bind)),
+            local: conn.local.unwrap_or(self.listener.config.bind),
             identity: self
                 .listener
                 .identity_header

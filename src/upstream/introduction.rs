@@ -22,8 +22,9 @@ pub struct Introduction<'a> {
     pub tls: bool,
     /// The TLS server name the client asked for (SNI).
     pub server_name: Option<&'a str>,
-    /// The gateway address the client reached.
-    pub local: Option<SocketAddr>,
+    /// The gateway address the client reached (or, behind a PROXY-speaking balancer, the
+    /// one it named).
+    pub local: SocketAddr,
     /// This listener's identity header and the verified certificate identity, if any.
     pub identity: Option<(&'a HeaderName, Option<String>)>,
     /// Every identity header any listener sets: a client's copy of any of them is dropped
@@ -75,13 +76,7 @@ impl Introduction<'_> {
             return Ok(None);
         };
         let source = SocketAddr::new(self.client.ip, self.client.port.unwrap_or(0));
-        let header = match self.local {
-            Some(destination) => {
-                proxy_protocol::encode(version, source, destination, self.server_name)
-            }
-            None => Err(std::io::Error::other("the listener address is unknown")),
-        };
-        header
+        proxy_protocol::encode(version, source, self.local, self.server_name)
             .map(Some)
             .map_err(|source| UpstreamError::ProxyHeader {
                 target: route.upstream_names(),
