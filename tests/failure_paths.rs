@@ -243,3 +243,22 @@ async fn a_client_that_trickles_data_cannot_hold_a_close_open() {
     trickle.abort();
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_transfer_cut_short_during_shutdown_is_1001() {
+    let upstream = slow_finisher(1, std::time::Duration::ZERO, true).await;
+    let gw = start_gateway(&simple_config(&format!("tcp://{upstream}"), "")).await;
+    let mut client = raw_upgrade(gw.addr(), "/").await;
+    client
+        .write_all(&client_frame(true, 8, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    let (_, op, payload) = read_raw_frame(&mut client).await;
+    assert_eq!((op, payload.as_slice()), (2, &b"chunk 0"[..]));
+    // Draining now: the close deadline still cuts the unfinished transfer, but the client
+    // is told the gateway is going away rather than that its upstream failed.
+    gw.begin_shutdown();
+    let (_, op, payload) = read_raw_frame(&mut client).await;
+    assert_eq!((op, code_of(&payload)), (8, 1001));
+    gw.stop().await;
+}
