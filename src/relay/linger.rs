@@ -24,7 +24,7 @@ pub(super) const LINGER_BYTES: usize = 1 << 20;
 /// nothing more, so after a complete close handshake only the write side is shut down.
 pub(super) async fn linger<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     reader: &mut R,
-    peer: &Peer<W>,
+    peer: &Peer<'_, W>,
 ) {
     let _ = tokio::time::timeout(LINGER, async {
         let _ = peer.lock().await.io.shutdown().await;

@@ -6,7 +6,6 @@ use std::sync::Mutex as StdMutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 use super::codec::{Head, MAX_CONTROL, MAX_HEAD, OpCode, apply_mask};
 use super::state::{Side, State};
@@ -19,7 +18,7 @@ use super::{Coalescing, frames};
 ///
 /// `close_sent` is set and checked under the writer lock, so no frame can slip in after the
 /// Close (RFC 6455 §5.5.1).
-pub(super) struct Peer<W> {
+pub(super) struct Peer<'s, W> {
     pub(super) writer: tokio::sync::Mutex<Coalescing<W>>,
     pub(super) close_sent: AtomicBool,
     /// The gateway is the client on this link (a ws upstream): its frames are masked.
@@ -34,7 +33,8 @@ pub(super) struct Peer<W> {
     pub(super) close_read: AtomicBool,
     /// The connection's close deadline starts when a Close is first attempted, not when it
     /// has been written: a peer that stopped reading would otherwise block that write forever.
-    pub(super) closing: CancellationToken,
+    /// The connection's state: sending a Close starts its closing.
+    pub(super) state: &'s State,
 }
 
 /// What a peer is owed at the end.
@@ -50,12 +50,12 @@ pub(super) enum Owed {
 
 /// The locked writer of a [`Peer`].
 pub(super) struct PeerWriter<'a, W> {
-    pub(super) peer: &'a Peer<W>,
+    pub(super) peer: &'a Peer<'a, W>,
     pub(super) io: tokio::sync::MutexGuard<'a, Coalescing<W>>,
 }
 
-impl<W: AsyncWrite + Unpin> Peer<W> {
-    pub(super) fn new(writer: W, masks: bool, state: &State) -> Self {
+impl<'s, W: AsyncWrite + Unpin> Peer<'s, W> {
+    pub(super) fn new(writer: W, masks: bool, state: &'s State) -> Self {
         Self {
             writer: tokio::sync::Mutex::new(Coalescing::new(writer)),
             close_sent: AtomicBool::new(false),
@@ -63,7 +63,7 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
             awaiting_frame_rest: AtomicBool::new(false),
             owed_close: StdMutex::new(None),
             close_read: AtomicBool::new(false),
-            closing: state.closing.clone(),
+            state,
         }
     }
 
@@ -106,7 +106,7 @@ impl<W: AsyncWrite + Unpin> Peer<W> {
     /// Sends a Close frame with this payload, once. False when one was already sent or the
     /// write failed.
     pub(super) async fn close_with(&self, payload: &[u8]) -> bool {
-        self.closing.cancel();
+        self.state.closing.fire();
         self.lock().await.close_with(payload).await
     }
 
@@ -232,7 +232,7 @@ impl<W: AsyncWrite + Unpin> PeerWriter<'_, W> {
 
     /// Sends a Close frame with this payload, once, and flushes.
     pub(super) async fn close_with(&mut self, payload: &[u8]) -> bool {
-        self.peer.closing.cancel();
+        self.peer.state.closing.fire();
         if self.peer.close_sent.swap(true, Ordering::AcqRel) {
             return false;
         }

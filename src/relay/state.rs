@@ -4,10 +4,10 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::{RelaySettings, ShutdownSignals};
+use super::RelaySettings;
 use crate::telemetry::metrics::Flow;
 
 /// Which party ended the connection.
@@ -47,9 +47,9 @@ pub struct Summary {
 pub(super) struct State {
     pub(super) first_close: OnceLock<(Side, Option<u16>, Option<String>)>,
     /// Fires at the first Close frame in either direction: the close deadline starts.
-    pub(super) closing: CancellationToken,
+    pub(super) closing: Signal,
     /// Fires when the connection must end now.
-    pub(super) abort: CancellationToken,
+    pub(super) abort: Signal,
     pub(super) bytes_from_client: AtomicU64,
     pub(super) bytes_to_client: AtomicU64,
     pub(super) messages_from_client: AtomicU64,
@@ -72,12 +72,12 @@ pub(super) struct State {
 }
 
 impl State {
-    pub(super) fn new(settings: &RelaySettings, flow: Flow, shutdown: &ShutdownSignals) -> Self {
+    pub(super) fn new(settings: &RelaySettings, flow: Flow) -> Self {
         Self {
             first_close: OnceLock::new(),
-            closing: CancellationToken::new(),
-            // A forced shutdown aborts too: one wait in `drive` serves both.
-            abort: shutdown.force.child_token(),
+            closing: Signal::default(),
+            // A forced shutdown aborts too: `drive` waits for either.
+            abort: Signal::default(),
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
             messages_from_client: AtomicU64::new(0),
@@ -95,12 +95,12 @@ impl State {
     /// Records who ended the connection; only the first record counts.
     pub(super) fn record(&self, side: Side, code: Option<u16>, detail: Option<String>) {
         let _ = self.first_close.set((side, code, detail));
-        self.closing.cancel();
+        self.closing.fire();
     }
 
     pub(super) fn fail(&self, side: Side, code: Option<u16>, detail: String) {
         self.record(side, code, Some(detail));
-        self.abort.cancel();
+        self.abort.fire();
     }
 
     /// Marks the client pump as writing toward the upstream until the guard is dropped.
@@ -189,5 +189,36 @@ impl Drop for BacklogGuard<'_> {
         if let Some(state) = self.0 {
             state.upstream_backlog.store(false, Ordering::Relaxed);
         }
+    }
+}
+
+/// A one-way flag that can be awaited, kept inline in the connection's state: unlike a
+/// `CancellationToken` it allocates nothing (each token is a shared node on the heap, and
+/// every held connection had two).
+#[derive(Default)]
+pub(super) struct Signal {
+    fired: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    pub(super) fn fire(&self) {
+        if !self.fired.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    pub(super) fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    pub(super) async fn fired(&self) {
+        // Registered before the flag is read: `notify_waiters` reaches every `Notified`
+        // created before it, polled or not, so a `fire` in between is not missed.
+        let notified = self.notify.notified();
+        if self.is_fired() {
+            return;
+        }
+        notified.await
     }
 }

@@ -32,7 +32,7 @@ pub(super) async fn drive<W: AsyncWrite + Unpin>(
     state: &State,
     settings: &RelaySettings,
     shutdown: &ShutdownSignals,
-    client: &Peer<W>,
+    client: &Peer<'_, W>,
     pumps: std::pin::Pin<&mut impl Future<Output = ()>>,
     close_on_shutdown: bool,
 ) {
@@ -44,7 +44,7 @@ pub(super) async fn drive<W: AsyncWrite + Unpin>(
     // periods of silence), but never past CLOSE_CAP periods: a peer that trickles data
     // cannot hold the connection open.
     let close_deadline = async {
-        state.closing.cancelled().await;
+        state.closing.fired().await;
         Box::pin(async {
             let mut moved = state.bytes_to_client.load(Ordering::Relaxed);
             for _ in 0..CLOSE_CAP {
@@ -83,7 +83,7 @@ pub(super) async fn drive<W: AsyncWrite + Unpin>(
     };
     let keepalive = async {
         if let Some(ping) = settings.ping {
-            Box::pin(keepalive(state, client, ping)).await;
+            keepalive(state, client, ping).await;
         }
         std::future::pending::<()>().await
     };
@@ -92,10 +92,9 @@ pub(super) async fn drive<W: AsyncWrite + Unpin>(
         _ = graceful => {}
         _ = idle => {}
         _ = keepalive => {}
-        _ = state.abort.cancelled() => {
-            if shutdown.force.is_cancelled() {
-                state.record(Side::Gateway, None, Some("shutdown_timeout passed".into()));
-            }
+        _ = state.abort.fired() => {}
+        _ = shutdown.force.cancelled() => {
+            state.record(Side::Gateway, None, Some("shutdown_timeout passed".into()));
         }
         _ = close_deadline => {
             state.timed_out.store(true, Ordering::Relaxed);
@@ -125,28 +124,37 @@ pub(super) const CLOSE_CAP: u32 = 4;
 /// Pings the client every interval; returns (after recording why) when the client did not
 /// answer within the timeout, or when the ping could not even be written in that time (a
 /// peer that stopped reading fills its socket buffer and blocks our writes).
+///
+/// Pings are on by default, so this runs for every held connection and its state is part of
+/// each one's memory: between pings that is one timer, reused, and two counters; the write
+/// of a ping is boxed while it lasts.
 pub(super) async fn keepalive<W: AsyncWrite + Unpin>(
     state: &State,
-    client: &Peer<W>,
+    client: &Peer<'_, W>,
     ping: PingConfig,
 ) {
     let Some(last_frame) = &state.last_client_frame_ms else {
         return std::future::pending().await;
     };
+    let mut timer = std::pin::pin!(tokio::time::sleep(ping.interval));
     let mut n: u64 = 0;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(ping.interval) => {}
-            // Once closing, close_timeout bounds the rest; a pong may never come (a client
-            // that has sent its Close is no longer read).
-            _ = state.closing.cancelled() => return std::future::pending().await,
+        timer.as_mut().await;
+        // Once closing, close_timeout bounds the rest; a pong may never come (a client that
+        // has sent its Close is no longer read).
+        if state.closing.is_fired() {
+            return std::future::pending().await;
         }
         n += 1;
         // A frame read from the client after this answers the ping.
         let asked_at = state.now_ms();
         let mut payload = KEEPALIVE_MARK.to_vec();
         payload.extend_from_slice(n.to_string().as_bytes());
-        match tokio::time::timeout(ping.timeout, client.send_now(OpCode::Ping, &payload)).await {
+        let sent = Box::pin(tokio::time::timeout(
+            ping.timeout,
+            client.send_now(OpCode::Ping, &payload),
+        ));
+        match sent.await {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => return std::future::pending().await,
             Ok(Err(e)) => {
@@ -154,7 +162,12 @@ pub(super) async fn keepalive<W: AsyncWrite + Unpin>(
             }
             // The writer is held by a frame from the upstream that is only partly here:
             // the wait is the upstream's, not the client's. Try again next round.
-            Err(_) if client.awaiting_frame_rest.load(Ordering::Relaxed) => continue,
+            Err(_) if client.awaiting_frame_rest.load(Ordering::Relaxed) => {
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + ping.interval);
+                continue;
+            }
             Err(_) => {
                 return state.fail(
                     Side::Gateway,
@@ -166,8 +179,10 @@ pub(super) async fn keepalive<W: AsyncWrite + Unpin>(
         // The client's time to answer runs from when the ping was written, which may have
         // waited behind a frame.
         let sent_at = state.now_ms();
-        tokio::time::sleep_until(state.started + Duration::from_millis(sent_at) + ping.timeout)
-            .await;
+        timer
+            .as_mut()
+            .reset(state.started + Duration::from_millis(sent_at) + ping.timeout);
+        timer.as_mut().await;
         if last_frame.load(Ordering::Relaxed) < asked_at
             && !state.upstream_backlog.load(Ordering::Relaxed)
         {
@@ -180,5 +195,8 @@ pub(super) async fn keepalive<W: AsyncWrite + Unpin>(
                 ),
             );
         }
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + ping.interval);
     }
 }

@@ -20,7 +20,7 @@ use super::{
 use crate::telemetry::metrics::Flow;
 use crate::upstream::{UpstreamReader, UpstreamStream, UpstreamWriter};
 
-type ClientPeer<C> = Peer<WriteHalf<C>>;
+type ClientPeer<'s, C> = Peer<'s, WriteHalf<C>>;
 
 pub fn relay_stream<C>(
     client: C,
@@ -36,12 +36,13 @@ where
     // whole life next to what is made of them, and a held connection's memory is mostly
     // that state.
     let (client_rx, client_tx) = tokio::io::split(client);
-    let state = State::new(&settings, flow, &shutdown);
-    let client = Peer::new(client_tx, false, &state);
+    let state = State::new(&settings, flow);
     let (upstream_rx, upstream_tx) = upstream.into_split();
     let upstream_tx = Coalescing::new(upstream_tx);
     async move {
         let mut client_rx = client_rx;
+        // Made here, not before: it borrows `state`.
+        let client = Peer::new(client_tx, false, &state);
         {
             let pumps = async {
                 tokio::join!(
@@ -75,7 +76,7 @@ enum Exit {
 async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
     client_rx: &mut ReadHalf<C>,
     mut upstream: Coalescing<UpstreamWriter>,
-    client: &ClientPeer<C>,
+    client: &ClientPeer<'_, C>,
     state: &State,
     settings: &RelaySettings,
 ) {
@@ -94,7 +95,7 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
         Exit::Answered => {
             // The handshake is complete once our Close is out.
             client.settle().await;
-            state.abort.cancel();
+            state.abort.fire();
         }
         Exit::Vanished(detail) => state.fail(Side::Client, None, detail),
         Exit::Protocol(f) => {
@@ -121,7 +122,7 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
 async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
     client_rx: &mut ReadHalf<C>,
     upstream: &mut Coalescing<UpstreamWriter>,
-    client: &ClientPeer<C>,
+    client: &ClientPeer<'_, C>,
     state: &State,
     settings: &RelaySettings,
 ) -> Exit {
@@ -252,7 +253,7 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
 /// headroom in front of the data so that frame and payload go out in one write.
 async fn upstream_to_client<C: AsyncWrite + Unpin>(
     upstream: UpstreamReader,
-    client: &ClientPeer<C>,
+    client: &ClientPeer<'_, C>,
     state: &State,
     shutdown: &ShutdownSignals,
 ) {
@@ -261,7 +262,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
         // (An abort needs no branch here: `drive` ends the whole relay on it.)
         tokio::select! {
             biased;
-            _ = shutdown.graceful.cancelled(), if !state.closing.is_cancelled() => {
+            _ = shutdown.graceful.cancelled(), if !state.closing.is_fired() => {
                 return Box::pin(drain_and_close(&upstream, client, state)).await;
             }
             ready = upstream.readable() => {
@@ -274,7 +275,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
         // back before waiting again.
         let mut chunk = Chunk::take();
         loop {
-            if shutdown.graceful.is_cancelled() && !state.closing.is_cancelled() {
+            if shutdown.graceful.is_cancelled() && !state.closing.is_fired() {
                 // A source that never pauses must not delay the drain.
                 return Box::pin(drain_and_close(&upstream, client, state)).await;
             }
@@ -297,7 +298,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
 
 /// Everything the upstream sent has been delivered; now the Close (echoing the client's
 /// own when it closed first, its error when it broke the protocol).
-async fn upstream_finished<C: AsyncWrite + Unpin>(client: &ClientPeer<C>, state: &State) {
+async fn upstream_finished<C: AsyncWrite + Unpin>(client: &ClientPeer<'_, C>, state: &State) {
     let payload = client.close_reply();
     if client.close_with(&payload).await {
         let code = frames::check_close(&payload).ok().flatten();
@@ -310,7 +311,7 @@ async fn upstream_finished<C: AsyncWrite + Unpin>(client: &ClientPeer<C>, state:
 }
 
 async fn upstream_failed<C: AsyncWrite + Unpin>(
-    client: &ClientPeer<C>,
+    client: &ClientPeer<'_, C>,
     state: &State,
     e: std::io::Error,
 ) {
@@ -330,7 +331,7 @@ async fn upstream_failed<C: AsyncWrite + Unpin>(
 /// forwarding.
 async fn forward<C: AsyncWrite + Unpin>(
     chunk: &mut Chunk,
-    client: &ClientPeer<C>,
+    client: &ClientPeer<'_, C>,
     state: &State,
 ) -> bool {
     let data = chunk.data_start()..chunk.data_end();
@@ -360,7 +361,7 @@ async fn forward<C: AsyncWrite + Unpin>(
 /// waiting), then Close 1001. The client's answer is read by the other pump.
 async fn drain_and_close<C: AsyncWrite + Unpin>(
     upstream: &UpstreamReader,
-    client: &ClientPeer<C>,
+    client: &ClientPeer<'_, C>,
     state: &State,
 ) {
     // At most this much: an upstream that never pauses must not hold the drain open until

@@ -17,7 +17,7 @@ use super::frames::{self, Failure, Incoming};
 use super::{Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive};
 use crate::telemetry::metrics::Flow;
 
-type WsPeer<S> = Peer<WriteHalf<S>>;
+type WsPeer<'s, S> = Peer<'s, WriteHalf<S>>;
 
 /// Which way a pump forwards.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -41,11 +41,12 @@ where
     // its state next to what is made of them.
     let (client_rx, client_tx) = tokio::io::split(client);
     let (upstream_rx, upstream_tx) = tokio::io::split(upstream);
-    let state = State::new(&settings, flow, &shutdown);
-    let client = Peer::new(client_tx, false, &state);
-    let upstream = Peer::new(upstream_tx, true, &state);
+    let state = State::new(&settings, flow);
     async move {
         let (mut client_rx, mut upstream_rx) = (client_rx, upstream_rx);
+        // Made here, not before: they borrow `state`.
+        let client = Peer::new(client_tx, false, &state);
+        let upstream = Peer::new(upstream_tx, true, &state);
         {
             let pumps = async {
                 tokio::join!(
@@ -100,8 +101,8 @@ enum Then {
 async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
     from_rx: &mut ReadHalf<F>,
-    from: &WsPeer<F>,
-    to: &Peer<T>,
+    from: &WsPeer<'_, F>,
+    to: &Peer<'_, T>,
     state: &State,
     settings: &RelaySettings,
 ) {
@@ -327,8 +328,8 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
 /// The side we read from went away without a Close.
 async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
-    from: &WsPeer<F>,
-    to: &Peer<T>,
+    from: &WsPeer<'_, F>,
+    to: &Peer<'_, T>,
     state: &State,
     detail: String,
     mid_frame: bool,
@@ -346,7 +347,7 @@ async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         Direction::ClientToUpstream => {
             state.record(Side::Client, None, Some(detail));
             to.close(frames::GOING_AWAY, "client went away").await;
-            state.abort.cancel();
+            state.abort.fire();
         }
         Direction::UpstreamToClient => {
             if from.close_sent() || to.close_sent() {
@@ -354,7 +355,7 @@ async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                 // answering: answer the client ourselves and finish.
                 to.close_with(&to.close_reply()).await;
                 state.record(Side::Upstream, None, Some(detail));
-                state.abort.cancel();
+                state.abort.fire();
             } else {
                 // SPEC §4: upstream death mid-stream is 1011 to the client, whose answer the
                 // other pump still reads (close_timeout bounds the wait).
@@ -378,8 +379,8 @@ async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
 /// `close_timeout` bounds the wait). Invalid UTF-8 is 1001 to the other side either way.
 async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
-    from: &WsPeer<F>,
-    to: &Peer<T>,
+    from: &WsPeer<'_, F>,
+    to: &Peer<'_, T>,
     state: &State,
     f: Failure,
     cut: bool,
@@ -416,18 +417,18 @@ async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         // without one, and nothing more is waited for.
         to.abandon();
         from.close_with(&from.close_reply()).await;
-        return state.abort.cancel();
+        return state.abort.fire();
     }
     if !to.close(code, reason).await && to.close_sent() && from.close_sent() {
         // Both sides were closed already: nothing left to wait for.
-        state.abort.cancel();
+        state.abort.fire();
     }
 }
 
 /// Writing to the other side failed: it is gone.
 async fn broken<F: AsyncWrite + Unpin>(
     direction: Direction,
-    from: &WsPeer<F>,
+    from: &WsPeer<'_, F>,
     state: &State,
     detail: String,
 ) {
@@ -440,7 +441,7 @@ async fn broken<F: AsyncWrite + Unpin>(
                 state.record(Side::Upstream, Some(frames::INTERNAL_ERROR), Some(detail));
             }
             // Keep nothing else open: the client's answer is not worth waiting for here.
-            state.abort.cancel();
+            state.abort.fire();
         }
         Direction::UpstreamToClient => {
             from.close(frames::GOING_AWAY, "client went away").await;

@@ -73,7 +73,12 @@ async fn serve_in_span(
     let config = this.config;
     // `handshake_timeout` covers the PROXY header, the TLS handshake and the request head.
     let deadline = Instant::now() + gateway.config.gateway.handshake_timeout;
-    let mut local = stream.local_addr().ok();
+    // A listener bound to one address and port is that address: no system call to ask.
+    let mut local = if config.bind.ip().is_unspecified() || config.bind.port() == 0 {
+        stream.local_addr().ok()
+    } else {
+        Some(config.bind)
+    };
     let mut client = ClientAddr::from(peer);
     let mut proxied = false;
     let stream = if config.accept_proxy_protocol {

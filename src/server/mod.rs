@@ -441,6 +441,9 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(5);
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
     let mut backoff = FIRST_BACKOFF;
+    // The keepalive settings last put on the listening socket, which accepted sockets
+    // inherit; a reload may change them.
+    let mut on_listener = None;
     loop {
         let accepted = tokio::select! {
             // Stop first: a removed or draining listener accepts nothing more.
@@ -452,7 +455,17 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
             Ok((stream, peer)) => {
                 backoff = FIRST_BACKOFF;
                 let keepalive = ctx.server.gateway.load().config.gateway.tcp_keepalive;
-                crate::sockets::prepare(&stream, keepalive.as_ref(), crate::sockets::Side::Client);
+                if on_listener != Some(keepalive) {
+                    // This connection was accepted with the old settings: set its own too.
+                    crate::sockets::prepare(
+                        &stream,
+                        keepalive.as_ref(),
+                        crate::sockets::Side::Client,
+                    );
+                    if crate::sockets::prepare_listener(&listener, keepalive.as_ref()) {
+                        on_listener = Some(keepalive);
+                    }
+                }
                 ctx.server
                     .tracker
                     .spawn(connection::serve(stream, peer, ctx.clone()));
