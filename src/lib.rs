@@ -62,6 +62,7 @@ pub mod forwarded;
 pub mod gateway;
 pub mod handshake;
 pub mod origin;
+pub mod prefixed;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod routing;

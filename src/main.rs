@@ -13,6 +13,13 @@ use wsgate::gateway::Gateway;
 use wsgate::server::Server;
 use wsgate::telemetry::Metrics;
 
+/// mimalloc rather than the system allocator: a held connection is a few small allocations
+/// that live for hours among short-lived handshake buffers, and glibc's arenas fragment under
+/// that mix. Measured with the bench's hold and handshake scenarios: 6.2 -> 5.5 kB a held
+/// connection, 12% more handshakes per CPU-second.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

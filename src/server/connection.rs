@@ -15,7 +15,8 @@ use tracing::{Instrument, debug, info};
 use super::ListenerContext;
 use crate::forwarded::ClientAddr;
 use crate::gateway::{Gateway, ListenerRef};
-use crate::proxy_protocol::{self, Prefixed};
+use crate::prefixed::Prefixed;
+use crate::proxy_protocol;
 use crate::telemetry::ratelimit::Verdict;
 use crate::tls::ClientIdentity;
 

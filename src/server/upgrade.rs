@@ -22,6 +22,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
 use super::connection::ConnectionContext;
@@ -270,6 +271,8 @@ impl UpgradeRequest<'_> {
             route: route.path.clone(),
             upstream: target.pool.upstream(lease.index()).to_string(),
             started: self.started,
+            _permit: permit,
+            _lease: lease,
         };
         let server = conn.listener.server.clone();
         // Unpacked only after the upgrade: captured as they are, they would stay in the task's
@@ -279,8 +282,6 @@ impl UpgradeRequest<'_> {
         // long as a task holds it (about 0.4 kB a connection) and is entered at every poll of
         // the relay. The relay's one line names client and listener itself.
         server.tracker.clone().spawn(async move {
-            let _permit = permit;
-            let _lease = lease;
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(e) => {
@@ -290,18 +291,23 @@ impl UpgradeRequest<'_> {
             };
             let metrics = &server.metrics;
             let _active = metrics.relay_started(&done.listener, &done.route);
-            let flow = metrics.flow(&done.route);
-            let shutdown = server.shutdown.clone();
-            let client = TokioIo::new(upgraded);
-            let (settings, connected) = *parts;
-            let summary = match connected {
-                Connected::Stream(stream) => {
-                    relay::relay_stream(client, stream, settings, shutdown, flow).await
-                }
-                Connected::WebSocket { ws, .. } => {
-                    relay::relay_ws(client, ws, settings, shutdown, flow).await
+            // Made in a block of its own, so that nothing it was made of stays in the task's
+            // state beside it while it runs.
+            let relay = {
+                let flow = metrics.flow(&done.route);
+                let shutdown = server.shutdown.clone();
+                let client = TokioIo::new(upgraded);
+                let (settings, connected) = *parts;
+                match connected {
+                    Connected::Stream(stream) => Either::Left(relay::relay_stream(
+                        client, stream, settings, shutdown, flow,
+                    )),
+                    Connected::WebSocket { ws, .. } => {
+                        Either::Right(relay::relay_ws(client, ws, settings, shutdown, flow))
+                    }
                 }
             };
+            let summary = relay.await;
             metrics.finished(
                 &done.route,
                 summary.close_code,
@@ -320,6 +326,10 @@ struct Finished {
     route: String,
     upstream: String,
     started: Instant,
+    /// Held for the connection's life: its slots in the connection budgets, and its upstream's
+    /// share of the pool's balancing.
+    _permit: ConnectionPermit,
+    _lease: Lease,
 }
 
 /// The one line per finished connection (SPEC §5).

@@ -23,7 +23,7 @@ use tracing::warn;
 pub use introduction::Introduction;
 pub use pool::{Lease, Pool};
 pub use stream::{UpstreamReader, UpstreamStream, UpstreamWriter};
-pub use ws::{ClientHandshake, UpstreamWs};
+pub use ws::{ClientHandshake, UpstreamWs, WsTransport};
 
 use crate::config::{RouteConfig, TcpKeepalive, Upstream, authority};
 use crate::routing;
@@ -240,7 +240,12 @@ impl Connection<'_> {
                 let (ws, protocol) = deadline
                     .run(
                         Phase::Handshake,
-                        ws::handshake(stream, "localhost", &ws_request(path), self.handshake),
+                        ws::handshake(
+                            WsTransport::Unix(stream),
+                            "localhost",
+                            &ws_request(path),
+                            self.handshake,
+                        ),
                     )
                     .await?
                     .map_err(handshake_failed)?;
@@ -282,14 +287,24 @@ impl Connection<'_> {
                     deadline
                         .run(
                             Phase::Handshake,
-                            ws::handshake(stream, &host_header, &request, self.handshake),
+                            ws::handshake(
+                                WsTransport::Tls(Box::new(stream)),
+                                &host_header,
+                                &request,
+                                self.handshake,
+                            ),
                         )
                         .await?
                 } else {
                     deadline
                         .run(
                             Phase::Handshake,
-                            ws::handshake(tcp, &host_header, &request, self.handshake),
+                            ws::handshake(
+                                WsTransport::Tcp(tcp),
+                                &host_header,
+                                &request,
+                                self.handshake,
+                            ),
                         )
                         .await?
                 };
