@@ -132,10 +132,10 @@ pub(super) async fn handle(
                 let path = req.uri().path();
                 match &rejection {
                     Rejection::Upstream(e) => {
-                        warn!(%client, path, status, suppressed, error = %e, "upgrade failed")
+                        warn!(%client, listener = %config.name, path, status, suppressed, error = %e, "upgrade failed")
                     }
                     _ => {
-                        info!(%client, path, status, suppressed, reason = %rejection, "upgrade refused")
+                        info!(%client, listener = %config.name, path, status, suppressed, reason = %rejection, "upgrade refused")
                     }
                 }
             }
@@ -269,7 +269,7 @@ impl UpgradeRequest<'_> {
             client: self.client,
             listener: self.listener.config.name.clone(),
             route: route.path.clone(),
-            upstream: target.pool.upstream(lease.index()).to_string(),
+            upstream: target.pool.name(lease.index()).clone(),
             started: self.started,
             _permit: permit,
             _lease: lease,
@@ -324,7 +324,7 @@ struct Finished {
     client: ClientAddr,
     listener: String,
     route: String,
-    upstream: String,
+    upstream: std::sync::Arc<str>,
     started: Instant,
     /// Held for the connection's life: its slots in the connection budgets, and its upstream's
     /// share of the pool's balancing.

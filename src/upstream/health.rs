@@ -119,6 +119,7 @@ async fn probe(
     let connection = Connection {
         route,
         upstream,
+        name: pool.name(index),
         tls,
         handshake: &handshake,
         proxy_header: proxy_header.as_deref(),

@@ -138,6 +138,7 @@ pub async fn connect(
         let attempt = Connection {
             route,
             upstream: pool.upstream(index),
+            name: pool.name(index),
             tls,
             handshake,
             proxy_header,
@@ -145,15 +146,15 @@ pub async fn connect(
             timeout: left.map_or(route.connect_timeout, |d| d.min(route.connect_timeout)),
         };
         let started = Instant::now();
-        let name = pool.upstream(index).to_string();
+        let name = pool.name(index);
         match attempt.open().await {
             Ok(connected) => {
                 pool.succeeded(index);
-                metrics.upstream_connected(&name, started.elapsed());
+                metrics.upstream_connected(name, started.elapsed());
                 return Ok((connected, lease));
             }
             Err(e) => {
-                metrics.upstream_failed(&name);
+                metrics.upstream_failed(name);
                 if !e.try_next() {
                     return Err(e);
                 }
@@ -166,7 +167,7 @@ pub async fn connect(
                     pool.failed(index)
                 };
                 if let pool::Standing::Ejected(cool_down) = standing {
-                    metrics.upstream_ejected(&name);
+                    metrics.upstream_ejected(name);
                     warn!(route = %route.path, upstream = %name, ?cool_down, error = %e, "upstream taken out of the rotation after failed connects (max_fails)");
                 } else if tried.len() < route.connect_attempts.min(pool.len()) {
                     warn!(route = %route.path, upstream = %name, error = %e, "upstream failed; trying the next one");
@@ -184,6 +185,8 @@ pub async fn connect(
 pub(crate) struct Connection<'a> {
     pub route: &'a RouteConfig,
     pub upstream: &'a Upstream,
+    /// `upstream` as errors name it.
+    pub name: &'a str,
     pub tls: Option<&'a TlsConnector>,
     pub handshake: &'a ClientHandshake<'a>,
     pub proxy_header: Option<&'a [u8]>,
@@ -195,14 +198,14 @@ pub(crate) struct Connection<'a> {
 
 impl Connection<'_> {
     pub(crate) async fn open(&self) -> Result<Connected, UpstreamError> {
-        let target = self.upstream.to_string();
+        let target = self.name;
         let deadline = Deadline {
             at: Instant::now() + self.timeout,
             after: self.timeout,
-            target: &target,
+            target,
         };
         let connect_failed = |source| UpstreamError::Connect {
-            target: target.clone(),
+            target: target.to_string(),
             source,
         };
         let ws_request = |path: &str| {
@@ -212,7 +215,7 @@ impl Connection<'_> {
                 self.handshake.path_and_query.clone()
             }
         };
-        let handshake_failed = |e: ws::Failure| e.into_upstream_error(&target);
+        let handshake_failed = |e: ws::Failure| e.into_upstream_error(target);
         match self.upstream {
             Upstream::Tcp { host, port } => {
                 let stream = deadline
@@ -268,7 +271,7 @@ impl Connection<'_> {
                 let request = ws_request(path);
                 let result = if *use_tls {
                     let refused = |reason: String| UpstreamError::Handshake {
-                        target: target.clone(),
+                        target: target.to_string(),
                         reason,
                     };
                     let connector = self.tls.ok_or_else(|| {
@@ -281,7 +284,7 @@ impl Connection<'_> {
                         .run(Phase::Tls, connector.connect(name, tcp))
                         .await?
                         .map_err(|source| UpstreamError::Tls {
-                            target: target.clone(),
+                            target: target.to_string(),
                             source,
                         })?;
                     deadline

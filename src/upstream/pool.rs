@@ -27,6 +27,8 @@ pub struct Pool {
 
 struct Member {
     upstream: Upstream,
+    /// `upstream` as logs and metrics name it, made once: every connection names it.
+    name: Arc<str>,
     weight: u32,
     state: Arc<MemberState>,
 }
@@ -102,6 +104,7 @@ impl Pool {
             .iter()
             .map(|t| Member {
                 upstream: t.upstream.clone(),
+                name: t.upstream.to_string().into(),
                 weight: t.weight.max(1),
                 state: Arc::default(),
             })
@@ -135,6 +138,11 @@ impl Pool {
 
     pub fn upstream(&self, index: usize) -> &Upstream {
         &self.members[index].upstream
+    }
+
+    /// The upstream's URL, as logs and metrics name it.
+    pub fn name(&self, index: usize) -> &Arc<str> {
+        &self.members[index].name
     }
 
     /// Whether the upstream is in the rotation now (health checks and passive health).
