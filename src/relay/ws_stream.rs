@@ -12,7 +12,8 @@ use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::buffers::{self, Chunk};
-use super::codec::{Head, MAX_CONTROL, MAX_HEAD, OpCode, Output, Piece, apply_mask};
+use super::codec::{Head, MAX_CONTROL, MAX_HEAD, OpCode, Output};
+use super::forward::{Forward, Reframe, Stop};
 use super::frames::{self, Incoming};
 use super::{
     Coalescing, Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush,
@@ -126,22 +127,26 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
     settings: &RelaySettings,
 ) -> Exit {
-    let mut frames = Incoming::new(
+    let frames = Incoming::new(
         true,
         true,
         settings.max_frame_size,
         settings.max_message_size,
     );
+    let mut forward = Forward::new(frames, Reframe::Payload);
     let mut upstream_open = true;
     loop {
-        let upstream_now = &mut *upstream;
-        let flush = move || async move {
-            let _backlog = state.writing_upstream();
-            // A failure shows again at the next write, or in the other pump's read.
-            let _ = upstream_now.flush().await;
-        };
         let read = std::pin::pin!(buffers::read(client_rx));
-        let mut chunk = match read_or_flush(read, flush).await {
+        let flushed = read_or_flush!(
+            read,
+            {
+                let _backlog = state.writing_upstream();
+                // A failure shows again at the next write, or in the other pump's read.
+                let _ = upstream.flush().await;
+            },
+            None
+        );
+        let mut chunk = match flushed {
             Ok(chunk) => chunk,
             Err(e) => return Exit::Vanished(e.to_string()),
         };
@@ -151,73 +156,45 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
         state.client_frame_seen();
         let mut pos = chunk.data_start();
         let mut out = Output::default();
-        // What to do once the data before it is written.
-        let mut then: Option<Exit> = None;
         // The latest Ping of this read: one Pong answers them all (RFC 6455 §5.5.3 allows
         // answering only the most recent), so a ping flood costs one write per read.
         let mut ping: Option<([u8; MAX_CONTROL], usize)> = None;
-        loop {
-            let piece = match frames.next(&chunk, &mut pos) {
-                Ok(Some(piece)) => piece,
-                Ok(None) => break,
-                Err(f) => {
-                    then = Some(Exit::Protocol(f));
-                    break;
-                }
+        // What to do once the data before it is written. Control frames stay here, so the
+        // data of the whole read goes upstream in one write.
+        let mut then = loop {
+            let count = |len, fin| state.count_from_client(len, fin);
+            let head = match forward.data(&mut chunk, &mut pos, &mut out, upstream_open, count) {
+                Stop::End => break None,
+                Stop::Violated(f, _) => break Some(Exit::Protocol(f)),
+                Stop::Control(head) => head,
             };
-            match piece {
-                Piece::Data {
-                    head,
-                    offset,
-                    range,
-                    end,
-                } => {
-                    if let Some(key) = head.mask {
-                        apply_mask(&mut chunk[range.clone()], key, offset);
-                    }
-                    if let Err(f) = frames
-                        .message
-                        .payload(&chunk[range.clone()], end && head.fin)
-                    {
-                        then = Some(Exit::Protocol(f));
-                        break;
-                    }
-                    state.count_from_client(range.len(), end && head.fin);
-                    if upstream_open {
-                        out.push(&mut chunk, &[], range);
-                    }
-                }
-                Piece::Control(head) => {
-                    let payload = frames.decoder.control(&head);
-                    match head.opcode {
-                        OpCode::Close => {
-                            client.close_read();
-                            then = Some(match frames::check_close(payload) {
-                                Err(f) => Exit::Protocol(f),
-                                Ok(_) if client.close_sent() => Exit::Answered,
-                                Ok(code) => {
-                                    client.remember_close(payload);
-                                    state.record(
-                                        Side::Client,
-                                        Some(code.unwrap_or(frames::NO_STATUS)),
-                                        None,
-                                    );
-                                    Exit::Closed
-                                }
-                            });
-                            break;
+            let payload = forward.frames.decoder.control(&head);
+            match head.opcode {
+                OpCode::Close => {
+                    client.close_read();
+                    break Some(match frames::check_close(payload) {
+                        Err(f) => Exit::Protocol(f),
+                        Ok(_) if client.close_sent() => Exit::Answered,
+                        Ok(code) => {
+                            client.remember_close(payload);
+                            state.record(
+                                Side::Client,
+                                Some(code.unwrap_or(frames::NO_STATUS)),
+                                None,
+                            );
+                            Exit::Closed
                         }
-                        OpCode::Ping => {
-                            let mut copy = [0u8; MAX_CONTROL];
-                            copy[..payload.len()].copy_from_slice(payload);
-                            ping = Some((copy, payload.len()));
-                        }
-                        // Pongs only show liveness (recorded above).
-                        _ => {}
-                    }
+                    });
                 }
+                OpCode::Ping => {
+                    let mut copy = [0u8; MAX_CONTROL];
+                    copy[..payload.len()].copy_from_slice(payload);
+                    ping = Some((copy, payload.len()));
+                }
+                // Pongs only show liveness (recorded above).
+                _ => {}
             }
-        }
+        };
         if let Some((payload, len)) = ping
             && let Err(e) = Box::pin(client.send_now(OpCode::Pong, &payload[..len])).await
             && then.is_none()

@@ -7,14 +7,16 @@
 //! pass that removes the client's.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
 use super::buffers;
-use super::codec::{Head, MAX_HEAD, OpCode, Output, Piece, apply_mask};
+use super::codec::{OpCode, Output};
+use super::forward::{Forward, Reframe, Stop};
 use super::frames::{self, Failure, Incoming};
-use super::{Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive};
+use super::{
+    Peer, PeerWriter, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush,
+};
 use crate::telemetry::metrics::Flow;
 
 type WsPeer<'s, S> = Peer<'s, WriteHalf<S>>;
@@ -109,50 +111,35 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     let to_upstream = direction == Direction::ClientToUpstream;
     let source = source_of(direction);
     // RFC 6455 §5.1: clients mask every frame, servers none.
-    let mut frames = Incoming::new(
+    let frames = Incoming::new(
         to_upstream,
         true,
         settings.max_frame_size,
         settings.max_message_size,
     );
+    let mut forward = Forward::new(frames, Reframe::Frames { mask: to_upstream });
     // The writer of `to`, kept while a frame is half through: nothing may come between the
     // pieces of a frame, not even a control frame.
     let mut held = None;
-    // Toward the upstream every frame gets a new masking key. Reusing the client's would let
-    // a client choose the exact bytes on the gateway→upstream link, which masking exists to
-    // prevent (RFC 6455 §10.3).
-    let mut remask = [0u8; 4];
     loop {
-        // `read_or_flush` spelled out: its flush closure would capture `held` and `to` and
-        // store them in every connection's state once more (96 bytes, measured with
-        // relay_state_stays_small); the mid-frame flag must also be set between the flush
-        // and the wait.
-        let mut read = std::pin::pin!(buffers::read(from_rx));
-        let read = match super::poll_once(read.as_mut()).await {
-            std::task::Poll::Ready(read) => read,
-            std::task::Poll::Pending => {
-                // Nothing more is ready: send what is batched, then wait.
-                {
-                    let _backlog = to_upstream.then(|| state.writing_upstream());
-                    // A failure shows again at the next write.
-                    let _ = match held.as_mut() {
-                        Some(w) => super::PeerWriter::flush(w).await,
-                        None => to.flush().await,
-                    };
-                }
-                // Holding the writer in the middle of a frame, the wait from here on is for
-                // this side's data, not the peer's reading (see keepalive).
-                let mid_frame_wait = held.is_some();
-                to.awaiting_frame_rest
-                    .store(mid_frame_wait, Ordering::Relaxed);
-                let read = read.await;
-                if mid_frame_wait {
-                    to.awaiting_frame_rest.store(false, Ordering::Relaxed);
-                }
-                read
-            }
-        };
-        let mid_frame = frames.decoder.in_data_frame();
+        let read = std::pin::pin!(buffers::read(from_rx));
+        // Holding the writer in the middle of a frame, the wait is for this side's data, not
+        // for the peer's reading (see keepalive).
+        let mid_frame_wait = held.is_some().then_some(&to.awaiting_frame_rest);
+        let read = read_or_flush!(
+            read,
+            {
+                // Toward the upstream, the wait counts as its backlog (see keepalive).
+                let _backlog = to_upstream.then(|| state.writing_upstream());
+                // A failure shows again at the next write.
+                let _ = match held.as_mut() {
+                    Some(w) => PeerWriter::flush(w).await,
+                    None => to.flush().await,
+                };
+            },
+            mid_frame_wait
+        );
+        let mid_frame = forward.frames.decoder.in_data_frame();
         let mut chunk = match read {
             Ok(chunk) if chunk.data_start() < chunk.data_end() => chunk,
             Ok(_) => {
@@ -185,113 +172,49 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         };
         let mut pos = chunk.data_start();
         let mut out = Output::default();
-        let mut then = None;
-        loop {
-            let piece = match frames.next(&chunk, &mut pos) {
-                Ok(Some(piece)) => piece,
-                Ok(None) => break,
-                Err(f) => {
-                    then = Some(Then::Violated(f, false));
-                    break;
-                }
+        let mut then = loop {
+            let count = |len, fin| match direction {
+                Direction::ClientToUpstream => state.count_from_client(len, fin),
+                Direction::UpstreamToClient => state.count_to_client(len, fin),
             };
-            match piece {
-                Piece::Data {
-                    head,
-                    offset,
-                    range,
-                    end,
-                } => {
-                    if w.close_sent() {
-                        // The other side is closing; RFC 6455 §5.5.1 allows no more data to it.
-                        continue;
-                    }
-                    let (len, fin) = (range.len(), end && head.fin);
-                    if offset == 0 && head.mask.is_some() {
-                        remask = rand::random();
-                    }
-                    // Text is checked as it streams (SPEC §4), which needs it unmasked;
-                    // binary is re-masked in one pass, the client's key and ours combined.
-                    let checked = if frames.message.checks_text() {
-                        let payload = &mut chunk[range.clone()];
-                        if let Some(key) = head.mask {
-                            apply_mask(payload, key, offset);
-                        }
-                        let checked = frames.message.payload(payload, fin);
-                        if let Some(_key) = head.mask {
-                            apply_mask(payload, remask, offset);
-                        }
-                        checked
-                    } else {
-                        if let Some(key) = head.mask {
-                            let both = std::array::from_fn(|i| key[i] ^ remask[i]);
-                            apply_mask(&mut chunk[range.clone()], both, offset);
-                        }
-                        Ok(())
-                    };
-                    if let Err(f) = checked {
-                        // A read yields one piece per frame, so a bad piece at offset 0 is a
-                        // frame none of which was collected: the peer can still get a
-                        // Close. Past offset 0 its beginning went out with earlier reads.
-                        then = Some(Then::Violated(f, offset > 0));
-                        break;
-                    }
-                    let mut h = [0u8; MAX_HEAD];
-                    let n = if offset == 0 {
-                        let mask = to_upstream.then_some(remask);
-                        Head { mask, ..head }.encode(&mut h)
-                    } else {
-                        0
-                    };
-                    out.push(&mut chunk, &h[..n], range);
-                    match direction {
-                        Direction::ClientToUpstream => state.count_from_client(len, fin),
-                        Direction::UpstreamToClient => state.count_to_client(len, fin),
-                    }
-                }
-                Piece::Control(head) => {
-                    // What came before it goes first.
-                    let data = out.take();
-                    if let Err(e) = w.write_frames(&chunk[data]).await {
-                        then = Some(Then::Broken(e.to_string()));
-                        break;
-                    }
-                    let payload = frames.decoder.control(&head);
-                    match head.opcode {
-                        OpCode::Close => {
-                            from.close_read();
-                            then = Some(match frames::check_close(payload) {
-                                Err(f) => Then::Violated(f, false),
-                                Ok(code) => {
-                                    if !from.close_sent() {
-                                        // This side starts the close (rather than answering
-                                        // ours).
-                                        state.record(
-                                            source,
-                                            Some(code.unwrap_or(frames::NO_STATUS)),
-                                            None,
-                                        );
-                                        from.remember_close(payload);
-                                    }
-                                    Then::Close(payload.to_vec())
-                                }
-                            });
-                            break;
-                        }
-                        OpCode::Pong if to_upstream && super::is_keepalive_pong(payload) => {
-                            // The answer to the gateway's own keepalive: not the upstream's
-                            // business.
-                        }
-                        opcode => {
-                            if let Err(e) = Box::pin(w.send(opcode, payload)).await {
-                                then = Some(Then::Broken(e.to_string()));
-                                break;
+            // Once the other side was sent a Close, RFC 6455 §5.5.1 allows no more data to it.
+            let deliver = !w.close_sent();
+            let head = match forward.data(&mut chunk, &mut pos, &mut out, deliver, count) {
+                Stop::End => break None,
+                Stop::Violated(f, cut) => break Some(Then::Violated(f, cut)),
+                Stop::Control(head) => head,
+            };
+            // What came before it goes first.
+            let data = out.take();
+            if let Err(e) = w.write_frames(&chunk[data]).await {
+                break Some(Then::Broken(e.to_string()));
+            }
+            let payload = forward.frames.decoder.control(&head);
+            match head.opcode {
+                OpCode::Close => {
+                    from.close_read();
+                    break Some(match frames::check_close(payload) {
+                        Err(f) => Then::Violated(f, false),
+                        Ok(code) => {
+                            if !from.close_sent() {
+                                // This side starts the close (rather than answering ours).
+                                state.record(source, Some(code.unwrap_or(frames::NO_STATUS)), None);
+                                from.remember_close(payload);
                             }
+                            Then::Close(payload.to_vec())
                         }
+                    });
+                }
+                OpCode::Pong if to_upstream && super::is_keepalive_pong(payload) => {
+                    // The answer to the gateway's own keepalive: not the upstream's business.
+                }
+                opcode => {
+                    if let Err(e) = Box::pin(w.send(opcode, payload)).await {
+                        break Some(Then::Broken(e.to_string()));
                     }
                 }
             }
-        }
+        };
         let data = out.take();
         if !data.is_empty()
             && !matches!(then, Some(Then::Broken(_)))
@@ -302,7 +225,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         drop(chunk);
         drop(backlog);
         match then {
-            None if frames.decoder.in_data_frame() => held = Some(w),
+            None if forward.frames.decoder.in_data_frame() => held = Some(w),
             None => drop(w),
             Some(Then::Close(payload)) => {
                 // Forward it (a no-op when `to` was already sent a Close), unless `to` broke

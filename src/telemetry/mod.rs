@@ -65,7 +65,11 @@ impl Visit for PlainVisitor<'_, '_> {
         if self.result.is_err() {
             return;
         }
-        let pad = if std::mem::take(&mut self.empty) { "" } else { " " };
+        let pad = if std::mem::take(&mut self.empty) {
+            ""
+        } else {
+            " "
+        };
         self.result = match field.name() {
             "message" => write!(self.writer, "{pad}{value:?}"),
             // Fields the `log` crate's records bring along; the line says the same already.
