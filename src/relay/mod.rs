@@ -111,8 +111,11 @@ mod tests {
     /// largest) so that a change that makes it balloon shows here, not in a benchmark weeks
     /// later. It was 7.3 KiB before cold paths and rarely used timers were boxed and the pumps and
     /// reads lent pinned instead of moved, arguments turned into state before the future
-    /// starts, the writer lock taken without a wait future when free (2.3 KiB for ws, 2.2 KiB
-    /// for tcp in release builds).
+    /// starts, the writer lock taken without a wait future when free. Keepalive pings (on by
+    /// default) keep their one timer inline, and the two shutdown stages share one wait:
+    /// 2,680 bytes for ws, 2,672 for tcp, in debug and release builds alike (nightly
+    /// `-Zprint-type-sizes`). What remains is mostly the two pumps (about 580 bytes each, a
+    /// third of it padding between the locals of different waits) and the timers (640).
     #[tokio::test]
     async fn relay_state_stays_small() {
         let settings = RelaySettings {
@@ -146,6 +149,6 @@ mod tests {
         );
         let (ws, stream) = (std::mem::size_of_val(&ws), std::mem::size_of_val(&stream));
         eprintln!("relay state per connection: ws {ws} bytes, stream {stream} bytes");
-        assert!(ws <= 2816 && stream <= 2816, "ws {ws}, stream {stream}");
+        assert!(ws <= 2688 && stream <= 2688, "ws {ws}, stream {stream}");
     }
 }

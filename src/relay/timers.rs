@@ -58,12 +58,20 @@ pub(super) async fn drive<W: AsyncWrite + Unpin>(
         })
         .await;
     };
-    let graceful = async {
+    // Force only ever follows graceful (`Server::run`), so one wait watches both in turn.
+    let shutdown_wait = async {
+        shutdown.graceful.cancelled().await;
         if close_on_shutdown {
-            shutdown.graceful.cancelled().await;
-            Box::pin(client.going_away(state, "gateway shutting down")).await;
+            Box::pin(async {
+                tokio::select! {
+                    _ = client.going_away(state, "gateway shutting down") => {}
+                    // A client that does not take the Close must not hold up the force.
+                    _ = shutdown.force.cancelled() => {}
+                }
+            })
+            .await;
         }
-        std::future::pending::<()>().await
+        shutdown.force.cancelled().await;
     };
     let idle = async {
         if let (Some(idle), Some(last)) = (settings.idle_timeout, &state.last_data_ms) {
@@ -82,18 +90,17 @@ pub(super) async fn drive<W: AsyncWrite + Unpin>(
         std::future::pending::<()>().await
     };
     let keepalive = async {
-        if let Some(ping) = settings.ping {
+        if let Some(ping) = &settings.ping {
             keepalive(state, client, ping).await;
         }
         std::future::pending::<()>().await
     };
     tokio::select! {
         _ = pumps => {}
-        _ = graceful => {}
         _ = idle => {}
         _ = keepalive => {}
         _ = state.abort.fired() => {}
-        _ = shutdown.force.cancelled() => {
+        _ = shutdown_wait => {
             state.record(Side::Gateway, None, Some("shutdown_timeout passed".into()));
         }
         _ = close_deadline => {
@@ -131,7 +138,7 @@ pub(super) const CLOSE_CAP: u32 = 4;
 pub(super) async fn keepalive<W: AsyncWrite + Unpin>(
     state: &State,
     client: &Peer<'_, W>,
-    ping: PingConfig,
+    ping: &PingConfig,
 ) {
     let Some(last_frame) = &state.last_client_frame_ms else {
         return std::future::pending().await;
