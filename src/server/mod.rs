@@ -466,9 +466,11 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
                         on_listener = Some(keepalive);
                     }
                 }
+                // Boxed for the reason the relay task is (server/upgrade.rs): tokio copies a
+                // task's future whole, and hyper's connection state is large.
                 ctx.server
                     .tracker
-                    .spawn(connection::serve(stream, peer, ctx.clone()));
+                    .spawn(Box::pin(connection::serve(stream, peer, ctx.clone())));
             }
             Err(e) => {
                 error!(addr = ?listener.local_addr().ok(), error = %e, retry_in = ?backoff, "accept failed");
