@@ -444,6 +444,10 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
     // The keepalive settings last put on the listening socket, which accepted sockets
     // inherit; a reload may change them.
     let mut on_listener = None;
+    let keepalive = ctx.server.gateway.load().config.gateway.tcp_keepalive;
+    if crate::sockets::prepare_listener(&listener, keepalive.as_ref()) {
+        on_listener = Some(keepalive);
+    }
     loop {
         let accepted = tokio::select! {
             // Stop first: a removed or draining listener accepts nothing more.
