@@ -1,6 +1,10 @@
 //! Options set on every TCP socket the gateway relays on, toward clients and upstreams.
 
-use socket2::{SockRef, TcpKeepalive as Probes};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive as Probes, Type};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::TcpKeepalive;
@@ -41,7 +45,7 @@ pub fn prepare(stream: &TcpStream, keepalive: Option<&TcpKeepalive>, side: Side)
 /// copies them into every connection it accepts, which saves six system calls a handshake.
 /// `keepalive = None` clears them (a reload may turn keepalive off on a kept listener).
 /// Returns false where accepted sockets do not inherit them; [`prepare`] each one then.
-pub fn prepare_listener(listener: &TcpListener, keepalive: Option<&TcpKeepalive>) -> bool {
+pub fn prepare_listener(listener: &impl AsFd, keepalive: Option<&TcpKeepalive>) -> bool {
     if !cfg!(target_os = "linux") {
         return false;
     }
@@ -60,6 +64,20 @@ pub fn prepare_listener(listener: &TcpListener, keepalive: Option<&TcpKeepalive>
         None => socket.set_keepalive(false).is_ok() && socket.set_tcp_user_timeout(None).is_ok(),
     };
     set && socket.set_tcp_nodelay(true).is_ok()
+}
+
+/// Binds and listens on `addr` as `TcpListener::bind` does (SO_REUSEADDR, backlog 1024),
+/// with the client-side options set before `listen`: a connection the kernel completes
+/// before the accept loop runs is made from the listener as it is then, so setting them
+/// afterwards would leave those without keepalive.
+pub fn listen(addr: SocketAddr, keepalive: Option<&TcpKeepalive>) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    prepare_listener(&socket, keepalive);
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Which end of a relay a socket is.

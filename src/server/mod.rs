@@ -344,9 +344,9 @@ async fn bind_all(
         if keep.contains(&key) {
             continue;
         }
-        let listener = TcpListener::bind(l.bind)
-            .await
-            .map_err(|source| BindError {
+        let keepalive = gateway.config.gateway.tcp_keepalive;
+        let listener =
+            crate::sockets::listen(l.bind, keepalive.as_ref()).map_err(|source| BindError {
                 name: l.name.clone(),
                 addr: l.bind,
                 hint: hint(&source),
