@@ -26,6 +26,16 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
 
+    /// Once every listener is bound and serving, write where (addresses, URLs, certificate
+    /// key, CA file) to this file as JSON, atomically; removed at exit. For tests.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+
+    /// Drain and exit, as on SIGTERM, when standard input closes: the test runner that
+    /// started wsgate with a pipe on its standard input finished or died.
+    #[arg(long)]
+    pub exit_on_eof: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -10,6 +10,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ListenerConfig, RouteConfig, Upstream};
+use crate::devcert::Ephemeral;
 use crate::routing::Router;
 use crate::tls::{self, TlsError};
 use crate::upstream::{self, Pool};
@@ -28,11 +29,14 @@ pub struct Gateway {
     identity_headers: Arc<[HeaderName]>,
     /// Stops this configuration's health checks when it is replaced.
     health_checks: CancellationToken,
+    /// The in-memory CA of `self_signed` listeners, handed on by reloads.
+    ephemeral: Option<Arc<Ephemeral>>,
 }
 
 struct PreparedListener {
     acceptor: Option<TlsAcceptor>,
     identity_header: Option<HeaderName>,
+    spki_sha256: Option<String>,
 }
 
 struct PreparedRoute {
@@ -69,6 +73,8 @@ pub enum PrepareError {
         #[source]
         source: TlsError,
     },
+    #[error("self_signed: cannot make the in-memory CA: {0}")]
+    Ephemeral(String),
     #[error("route[{index}] (path {path:?}): {source}")]
     RouteTls {
         index: usize,
@@ -79,20 +85,49 @@ pub enum PrepareError {
 }
 
 impl Gateway {
+    /// Loads everything `config` names; a `self_signed` listener gets a new in-memory CA.
     pub fn prepare(config: Config) -> Result<Gateway, PrepareError> {
+        Gateway::prepare_with(config, None)
+    }
+
+    /// As `prepare`, for a configuration that replaces `old`: `self_signed` listeners keep
+    /// the CA and certificates `old` made, so clients that trust them go on trusting them.
+    pub fn prepare_after(config: Config, old: &Gateway) -> Result<Gateway, PrepareError> {
+        Gateway::prepare_with(config, old.ephemeral.clone())
+    }
+
+    fn prepare_with(
+        config: Config,
+        ephemeral: Option<Arc<Ephemeral>>,
+    ) -> Result<Gateway, PrepareError> {
+        let self_signed = config
+            .listeners
+            .iter()
+            .any(|l| l.tls.as_ref().is_some_and(|t| t.self_signed.is_some()));
+        let ephemeral = match ephemeral {
+            Some(made) => Some(made),
+            None if self_signed => Some(Arc::new(
+                Ephemeral::new().map_err(|e| PrepareError::Ephemeral(e.to_string()))?,
+            )),
+            None => None,
+        };
         let listeners = config
             .listeners
             .iter()
             .map(|l| {
-                let acceptor = match &l.tls {
+                let server_tls = match &l.tls {
                     None => None,
-                    Some(files) => Some(TlsAcceptor::from(tls::server_config(files).map_err(
-                        |source| PrepareError::ListenerTls {
-                            name: l.name.clone(),
-                            source,
-                        },
-                    )?)),
+                    Some(settings) => Some(
+                        tls::server_config(settings, ephemeral.as_deref()).map_err(|source| {
+                            PrepareError::ListenerTls {
+                                name: l.name.clone(),
+                                source,
+                            }
+                        })?,
+                    ),
                 };
+                let spki_sha256 = server_tls.as_ref().and_then(|t| t.spki_sha256.clone());
+                let acceptor = server_tls.map(|t| TlsAcceptor::from(t.config));
                 let identity_header = l
                     .tls
                     .as_ref()
@@ -101,6 +136,7 @@ impl Gateway {
                 Ok(PreparedListener {
                     acceptor,
                     identity_header,
+                    spki_sha256,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -138,6 +174,18 @@ impl Gateway {
                 );
             }
         }
+        if config.gateway.allow_faults {
+            let routes: Vec<&str> = config
+                .routes
+                .iter()
+                .filter(|r| r.faults.is_some())
+                .map(|r| r.path.as_str())
+                .collect();
+            tracing::warn!(
+                routes = %routes.join(", "),
+                "allow_faults: routes misbehave on purpose and /faults/… is open on the admin listener; for tests only"
+            );
+        }
         for route in config.routes.iter().filter(|r| r.insecure_skip_verify) {
             tracing::warn!(
                 route = %route.path,
@@ -165,6 +213,7 @@ impl Gateway {
             routes,
             identity_headers: identity_headers.into(),
             health_checks: CancellationToken::new(),
+            ephemeral,
         })
     }
 
@@ -220,6 +269,16 @@ impl Gateway {
             tls: self.routes[index].connector.as_ref(),
             pool: &self.routes[index].pool,
         })
+    }
+
+    /// The in-memory CA of `self_signed` listeners, when there are any.
+    pub fn ephemeral(&self) -> Option<&Arc<Ephemeral>> {
+        self.ephemeral.as_ref()
+    }
+
+    /// base64 SHA-256 of the public key of listener `index`'s default certificate.
+    pub fn listener_spki(&self, index: usize) -> Option<&str> {
+        self.listeners.get(index)?.spki_sha256.as_deref()
     }
 
     /// Every identity header of every listener (see the field).

@@ -64,6 +64,7 @@ pub mod handshake;
 pub mod origin;
 pub mod prefixed;
 pub mod proxy_protocol;
+pub mod ready;
 pub mod relay;
 pub mod routing;
 pub mod server;

@@ -11,6 +11,7 @@ use wsgate::cli::{Cli, Command};
 use wsgate::config::{Config, LogFormat};
 use wsgate::gateway::Gateway;
 use wsgate::server::Server;
+use wsgate::shutdown::Event;
 use wsgate::telemetry::Metrics;
 
 /// mimalloc rather than the system allocator: a held connection is a few small allocations
@@ -27,7 +28,15 @@ fn main() -> ExitCode {
         Some(Command::Reload { pid_file }) => reload(&pid_file),
         Some(Command::Cert { out, names }) => cert(&out, &names),
         None => match cli.config {
-            Some(config) => run(&config, cli.log_json, cli.pid_file),
+            Some(config) => run(
+                &config,
+                RunOptions {
+                    log_json: cli.log_json,
+                    pid_file: cli.pid_file,
+                    ready_file: cli.ready_file,
+                    exit_on_eof: cli.exit_on_eof,
+                },
+            ),
             None => {
                 eprintln!(
                     "wsgate: no configuration given; run `wsgate --config gateway.toml` (see --help)"
@@ -129,7 +138,17 @@ fn reload(pid_file: &Path) -> ExitCode {
     }
 }
 
-fn run(path: &Path, log_json: bool, pid_file: Option<PathBuf>) -> ExitCode {
+/// What `run` was asked for on the command line, beside the configuration.
+struct RunOptions {
+    log_json: bool,
+    pid_file: Option<PathBuf>,
+    ready_file: Option<PathBuf>,
+    exit_on_eof: bool,
+}
+
+fn run(path: &Path, options: RunOptions) -> ExitCode {
+    // Before any thread exists: a SIGTERM during start-up waits for the handlers below.
+    wsgate::shutdown::block();
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
@@ -137,18 +156,11 @@ fn run(path: &Path, log_json: bool, pid_file: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wsgate::telemetry::init_logging(log_json || config.gateway.log_format == LogFormat::Json);
-    let gateway = match Gateway::prepare(config) {
-        Ok(gateway) => gateway,
-        Err(e) => {
-            eprintln!("{}: {e}", path.display());
-            return ExitCode::FAILURE;
-        }
-    };
+    wsgate::telemetry::init_logging(options.log_json || config.gateway.log_format == LogFormat::Json);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // Default: one worker per CPU in the process's affinity mask (tokio's default), so a
     // gateway pinned with taskset runs one worker instead of contending with itself.
-    if let Some(workers) = gateway.config.gateway.workers {
+    if let Some(workers) = config.gateway.workers {
         builder.worker_threads(workers);
     }
     let runtime = match builder.enable_all().build() {
@@ -158,41 +170,114 @@ fn run(path: &Path, log_json: bool, pid_file: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
-        let server = match Server::start(gateway, Arc::new(Metrics::new())).await {
-            Ok(server) => server,
-            Err(e) => {
-                eprintln!("{}: {e}", path.display());
-                return ExitCode::FAILURE;
-            }
-        };
-        if let Some(pid_file) = &pid_file
-            && let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id()))
-        {
-            eprintln!("{}: cannot write the PID file: {e}", pid_file.display());
-            server.shutdown();
-            server.run().await;
+    runtime.block_on(serve(path, config, options))
+}
+
+async fn serve(path: &Path, config: Config, options: RunOptions) -> ExitCode {
+    let mut signals = match wsgate::shutdown::Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("wsgate: cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
-        let signals = tokio::spawn(wsgate::shutdown::handle_signals(
-            server.clone(),
-            path.to_path_buf(),
-        ));
-        let running = server.clone().run();
-        tokio::pin!(running);
+    };
+    let gateway = match Gateway::prepare(config) {
+        Ok(gateway) => gateway,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = tokio::select! {
+        biased;
+        event = stop_signal(&mut signals) => {
+            tracing::info!(signal = event, "stopped during start-up");
+            return ExitCode::SUCCESS;
+        }
+        started = Server::start(gateway, Arc::new(Metrics::new())) => started,
+    };
+    let server = match started {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    if let Some(pid_file) = &options.pid_file
+        && let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id()))
+    {
+        eprintln!("{}: cannot write the PID file: {e}", pid_file.display());
+        failed = true;
+    }
+    let ready = wsgate::ready::Ready::of(&server);
+    if let Some(ready_file) = &options.ready_file
+        && !failed
+        && let Err(e) = ready.write(ready_file)
+    {
+        eprintln!("{}: cannot write the ready file: {e}", ready_file.display());
+        failed = true;
+    }
+    if failed {
+        server.shutdown();
+    } else {
+        tracing::info!(
+            pid = ready.pid,
+            listeners = %ready.summary(),
+            admin = ready.admin.as_deref().unwrap_or("none"),
+            ca = ready.ca.as_deref().unwrap_or("none"),
+            "ready"
+        );
+    }
+    let mut stdin_closed = options
+        .exit_on_eof
+        .then(wsgate::shutdown::stdin_closed);
+    let running = server.clone().run();
+    tokio::pin!(running);
+    loop {
         tokio::select! {
-            _ = &mut running => {}
-            result = signals => {
-                if let Ok(Err(e)) = result {
-                    tracing::error!("cannot install signal handlers: {e}");
+            _ = &mut running => break,
+            event = signals.next(), if !server.is_draining() => match event {
+                Event::Reload => {
+                    tracing::info!(signal = "SIGHUP", config = %path.display(), "reloading configuration");
+                    let _ = server.reload_from(path).await;
+                }
+                Event::Stop(name) => {
+                    tracing::info!(signal = name, "shutting down: no new connections, closing open ones with 1001");
                     server.shutdown();
                 }
-                running.await;
+            },
+            _ = wait_closed(&mut stdin_closed), if stdin_closed.is_some() && !server.is_draining() => {
+                stdin_closed = None;
+                tracing::info!("standard input closed (--exit-on-eof): shutting down, closing open connections with 1001");
+                server.shutdown();
             }
         }
-        if let Some(pid_file) = &pid_file {
-            let _ = std::fs::remove_file(pid_file);
-        }
+    }
+    for file in [&options.ready_file, &options.pid_file].into_iter().flatten() {
+        let _ = std::fs::remove_file(file);
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
         ExitCode::SUCCESS
-    })
+    }
+}
+
+async fn wait_closed(closed: &mut Option<tokio::sync::oneshot::Receiver<()>>) {
+    match closed {
+        Some(rx) => {
+            let _ = rx.await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The next SIGTERM or SIGINT (a SIGHUP before the gateway runs has nothing to reload).
+async fn stop_signal(signals: &mut wsgate::shutdown::Signals) -> &'static str {
+    loop {
+        if let Event::Stop(name) = signals.next().await {
+            return name;
+        }
+    }
 }

@@ -1,32 +1,86 @@
-//! Process signals: SIGHUP reloads the configuration, SIGTERM and SIGINT start the drain.
+//! Process signals: SIGHUP reloads the configuration, SIGTERM and SIGINT start the drain;
+//! and `--exit-on-eof`, which treats the end of standard input as SIGTERM.
+//!
+//! The three signals are blocked from the first line of `main` until the runtime's handlers
+//! are installed ([`block`], [`Signals::install`]): one that arrives while the gateway starts
+//! waits, pending, instead of killing the process with its default action, and then stops it
+//! cleanly.
 
-use std::path::PathBuf;
+use std::io::Read as _;
 
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::server::Server;
+const HANDLED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
 
-/// Handles signals until the first SIGTERM or SIGINT, which starts the drain and returns.
-/// A reload that fails leaves the running configuration in place (logged by `reload_from`).
-pub async fn handle_signals(server: Server, config: PathBuf) -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = hup.recv() => {
-                tracing::info!(signal = "SIGHUP", config = %config.display(), "reloading configuration");
-                let _ = server.reload_from(&config).await;
-                continue;
-            }
-        };
-        tracing::info!(
-            signal = name,
-            "shutting down: no new connections, closing open ones with 1001"
-        );
-        server.shutdown();
-        return Ok(());
+fn handled() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in HANDLED {
+        set.add(signal);
     }
+    set
+}
+
+/// Holds SIGTERM, SIGINT and SIGHUP pending on this thread and the threads it starts.
+/// Call before the runtime starts its workers, which inherit the mask.
+pub fn block() {
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled()), None);
+}
+
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Reload,
+    /// SIGTERM or SIGINT, by name.
+    Stop(&'static str),
+}
+
+/// The runtime's handlers of the three signals.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers, then lets the signals through on this thread (which must be
+    /// the one that called [`block`] and runs the runtime's `block_on`): a signal that came
+    /// in between is delivered now.
+    pub fn install() -> std::io::Result<Signals> {
+        let signals = Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        };
+        let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&handled()), None);
+        Ok(signals)
+    }
+
+    pub async fn next(&mut self) -> Event {
+        tokio::select! {
+            _ = self.term.recv() => Event::Stop("SIGTERM"),
+            _ = self.int.recv() => Event::Stop("SIGINT"),
+            _ = self.hup.recv() => Event::Reload,
+        }
+    }
+}
+
+/// Resolves when standard input reaches its end (or fails): the test runner that started
+/// the gateway with a pipe on its standard input finished or died. Read on a thread of its
+/// own, which the process's exit ends; tokio's stdin would hold the runtime's shutdown until
+/// the read returns.
+pub fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("stdin-eof".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 512];
+            while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+            let _ = tx.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::error!("--exit-on-eof: cannot start the thread that reads standard input: {e}");
+    }
+    rx
 }

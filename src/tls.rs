@@ -17,6 +17,7 @@ use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::config::{ListenerTls, TlsFiles};
+use crate::devcert::Ephemeral;
 
 /// TLS 1.2 and 1.3 only; rustls does not implement anything older.
 pub const PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&TLS13, &TLS12];
@@ -39,6 +40,8 @@ pub enum TlsError {
     Empty { path: PathBuf, what: &'static str },
     #[error("{}: {reason}", path.display())]
     Rejected { path: PathBuf, reason: String },
+    #[error("self_signed: cannot make the certificate: {0}")]
+    SelfSigned(String),
     #[error("{} and {}: the key does not belong to the certificate ({reason}); use the key the certificate was issued for", cert.display(), key.display())]
     Mismatch {
         cert: PathBuf,
@@ -117,14 +120,42 @@ pub fn root_store(path: &Path, what: &'static str) -> Result<RootCertStore, TlsE
     Ok(roots)
 }
 
-/// Builds the server configuration of a TLS listener.
-pub fn server_config(tls: &ListenerTls) -> Result<Arc<ServerConfig>, TlsError> {
+/// A TLS listener's server configuration, and the key its default certificate holds.
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    /// base64 SHA-256 of the default certificate's SubjectPublicKeyInfo (Chromium's
+    /// `--ignore-certificate-errors-spki-list`).
+    pub spki_sha256: Option<String>,
+}
+
+/// Builds the server configuration of a TLS listener. A `self_signed` one takes its
+/// certificate from `ephemeral`, the process's in-memory CA.
+pub fn server_config(
+    tls: &ListenerTls,
+    ephemeral: Option<&Ephemeral>,
+) -> Result<ServerTls, TlsError> {
     let provider = provider();
-    let certs = tls
+    let mut certs = tls
         .certs
         .iter()
         .map(|files| certified_key(files, &provider))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(self_signed) = &tls.self_signed {
+        let made = ephemeral
+            .ok_or_else(|| TlsError::SelfSigned("no in-memory CA was made".into()))?
+            .cert(&self_signed.names, &provider)
+            .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+        certs.insert(0, made.key);
+    }
+    let spki_sha256 = certs
+        .first()
+        .and_then(|key| key.end_entity_cert().ok())
+        .and_then(spki_sha256);
+    let first_path = tls
+        .certs
+        .first()
+        .map(|f| f.cert.clone())
+        .unwrap_or_else(|| PathBuf::from("<self_signed>"));
     let verifier: Arc<dyn ClientCertVerifier> = match &tls.client_auth {
         None => WebPkiClientVerifier::no_client_auth(),
         Some(auth) => {
@@ -144,7 +175,7 @@ pub fn server_config(tls: &ListenerTls) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(PROTOCOL_VERSIONS)
         .map_err(|e| TlsError::Rejected {
-            path: tls.certs[0].cert.clone(),
+            path: first_path,
             reason: e.to_string(),
         })?
         .with_client_cert_verifier(verifier)
@@ -157,7 +188,17 @@ pub fn server_config(tls: &ListenerTls) -> Result<Arc<ServerConfig>, TlsError> {
     if let Ok(ticketer) = rustls::crypto::ring::Ticketer::new() {
         config.ticketer = ticketer;
     }
-    Ok(Arc::new(config))
+    Ok(ServerTls {
+        config: Arc::new(config),
+        spki_sha256,
+    })
+}
+
+/// base64 SHA-256 of a certificate's SubjectPublicKeyInfo.
+pub fn spki_sha256(der: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    Some(crate::devcert::spki_sha256(cert.public_key().raw))
 }
 
 /// Picks the certificate by SNI: the first that covers the requested name (exact or

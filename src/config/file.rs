@@ -28,6 +28,7 @@ pub struct GatewaySection {
     pub certificate_check_interval: Option<Spanned<String>>,
     pub workers: Option<Spanned<i64>>,
     pub tcp_keepalive: Option<Spanned<KeepaliveValue>>,
+    pub allow_faults: Option<Spanned<bool>>,
 }
 
 /// `tcp_keepalive = "off"` or `{ idle = "60s", interval = "10s", probes = 6 }`.
@@ -73,6 +74,9 @@ pub struct TlsSection {
     pub client_ca: Option<Spanned<String>>,
     pub client_auth: Option<Spanned<String>>,
     pub identity_header: Option<Spanned<String>>,
+    pub self_signed: Option<Spanned<bool>>,
+    pub names: Option<Spanned<Vec<String>>>,
+    pub ca_out: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +116,38 @@ pub struct RouteSection {
     pub client_key: Option<Spanned<String>>,
     pub tls_server_name: Option<Spanned<String>>,
     pub insecure_skip_verify: Option<Spanned<bool>>,
+    pub faults: Option<Spanned<FaultsSection>>,
+}
+
+/// `faults = { … }`: misbehaviour on purpose, for testing clients (needs `allow_faults`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultsSection {
+    pub latency: Option<Spanned<String>>,
+    pub close_after: Option<Spanned<ThresholdSection>>,
+    pub reset_after: Option<Spanned<ThresholdSection>>,
+    pub stall_after: Option<Spanned<ThresholdSection>>,
+    pub refuse_first: Option<Spanned<RefuseSection>>,
+    pub fragment: Option<Spanned<i64>>,
+}
+
+/// When a fault strikes: after `messages` to the client, `bytes` either way, or `after` a
+/// time; `code` and `reason` for `close_after` only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdSection {
+    pub messages: Option<i64>,
+    pub bytes: Option<SizeValue>,
+    pub after: Option<String>,
+    pub code: Option<i64>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefuseSection {
+    pub count: Option<i64>,
+    pub status: Option<i64>,
 }
 
 /// One member of `upstreams`: a URL, or a table with its weight.

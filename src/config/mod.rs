@@ -61,6 +61,13 @@ pub mod defaults {
     pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
     pub const HEALTH_FAILS: u32 = 2;
     pub const HEALTH_PASSES: u32 = 2;
+    /// What a test's client connects to: `wss://localhost:PORT` or the loopback addresses.
+    pub const SELF_SIGNED_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
+    /// 1012 Service Restart: what a client sees when its server goes down for a restart,
+    /// the case reconnect logic exists for.
+    pub const FAULT_CLOSE_CODE: u16 = 1012;
+    pub const FAULT_REFUSE_STATUS: u16 = 503;
+    pub const FAULT_REFUSE_COUNT: u64 = 1;
 }
 
 /// A validated configuration: everything here has been parsed and checked.
@@ -92,6 +99,9 @@ pub struct GatewayConfig {
     pub workers: Option<usize>,
     /// TCP keepalive on every client and upstream socket; `None` when turned off.
     pub tcp_keepalive: Option<TcpKeepalive>,
+    /// Routes may inject faults (`faults` tables) and the admin listener takes `/faults/…`
+    /// requests. For test fixtures only.
+    pub allow_faults: bool,
 }
 
 /// TCP keepalive probes: after `idle` without traffic, a probe every `interval`; `probes`
@@ -124,6 +134,7 @@ impl Default for GatewayConfig {
             certificate_check_interval: defaults::CERTIFICATE_CHECK_INTERVAL,
             workers: None,
             tcp_keepalive: Some(defaults::TCP_KEEPALIVE),
+            allow_faults: false,
         }
     }
 }
@@ -178,7 +189,10 @@ impl ListenerConfig {
 pub struct ListenerTls {
     /// Certificate and key pairs; the first is the default for clients that send no SNI
     /// name or one no certificate covers. The others are chosen by the names they carry.
+    /// Empty when the certificate is `self_signed`.
     pub certs: Vec<TlsFiles>,
+    /// A certificate made in memory at start, signed by a CA made with it (test fixtures).
+    pub self_signed: Option<SelfSigned>,
     /// Client certificates (mTLS): verified against this CA, required or optional.
     pub client_auth: Option<ClientAuth>,
     /// Header that carries the verified client identity to ws upstreams.
@@ -190,10 +204,61 @@ impl ListenerTls {
     pub fn single(cert: PathBuf, key: PathBuf) -> Self {
         Self {
             certs: vec![TlsFiles { cert, key }],
+            self_signed: None,
             client_auth: None,
             identity_header: None,
         }
     }
+}
+
+/// `tls = { self_signed = true }`: what the made certificate covers, and where its CA goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfSigned {
+    /// DNS names and IP addresses; `localhost`, `127.0.0.1` and `::1` by default.
+    pub names: Vec<String>,
+    /// The CA certificate (PEM) is written here, atomically; the keys never are.
+    pub ca_out: Option<PathBuf>,
+}
+
+/// Misbehaviour on purpose, so that a client's reconnect and timeout logic can be tested.
+/// Honoured only with `[gateway] allow_faults = true`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Faults {
+    /// Every message is delayed this long, in both directions, order kept.
+    pub latency: Option<Duration>,
+    /// Both sides closed with this code and reason once the threshold is reached.
+    pub close_after: Option<CloseAfter>,
+    /// The client's TCP connection reset (no Close) once the threshold is reached.
+    pub reset_after: Option<Threshold>,
+    /// Nothing relayed any more in either direction; the connection stays open.
+    pub stall_after: Option<Threshold>,
+    /// The first handshakes on the route refused.
+    pub refuse_first: Option<Refuse>,
+    /// Each message to the client sent as this many frames.
+    pub fragment: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threshold {
+    /// Messages delivered to the client.
+    Messages(u64),
+    /// Payload bytes relayed, both directions together.
+    Bytes(u64),
+    /// Time since the connection was upgraded.
+    After(Duration),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseAfter {
+    pub when: Threshold,
+    pub code: u16,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refuse {
+    pub count: u64,
+    pub status: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +316,8 @@ pub struct RouteConfig {
     pub tls_server_name: Option<String>,
     /// Accept any upstream certificate. For tests only; logged as a warning at start-up.
     pub insecure_skip_verify: bool,
+    /// Faults injected on this route's connections (`allow_faults` only).
+    pub faults: Option<Faults>,
 }
 
 impl RouteConfig {

@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use toml::Spanned;
 
 use super::file::{
-    FileConfig, HealthCheckSection, KeepaliveValue, RouteSection, SizeValue, TlsSection,
+    FaultsSection, FileConfig, HealthCheckSection, ThresholdSection, KeepaliveValue, RouteSection, SizeValue, TlsSection,
     UpstreamEntry,
 };
 use super::units::{parse_duration, parse_size};
 use super::{
-    AdminConfig, Balance, ClientAuth, Config, ConfigError, ConfigIssue, GatewayConfig, HealthCheck,
-    ListenerConfig, ListenerTls, LogFormat, PingConfig, ProxyProtocol, RouteConfig, Target,
+    AdminConfig, Balance, ClientAuth, CloseAfter, Config, Faults, Refuse, Threshold, ConfigError, ConfigIssue, GatewayConfig, HealthCheck,
+    ListenerConfig, ListenerTls, LogFormat, PingConfig, ProxyProtocol, RouteConfig, SelfSigned,
+    Target,
     TcpKeepalive, TlsFiles, TrustedHeader, Upstream, defaults,
 };
 use crate::origin::OriginRule;
@@ -36,6 +37,7 @@ pub(super) fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
     let mut v = Validator {
         text,
         issues: Vec::new(),
+        allow_faults: false,
     };
     let config = v.config(file, source);
     if v.issues.is_empty() {
@@ -76,6 +78,8 @@ fn key_on_line(text: &str, offset: usize) -> String {
 struct Validator<'a> {
     text: &'a str,
     issues: Vec<ConfigIssue>,
+    /// `[gateway] allow_faults`, read before the routes that may use it.
+    allow_faults: bool,
 }
 
 impl Validator<'_> {
@@ -113,11 +117,18 @@ impl Validator<'_> {
                 });
             }
         }
-        if certs.is_empty() {
+        let self_signed = self.self_signed(&tls.self_signed, tls.names, tls.ca_out, key);
+        if self_signed.is_some() && !certs.is_empty() {
             self.issue(
                 &at,
                 format!("{key}.tls"),
-                "needs a certificate: cert = \"…\", key = \"…\" or certs = [{ cert = \"…\", key = \"…\" }, …]",
+                "self_signed = true makes its own certificate; remove cert/key/certs, or self_signed",
+            );
+        } else if certs.is_empty() && self_signed.is_none() {
+            self.issue(
+                &at,
+                format!("{key}.tls"),
+                "needs a certificate: cert = \"…\", key = \"…\", certs = [{ cert = \"…\", key = \"…\" }, …] or self_signed = true",
             );
         }
         let required = match &tls.client_auth {
@@ -170,9 +181,68 @@ impl Validator<'_> {
         };
         Some(ListenerTls {
             certs,
+            self_signed,
             client_auth,
             identity_header,
         })
+    }
+
+    /// `self_signed = true` with its optional `names` and `ca_out`.
+    fn self_signed(
+        &mut self,
+        flag: &Option<Spanned<bool>>,
+        names: Option<Spanned<Vec<String>>>,
+        ca_out: Option<Spanned<String>>,
+        key: &str,
+    ) -> Option<SelfSigned> {
+        let on = flag.as_ref().is_some_and(|f| *f.get_ref());
+        if !on {
+            for (at, name) in [
+                (names.as_ref().map(|n| n.span()), "names"),
+                (ca_out.as_ref().map(|c| c.span()), "ca_out"),
+            ] {
+                if let Some(span) = at {
+                    self.issue(
+                        &Spanned::new(span, ()),
+                        format!("{key}.tls.{name}"),
+                        "applies to self_signed = true only",
+                    );
+                }
+            }
+            return None;
+        }
+        let names = match names {
+            None => defaults::SELF_SIGNED_NAMES
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.issue(
+                        &list,
+                        format!("{key}.tls.names"),
+                        "is empty; list the names clients connect to, like [\"localhost\"]",
+                    );
+                }
+                for name in list.get_ref() {
+                    if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                        self.issue(
+                            &list,
+                            format!("{key}.tls.names"),
+                            format!("`{name}` is not a DNS name or IP address"),
+                        );
+                    }
+                }
+                list.into_inner()
+            }
+        };
+        let ca_out = ca_out.map(|path| {
+            if path.get_ref().is_empty() {
+                self.issue(&path, format!("{key}.tls.ca_out"), "is empty; name a file");
+            }
+            PathBuf::from(path.into_inner())
+        });
+        Some(SelfSigned { names, ca_out })
     }
 
     /// A whole number of connections, at least 1.
@@ -369,6 +439,8 @@ impl Validator<'_> {
             if let Some(value) = section.tcp_keepalive {
                 gateway.tcp_keepalive = self.tcp_keepalive(&value);
             }
+            gateway.allow_faults = section.allow_faults.is_some_and(|a| a.into_inner());
+            self.allow_faults = gateway.allow_faults;
             if let Some(format) = section.log_format {
                 match format.get_ref().as_str() {
                     "text" => gateway.log_format = LogFormat::Text,
@@ -909,6 +981,7 @@ impl Validator<'_> {
         let client_cert_path = wss_only(section.client_cert, "client_cert");
         let client_key_path = wss_only(section.client_key, "client_key");
         let tls_server_name = wss_only(section.tls_server_name, "tls_server_name");
+        let faults = section.faults.and_then(|f| self.faults(f, &key));
         let insecure_skip_verify = match section.insecure_skip_verify {
             Some(flag) if *flag.get_ref() && !wss => {
                 self.issue(
@@ -977,7 +1050,125 @@ impl Validator<'_> {
             client_cert,
             tls_server_name,
             insecure_skip_verify,
+            faults,
         })
+    }
+
+    /// A route's `faults` table; refused unless `[gateway] allow_faults = true`.
+    fn faults(&mut self, section: Spanned<FaultsSection>, key: &str) -> Option<Faults> {
+        let key = format!("{key}.faults");
+        if !self.allow_faults {
+            self.issue(
+                &section,
+                key,
+                "faults are for testing clients; set allow_faults = true in [gateway] to use them",
+            );
+            return None;
+        }
+        let section = section.into_inner();
+        let latency = section
+            .latency
+            .and_then(|v| self.positive_duration(&v, &format!("{key}.latency")));
+        let close_after = section.close_after.and_then(|t| {
+            let at = Spanned::new(t.span(), ());
+            let name = format!("{key}.close_after");
+            let code = t.get_ref().code.unwrap_or(i64::from(defaults::FAULT_CLOSE_CODE));
+            let code = match u16::try_from(code) {
+                Ok(c) if crate::relay::frames::is_valid_close_code(c) && c != 1000 => c,
+                _ => {
+                    self.issue(&at, format!("{name}.code"), format!("{code} is not a close code a server may send; use 1001, 1011, 1012, 1013 or 3000-4999"));
+                    return None;
+                }
+            };
+            let reason = t.get_ref().reason.clone().unwrap_or_default();
+            if reason.len() > 123 {
+                self.issue(&at, format!("{name}.reason"), "is longer than the 123 bytes a Close frame holds");
+                return None;
+            }
+            let when = self.threshold(t, &name, true)?;
+            Some(CloseAfter { when, code, reason })
+        });
+        let reset_after = section
+            .reset_after
+            .and_then(|t| self.threshold(t, &format!("{key}.reset_after"), false));
+        let stall_after = section
+            .stall_after
+            .and_then(|t| self.threshold(t, &format!("{key}.stall_after"), false));
+        let refuse_first = section.refuse_first.and_then(|r| {
+            let name = format!("{key}.refuse_first");
+            let count = r.get_ref().count.unwrap_or(defaults::FAULT_REFUSE_COUNT as i64);
+            let status = r.get_ref().status.unwrap_or(i64::from(defaults::FAULT_REFUSE_STATUS));
+            let Ok(count) = u64::try_from(count) else {
+                self.issue(&r, format!("{name}.count"), "must be a whole number of at least 0");
+                return None;
+            };
+            match u16::try_from(status) {
+                Ok(status) if (400..=599).contains(&status) => Some(Refuse { count, status }),
+                _ => {
+                    self.issue(&r, format!("{name}.status"), format!("{status} is not an error status; use 400 to 599, like 503"));
+                    None
+                }
+            }
+        });
+        let fragment = section.fragment.and_then(|n| match usize::try_from(*n.get_ref()) {
+            Ok(frames @ 1..=1024) => Some(frames),
+            _ => {
+                self.issue(&n, format!("{key}.fragment"), "must be a number of frames from 1 to 1024");
+                None
+            }
+        });
+        Some(Faults {
+            latency,
+            close_after,
+            reset_after,
+            stall_after,
+            refuse_first,
+            fragment,
+        })
+    }
+
+    /// Exactly one of `messages`, `bytes` and `after`.
+    fn threshold(
+        &mut self,
+        section: Spanned<ThresholdSection>,
+        key: &str,
+        closes: bool,
+    ) -> Option<Threshold> {
+        let at = Spanned::new(section.span(), ());
+        let t = section.into_inner();
+        if !closes && (t.code.is_some() || t.reason.is_some()) {
+            self.issue(&at, key, "code and reason belong to close_after only");
+        }
+        let mut chosen = Vec::new();
+        if let Some(n) = t.messages {
+            match u64::try_from(n) {
+                Ok(n) => chosen.push(Threshold::Messages(n)),
+                Err(_) => self.issue(&at, format!("{key}.messages"), "must be a whole number of at least 0"),
+            }
+        }
+        if let Some(size) = t.bytes {
+            match self.size(&Spanned::new(at.span(), size), &format!("{key}.bytes")) {
+                Some(n) => chosen.push(Threshold::Bytes(n as u64)),
+                None => {}
+            }
+        }
+        if let Some(after) = t.after {
+            match parse_duration(&after) {
+                Ok(d) => chosen.push(Threshold::After(d)),
+                Err(e) => self.issue(&at, format!("{key}.after"), e),
+            }
+        }
+        match chosen.as_slice() {
+            [one] => Some(*one),
+            [] => {
+                self.issue(&at, key, "needs one of messages = N, bytes = N or after = \"5s\"");
+                None
+            }
+            _ => {
+                self.issue(&at, key, "set one of messages, bytes and after, not several");
+                None
+            }
+        }
     }
 }
 

@@ -38,6 +38,19 @@ pub struct BindError {
     hint: &'static str,
 }
 
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("listener {listener:?}: tls.ca_out: {source}; check that the folder exists and is writable")]
+    CaOut {
+        listener: String,
+        #[source]
+        source: crate::devcert::DevCertError,
+    },
+}
+
 /// Why a reload was refused; the running configuration stays.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -47,6 +60,8 @@ pub enum ReloadError {
     Prepare(#[from] PrepareError),
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error(transparent)]
+    Start(#[from] StartError),
     #[error("preparing the configuration stopped: {0}")]
     Aborted(String),
 }
@@ -94,7 +109,8 @@ pub(crate) struct ListenerContext {
 
 impl Server {
     /// Binds every listener of the configuration and starts accepting.
-    pub async fn start(gateway: Gateway, metrics: Arc<Metrics>) -> Result<Server, BindError> {
+    pub async fn start(gateway: Gateway, metrics: Arc<Metrics>) -> Result<Server, StartError> {
+        write_ca_files(&gateway)?;
         let bound = bind_all(&gateway, &[]).await?;
         let admin = match &gateway.config.admin {
             Some(admin) => {
@@ -146,15 +162,28 @@ impl Server {
 
     /// Local addresses of the listeners, in configuration order (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.bound_listeners()
+            .into_iter()
+            .map(|(_, addr)| addr)
+            .collect()
+    }
+
+    /// The listeners that are bound, as (index in the configuration, local address), in
+    /// configuration order.
+    pub fn bound_listeners(&self) -> Vec<(usize, SocketAddr)> {
         let gateway = self.inner.gateway.load();
         let running = self.lock_listeners();
         gateway
             .config
             .listeners
             .iter()
-            .filter_map(|l| {
+            .enumerate()
+            .filter_map(|(index, l)| {
                 let key = ListenerKey::of(l);
-                running.iter().find(|r| r.key == key).map(|r| r.local)
+                running
+                    .iter()
+                    .find(|r| r.key == key)
+                    .map(|r| (index, r.local))
             })
             .collect()
     }
@@ -187,7 +216,7 @@ impl Server {
     /// or success is logged in one line and counted.
     pub async fn reload_from(&self, path: &Path) -> Result<(), ReloadError> {
         let result = async {
-            let gateway = prepare_off_runtime(path.to_path_buf()).await?;
+            let gateway = prepare_off_runtime(path.to_path_buf(), self.gateway()).await?;
             self.reload(gateway).await
         }
         .await;
@@ -237,6 +266,10 @@ impl Server {
                 return Err(e.into());
             }
         };
+        if let Err(e) = write_ca_files(&gateway) {
+            self.inner.metrics.reload(false);
+            return Err(StartError::from(e).into());
+        }
         let wanted: Vec<ListenerKey> = gateway
             .config
             .listeners
@@ -333,6 +366,30 @@ impl Server {
     }
 }
 
+/// Writes the in-memory CA to every `ca_out` of a `self_signed` listener.
+fn write_ca_files(gateway: &Gateway) -> Result<(), StartError> {
+    let Some(ephemeral) = gateway.ephemeral() else {
+        return Ok(());
+    };
+    for listener in &gateway.config.listeners {
+        let Some(path) = listener
+            .tls
+            .as_ref()
+            .and_then(|t| t.self_signed.as_ref())
+            .and_then(|s| s.ca_out.as_ref())
+        else {
+            continue;
+        };
+        ephemeral
+            .write_ca(path)
+            .map_err(|source| StartError::CaOut {
+                listener: listener.name.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 /// Binds the listeners of `gateway` that are not in `keep`, in order; all or nothing.
 async fn bind_all(
     gateway: &Gateway,
@@ -380,7 +437,9 @@ async fn watch_certificates(server: Server) {
         }
         last = now;
         let config = gateway.config.clone();
-        let Ok(prepared) = tokio::task::spawn_blocking(move || Gateway::prepare(config)).await
+        let old = gateway.clone();
+        let Ok(prepared) =
+            tokio::task::spawn_blocking(move || Gateway::prepare_after(config, &old)).await
         else {
             continue;
         };
@@ -402,9 +461,12 @@ async fn watch_certificates(server: Server) {
 /// file reads and key parsing must not stall a runtime worker's connections. The one path
 /// for SIGHUP reloads; the certificate watcher prepares the configuration in force the
 /// same way.
-async fn prepare_off_runtime(path: std::path::PathBuf) -> Result<Gateway, ReloadError> {
+async fn prepare_off_runtime(
+    path: std::path::PathBuf,
+    old: Arc<Gateway>,
+) -> Result<Gateway, ReloadError> {
     tokio::task::spawn_blocking(move || -> Result<Gateway, ReloadError> {
-        Ok(Gateway::prepare(Config::load(&path)?)?)
+        Ok(Gateway::prepare_after(Config::load(&path)?, &old)?)
     })
     .await
     .unwrap_or_else(|e| Err(ReloadError::Aborted(e.to_string())))
