@@ -71,5 +71,6 @@ pub mod server;
 pub mod shutdown;
 pub mod sockets;
 pub mod telemetry;
+pub mod testing;
 pub mod tls;
 pub mod upstream;

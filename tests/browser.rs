@@ -291,7 +291,7 @@ async fn chromium_exchanges_messages_through_wss_and_is_refused_from_another_ori
         .await;
     assert_eq!(result["opened"], false, "{result}");
     assert_eq!(result["code"], 1006, "{result}");
-    let metrics = gw.stats.encode();
+    let metrics = gw.metrics().encode();
     assert!(
         metrics.contains("wsgate_handshake_rejections_total{status=\"403\"} 1"),
         "the refusal was the Origin check: {metrics}"

@@ -130,7 +130,7 @@ async fn tcp_upstreams_learn_the_client_address_by_proxy_protocol() {
         pki.key.display()
     );
     let gw = start_gateway(&config).await;
-    let (plain, tls) = (gw.addrs[0], gw.addrs[1]);
+    let (plain, tls) = (gw.addrs()[0], gw.addrs()[1]);
     for version in ["v1", "v2"] {
         let stream = TcpStream::connect(plain).await.unwrap();
         let me = stream.local_addr().unwrap();

@@ -49,7 +49,7 @@ async fn every_example_config_runs() {
         let gw = start_config(config).await;
         if let Some(i) = plain {
             let r = raw_request(
-                gw.addrs[i],
+                gw.addrs()[i],
                 "GET /definitely/not/routed HTTP/1.1\r\nHost: nowhere.invalid\r\n\r\n",
             )
             .await;

@@ -28,7 +28,7 @@ async fn an_identity_header_cannot_be_forged_through_another_listener() {
     let clients = make_pki(&["alice.example"]);
     let upstream = ws_echo().await;
     let gw = start_gateway(&two_listeners(&server, &clients, &upstream)).await;
-    let plain = gw.addrs[1];
+    let plain = gw.addrs()[1];
     let (mut ws, _) = connect_with(
         &format!("ws://{plain}/"),
         &[
@@ -64,7 +64,7 @@ async fn a_route_bound_to_listeners_does_not_exist_on_the_others() {
         upstream.addr
     );
     let gw = start_gateway(&config).await;
-    let (public, internal) = (gw.addrs[0], gw.addrs[1]);
+    let (public, internal) = (gw.addrs()[0], gw.addrs()[1]);
     let status = |addr, path: &'static str| async move {
         raw_request(addr, &upgrade_request(path, "")).await.status
     };

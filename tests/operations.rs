@@ -29,7 +29,7 @@ async fn max_connections_gives_503_with_retry_after_and_frees_slots() {
     assert_eq!(r.status, 503);
     assert_eq!(r.header("retry-after"), Some("5"));
     drop(a);
-    let stats = gw.stats.clone();
+    let stats = gw.metrics().clone();
     wait_until("slot freed", move || stats.active_relays() == 1).await;
     let r = gw.upgrade().await;
     assert_eq!(r.status, 101);
@@ -212,9 +212,9 @@ async fn keepalive_pings_a_live_client_and_drops_a_dead_one() {
     );
     // A dead client: upgraded, then never reads nor answers.
     let dead = raw_upgrade(gw.addr(), "/").await;
-    let stats = gw.stats.clone();
+    let stats = gw.metrics().clone();
     wait_until("two relays", move || stats.active_relays() == 2).await;
-    let stats = gw.stats.clone();
+    let stats = gw.metrics().clone();
     wait_until("dead client dropped", move || stats.active_relays() == 1).await;
     drop(dead);
     gw.stop().await;
@@ -305,8 +305,8 @@ async fn reload_switches_routes_keeps_live_connections_and_rejects_bad_files() {
         ),
     )
     .unwrap();
-    gw.server.reload_from(&path).await.expect("reload");
-    let addrs = gw.server.local_addrs();
+    gw.server().reload_from(&path).await.expect("reload");
+    let addrs = gw.server().local_addrs();
     assert_eq!(addrs.len(), 2);
     assert_eq!(addrs[0], gw.addr(), "the kept listener keeps its socket");
     for addr in &addrs {
@@ -326,16 +326,16 @@ async fn reload_switches_routes_keeps_live_connections_and_rejects_bad_files() {
 
     // A broken file is refused; everything stays.
     std::fs::write(&path, "[[listener]]\nbind = \"nonsense\"\n").unwrap();
-    let err = gw.server.reload_from(&path).await.expect_err("bad config");
+    let err = gw.server().reload_from(&path).await.expect_err("bad config");
     assert!(err.to_string().contains("listener[0].bind"), "{err}");
-    assert_eq!(gw.server.local_addrs(), addrs);
+    assert_eq!(gw.server().local_addrs(), addrs);
 
     // Removing the extra listener closes it for new connections.
     std::fs::write(&path, cfg(up2.addr, "")).unwrap();
-    gw.server.reload_from(&path).await.expect("reload");
+    gw.server().reload_from(&path).await.expect("reload");
     let extra = addrs[1];
     wait_until_async_refused(extra).await;
-    let admin = gw.server.admin_addr().unwrap();
+    let admin = gw.server().admin_addr().unwrap();
     let (_, metrics) = admin_get(admin, "/metrics").await;
     assert_eq!(
         metric(&metrics, "wsgate_config_reloads_total{result=\"ok\"}"),
@@ -371,7 +371,7 @@ async fn reload_that_cannot_bind_changes_nothing() {
     );
     let config = wsgate::config::Config::parse(&text, "t").unwrap();
     let err = gw
-        .server
+        .server()
         .reload(Gateway::prepare(config).unwrap())
         .await
         .expect_err("address in use");
@@ -390,7 +390,7 @@ async fn metrics_after_a_known_sequence_and_readyz_during_drain() {
         "[gateway]\nclose_timeout = \"1s\"\nshutdown_timeout = \"5s\"\n[admin]\nbind = \"127.0.0.1:0\"\n[[listener]]\nname = \"pub\"\nbind = \"127.0.0.1:0\"\n[[route]]\npath = \"/echo\"\nupstream = \"tcp://{tcp}\"\n[[route]]\npath = \"/down\"\nupstream = \"tcp://127.0.0.1:1\"\n"
     );
     let gw = start_gateway(&text).await;
-    let admin = gw.server.admin_addr().expect("admin");
+    let admin = gw.server().admin_addr().expect("admin");
     assert_eq!(admin_get(admin, "/healthz").await.0, 200);
     assert_eq!(admin_get(admin, "/readyz").await.0, 200);
     for _ in 0..2 {
@@ -521,7 +521,7 @@ async fn shutdown_timeout_drops_clients_that_never_answer() {
     let gw = start_gateway(&text).await;
     // Upgraded, then silent: it will never answer the Close 1001.
     let silent = raw_upgrade(gw.addr(), "/").await;
-    let stats = gw.stats.clone();
+    let stats = gw.metrics().clone();
     wait_until("relay running", move || stats.active_relays() == 1).await;
     gw.stop().await; // returns only because shutdown_timeout forces the rest closed
     drop(silent);

@@ -180,7 +180,7 @@ async fn failover_past_an_upstream_that_is_down() {
         assert_eq!(name, "live");
         ws.close(None).await.unwrap();
     }
-    let metrics = gw.stats.encode();
+    let metrics = gw.metrics().encode();
     let failures = metric(
         &metrics,
         &format!(
@@ -226,7 +226,7 @@ async fn passive_ejection_and_recovery() {
     ws.close(None).await.unwrap();
     assert_eq!(
         metric(
-            &gw.stats.encode(),
+            &gw.metrics().encode(),
             &format!(
                 "wsgate_upstream_ejections_total{{upstream=\"{}\"}}",
                 flaky.url()
@@ -271,7 +271,7 @@ async fn active_health_check_takes_an_upstream_out_and_back_in() {
     .await;
     let health = |gw: &TestGateway, upstream: &str| {
         metric(
-            &gw.stats.encode(),
+            &gw.metrics().encode(),
             &format!("wsgate_upstream_healthy{{upstream=\"{upstream}\"}}"),
         )
     };
@@ -377,7 +377,7 @@ async fn a_reload_keeps_what_the_pool_learned() {
     let gw = start_gateway(&text).await;
     let errors = |gw: &TestGateway| {
         metric(
-            &gw.stats.encode(),
+            &gw.metrics().encode(),
             &format!(
                 "wsgate_upstream_connect_errors_total{{upstream=\"{}\"}}",
                 dead.url()
@@ -391,7 +391,7 @@ async fn a_reload_keeps_what_the_pool_learned() {
     // SIGHUP with the same file: a new configuration, but the ejection stands.
     let config = wsgate::config::Config::parse(&text, "test.toml").unwrap();
     let gateway = wsgate::gateway::Gateway::prepare(config).unwrap();
-    gw.server.reload(gateway).await.unwrap();
+    gw.server().reload(gateway).await.unwrap();
     for _ in 0..4 {
         let (mut ws, name) = open(&gw).await;
         assert_eq!(name, "live");

@@ -48,13 +48,13 @@ fn keepalive_finds_a_client_whose_link_went_dead() {
             .unwrap();
         let (_, _, echo) = read_raw_frame(&mut client).await;
         assert_eq!(echo, b"alive");
-        assert_eq!(gw.stats.active_relays(), 1);
+        assert_eq!(gw.metrics().active_relays(), 1);
 
         link.cut();
         let cut_at = tokio::time::Instant::now();
         // Detection is due after 1s + 2 x 1s; the bound is a ceiling, not a pause.
         let ceiling = Duration::from_secs(20);
-        while gw.stats.active_relays() > 0 {
+        while gw.metrics().active_relays() > 0 {
             assert!(
                 cut_at.elapsed() < ceiling,
                 "a dead client still holds its relay after {ceiling:?}"

@@ -363,7 +363,7 @@ async fn client_vanishing_mid_message_leaves_no_task_and_closes_upstream() {
         // Half of a 1000-byte frame, then gone.
         let f = client_frame(true, 0x2, &[9u8; 1000]);
         stream.write_all(&f[..500]).await.unwrap();
-        let stats = gw.stats.clone();
+        let stats = gw.metrics().clone();
         wait_until("relay started", || stats.relays_total() > 0).await;
         drop(stream);
     }
@@ -373,7 +373,7 @@ async fn client_vanishing_mid_message_leaves_no_task_and_closes_upstream() {
         counter.load(Ordering::SeqCst) == 5
     })
     .await;
-    assert_eq!(gw.stats.relays_total(), 5);
+    assert_eq!(gw.metrics().relays_total(), 5);
     gw.stop().await;
 }
 
@@ -473,7 +473,7 @@ async fn frame_split_across_shutdown_is_not_lost() {
     let payload = pattern(4000, 9);
     let bytes = client_frame(true, 0x2, &payload);
     stream.write_all(&bytes[..1500]).await.unwrap();
-    let stats = gw.stats.clone();
+    let stats = gw.metrics().clone();
     wait_until("relay running", move || stats.active_relays() == 1).await;
     gw.begin_shutdown();
     assert_eq!(read_raw_close(&mut stream).await, 1001);
@@ -494,7 +494,7 @@ async fn data_sent_with_the_closing_answer_reaches_the_upstream() {
     let (upstream, mut rx) = recording_upstream().await;
     let gw = start_gateway(&simple_config(&format!("tcp://{upstream}"), "")).await;
     let mut stream = raw_upgrade(gw.addr(), "/").await;
-    let stats = gw.stats.clone();
+    let stats = gw.metrics().clone();
     wait_until("relay running", move || stats.active_relays() == 1).await;
     gw.begin_shutdown();
     assert_eq!(read_raw_close(&mut stream).await, 1001);

@@ -289,7 +289,7 @@ async fn client_vanishing_leaves_no_task() {
         drop(stream);
     }
     gw.wait_idle().await;
-    assert_eq!(gw.stats.relays_total(), 10);
+    assert_eq!(gw.metrics().relays_total(), 10);
     let seen = up.seen.clone();
     wait_until("upstream connections closed", move || {
         seen.lock().unwrap().ended == 10

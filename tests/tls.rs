@@ -28,7 +28,7 @@ async fn wss_listener_relays_to_tcp_and_ws_upstreams() {
     );
     let gw = start_gateway(&tls_listener_config(&pki, &routes)).await;
     let connector = pki.connector();
-    let tls_addr = gw.addrs[0];
+    let tls_addr = gw.addrs()[0];
 
     let mut ws = connect_tls(
         &connector,
@@ -65,7 +65,7 @@ async fn wss_listener_relays_to_tcp_and_ws_upstreams() {
     ws.close(None).await.unwrap();
 
     // The plain listener beside it serves the same routes.
-    let mut plain = connect(&format!("ws://{}/ws", gw.addrs[1])).await;
+    let mut plain = connect(&format!("ws://{}/ws", gw.addrs()[1])).await;
     plain.send(Message::text("plain")).await.unwrap();
     assert_eq!(next_data(&mut plain).await, Message::text("plain"));
     gw.stop().await;
@@ -84,7 +84,7 @@ async fn tls_listener_offers_http11_alpn_and_refuses_untrusted_clients_cleanly()
     .await;
     // A client that trusts another CA fails the handshake; the gateway keeps serving.
     let other = make_pki(&["localhost"]);
-    let stream = TcpStream::connect(gw.addrs[0]).await.unwrap();
+    let stream = TcpStream::connect(gw.addrs()[0]).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     assert!(
         other
@@ -105,7 +105,7 @@ async fn tls_listener_offers_http11_alpn_and_refuses_untrusted_clients_cleanly()
     .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let stream = TcpStream::connect(gw.addrs[0]).await.unwrap();
+    let stream = TcpStream::connect(gw.addrs()[0]).await.unwrap();
     let tls = connector.connect(name, stream).await.expect("handshake");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     gw.stop().await;
@@ -180,7 +180,7 @@ async fn slow_tls_handshake_is_cut_by_handshake_timeout() {
     );
     let gw = start_gateway(&config).await;
     // Connect and send nothing: the gateway must hang up on its own.
-    let mut stream = TcpStream::connect(gw.addrs[0]).await.unwrap();
+    let mut stream = TcpStream::connect(gw.addrs()[0]).await.unwrap();
     let mut buf = [0u8; 16];
     let n = within(
         "gateway closes the idle TLS connection",

@@ -98,7 +98,7 @@ async fn certificates_reload_on_file_change() {
 
     // A broken pair (second certificate, first key) is refused: v1 keeps serving.
     install("broken", &second, &first);
-    let metrics = gw.stats.clone();
+    let metrics = gw.metrics().clone();
     wait_until("refusal counted", move || {
         metrics
             .encode()

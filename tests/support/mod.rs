@@ -14,7 +14,6 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -22,9 +21,6 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use wsgate::config::Config;
-use wsgate::gateway::Gateway;
-use wsgate::server::Server;
-use wsgate::telemetry::Metrics;
 
 /// Every wait in the tests is bounded by this; it is a ceiling, not a pause.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -61,43 +57,38 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 // ---------------------------------------------------------------------------------------
 // The gateway
 
-pub struct TestGateway {
-    pub addrs: Vec<SocketAddr>,
-    pub stats: Arc<Metrics>,
-    pub server: Server,
-    task: JoinHandle<()>,
+pub use wsgate::testing::TestGateway;
+
+/// What the tests ask of a gateway beyond the library's testing API.
+#[allow(async_fn_in_trait)] // used only by these tests, never as `dyn`
+pub trait GatewayExt {
+    /// `ws://ADDR/path` on the first listener (also for TLS listeners' plain neighbours).
+    fn ws_url(&self, path: &str) -> String;
+    /// A plain upgrade request for `/`; the answer (a 101 leaves the connection to close).
+    async fn upgrade(&self) -> RawResponse;
+    /// Drains and waits for the end, within `DEADLINE`.
+    async fn stop(self);
+    /// Waits until no relay is left running.
+    async fn wait_idle(&self);
 }
 
-impl TestGateway {
-    pub fn addr(&self) -> SocketAddr {
-        self.addrs[0]
-    }
-
-    pub fn ws_url(&self, path: &str) -> String {
+impl GatewayExt for TestGateway {
+    fn ws_url(&self, path: &str) -> String {
         format!("ws://{}{path}", self.addr())
     }
 
-    /// A plain upgrade request for `/`; the answer (a 101 leaves the connection to close).
-    pub async fn upgrade(&self) -> RawResponse {
+    async fn upgrade(&self) -> RawResponse {
         raw_request(self.addr(), &upgrade_request("/", "")).await
     }
 
-    /// Starts the drain (what SIGTERM does).
-    pub fn begin_shutdown(&self) {
-        self.server.shutdown();
-    }
-
-    /// Triggers shutdown and waits for `run` to return.
-    pub async fn stop(self) {
-        self.server.shutdown();
-        within("gateway shutdown", self.task)
+    async fn stop(self) {
+        within("gateway shutdown", self.shutdown())
             .await
             .expect("gateway task panicked");
     }
 
-    /// Waits until no relay is left running.
-    pub async fn wait_idle(&self) {
-        let stats = self.stats.clone();
+    async fn wait_idle(&self) {
+        let stats = self.metrics().clone();
         wait_until("all relays finished", move || stats.active_relays() == 0).await;
     }
 }
@@ -110,17 +101,9 @@ pub async fn start_gateway(toml: &str) -> TestGateway {
 
 pub async fn start_config(config: Config) -> TestGateway {
     init_logs();
-    let gateway = Gateway::prepare(config).unwrap_or_else(|e| panic!("prepare: {e}"));
-    let stats = Arc::new(Metrics::new());
-    let server = Server::start(gateway, stats.clone()).await.expect("start");
-    let addrs = server.local_addrs();
-    let task = tokio::spawn(server.clone().run());
-    TestGateway {
-        addrs,
-        stats,
-        server,
-        task,
-    }
+    TestGateway::from_config(config)
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"))
 }
 
 /// A one-listener, one-route configuration.
