@@ -58,6 +58,7 @@ mod admin;
 pub mod cli;
 pub mod config;
 pub mod devcert;
+mod faults;
 pub mod forwarded;
 pub mod gateway;
 pub mod handshake;

@@ -2,6 +2,7 @@
 //! balancer), TLS, then HTTP/1.1 with hyper.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use hyper::server::conn::http1;
@@ -35,6 +36,9 @@ pub(super) struct ConnectionContext {
     pub listener: Arc<ListenerContext>,
     /// TLS details, when the listener terminates TLS.
     pub tls: Option<TlsInfo>,
+    /// With `allow_faults`: a duplicate of the client socket's descriptor, taken by the
+    /// fault layer to reset the connection (`reset_after`).
+    pub socket: std::sync::Mutex<Option<OwnedFd>>,
 }
 
 pub(super) struct TlsInfo {
@@ -80,6 +84,11 @@ async fn serve_listener(
     };
     let mut client = ClientAddr::from(peer);
     let mut proxied = false;
+    let socket = if gateway.config.gateway.allow_faults {
+        stream.as_fd().try_clone_to_owned().ok()
+    } else {
+        None
+    };
     let stream = if config.accept_proxy_protocol {
         let trusted = config.trusts(peer.ip());
         match tokio::time::timeout_at(deadline, proxy_protocol::accept(stream, trusted)).await {
@@ -114,6 +123,7 @@ async fn serve_listener(
             peer: client,
             proxied,
             local,
+            socket,
         };
         return serve_http(io, who, listener, gateway, deadline, None).await;
     };
@@ -134,6 +144,7 @@ async fn serve_listener(
                 peer: client,
                 proxied,
                 local,
+                socket,
             };
             serve_http(io, who, listener, gateway, deadline, Some(info)).await
         }
@@ -147,6 +158,7 @@ struct Who {
     peer: ClientAddr,
     proxied: bool,
     local: Option<SocketAddr>,
+    socket: Option<OwnedFd>,
 }
 
 async fn serve_http<I>(
@@ -167,6 +179,7 @@ async fn serve_http<I>(
         local: who.local,
         listener,
         tls,
+        socket: std::sync::Mutex::new(who.socket),
     });
     let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
     let mut builder = http1::Builder::new();

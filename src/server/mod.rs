@@ -83,6 +83,8 @@ pub(crate) struct Inner {
     pub shutdown: ShutdownSignals,
     /// Rejected upgrades are logged at most this often (a flood must not fill the disk).
     pub rejection_log: LogLimiter,
+    /// Fault state by route (`allow_faults`), kept across reloads.
+    pub faults: crate::faults::Registry,
     listeners: Mutex<Vec<Running>>,
     admin: Mutex<Option<SocketAddr>>,
     /// Stops the admin listener at the very end, after the drain (so `/readyz` shows it).
@@ -137,6 +139,7 @@ impl Server {
             tracker: TaskTracker::new(),
             shutdown,
             rejection_log: LogLimiter::new(20),
+            faults: Default::default(),
             listeners: Mutex::new(Vec::new()),
             admin: Mutex::new(None),
             admin_stop: CancellationToken::new(),

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::connection::ConnectionContext;
 use super::limits::{ConnectionPermit, LimitHit, PerIp, Permit};
+use crate::faults;
 use crate::forwarded::{self, ClientAddr};
 use crate::gateway::{Gateway, ListenerRef, RouteTarget};
 use crate::handshake::{self, HandshakeError};
@@ -51,6 +52,8 @@ enum Rejection {
     Limit(#[from] LimitHit),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("refused on purpose (faults: refuse_first or /faults/refuse)")]
+    Fault(StatusCode),
 }
 
 impl Rejection {
@@ -64,6 +67,7 @@ impl Rejection {
             Rejection::Origin(_) => (StatusCode::FORBIDDEN, &[][..]),
             Rejection::Limit(_) => (StatusCode::SERVICE_UNAVAILABLE, RETRY),
             Rejection::Upstream(e) => (e.status(), &[][..]),
+            Rejection::Fault(status) => (*status, RETRY),
         };
         // The client learns the category; the details of the upstream stay in the log.
         let body = match self {
@@ -177,6 +181,15 @@ impl UpgradeRequest<'_> {
         let route = target.config;
         let upgrade = handshake::validate(req)?;
         origin::check(route.allowed_origins.as_deref(), upgrade.origin.as_deref())?;
+        if self.gateway.config.gateway.allow_faults {
+            let server = &conn.listener.server;
+            if let Some(status) = server.faults.route(&route.path).refusal(route.faults.as_ref()) {
+                server.metrics.fault(&route.path, "refuse").inc();
+                return Err(Rejection::Fault(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                ));
+            }
+        }
         let permit = self.acquire()?;
 
         let introduction = Introduction {
@@ -275,6 +288,12 @@ impl UpgradeRequest<'_> {
             _lease: lease,
         };
         let server = conn.listener.server.clone();
+        let injection = self
+            .gateway
+            .config
+            .gateway
+            .allow_faults
+            .then(|| Box::new(self.injection(route, &settings)));
         // Unpacked only after the upgrade: captured as they are, they would stay in the task's
         // state for the connection's life next to the relay made of them.
         let parts = Box::new((settings, connected));
@@ -302,13 +321,18 @@ impl UpgradeRequest<'_> {
                 let shutdown = server.shutdown.clone();
                 let client = TokioIo::new(upgraded);
                 let (settings, connected) = *parts;
-                match connected {
-                    Connected::Stream(stream) => Either::Left(relay::relay_stream(
-                        client, stream, settings, shutdown, flow,
-                    )),
-                    Connected::WebSocket { ws, .. } => {
-                        Either::Right(relay::relay_ws(client, ws, settings, shutdown, flow))
-                    }
+                match injection {
+                    None => Either::Left(match connected {
+                        Connected::Stream(stream) => Either::Left(relay::relay_stream(
+                            client, stream, settings, shutdown, flow,
+                        )),
+                        Connected::WebSocket { ws, .. } => {
+                            Either::Right(relay::relay_ws(client, ws, settings, shutdown, flow))
+                        }
+                    }),
+                    Some(injection) => Either::Right(Box::pin(with_faults(
+                        client, connected, settings, shutdown, flow, *injection,
+                    ))),
                 }
             };
             let summary = relay.await;
@@ -321,6 +345,73 @@ impl UpgradeRequest<'_> {
             log_summary(&conn, &done, &summary);
         }));
     }
+}
+
+impl UpgradeRequest<'_> {
+    /// What the fault layer of a connection on `route` needs (`allow_faults` only).
+    fn injection(
+        &self,
+        route: &crate::config::RouteConfig,
+        settings: &RelaySettings,
+    ) -> faults::Injection {
+        let server = &self.conn.listener.server;
+        let counter = |fault| server.metrics.fault(&route.path, fault);
+        faults::Injection {
+            faults: route.faults.clone().unwrap_or_default(),
+            orders: server.faults.route(&route.path).orders(),
+            counters: faults::Counters {
+                latency: counter("latency"),
+                fragment: counter("fragment"),
+                close: counter("close"),
+                reset: counter("reset"),
+                stall: counter("stall"),
+            },
+            socket: self
+                .conn
+                .socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+            max_frame_size: settings.max_frame_size,
+            close_timeout: settings.close_timeout,
+            shutdown: server.shutdown.clone(),
+        }
+    }
+}
+
+/// The relay behind the fault layer: the relay's client is one end of an in-memory pipe, the
+/// layer holds the other end and the real client.
+async fn with_faults<C>(
+    client: C,
+    connected: Connected,
+    settings: RelaySettings,
+    shutdown: crate::relay::ShutdownSignals,
+    flow: crate::telemetry::metrics::Flow,
+    injection: faults::Injection,
+) -> Summary
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    // Room for a few frames in flight; the pipe applies backpressure beyond it.
+    let (relay_end, layer_end) = tokio::io::duplex(64 << 10);
+    let relay = match connected {
+        Connected::Stream(stream) => Either::Left(relay::relay_stream(
+            relay_end, stream, settings, shutdown, flow,
+        )),
+        Connected::WebSocket { ws, .. } => {
+            Either::Right(relay::relay_ws(relay_end, ws, settings, shutdown, flow))
+        }
+    };
+    let (mut summary, outcome) = tokio::join!(relay, faults::interpose(client, layer_end, injection));
+    if let Some(detail) = outcome.detail() {
+        summary.closed_by = crate::relay::Side::Gateway;
+        summary.close_code = match outcome {
+            faults::Outcome::Closed(code) => Some(code),
+            _ => None,
+        };
+        summary.detail = Some(detail);
+    }
+    summary
 }
 
 /// What the log line of a finished connection names.

@@ -52,6 +52,13 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    pub route: String,
+    /// latency, close, reset, stall, refuse or fragment.
+    pub fault: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -83,6 +90,7 @@ pub struct Metrics {
     closes: Family<CloseLabels, Counter>,
     connection_seconds: HistogramFamily<RouteLabels>,
     reloads: Family<ResultLabels, Counter>,
+    faults: Family<FaultLabels, Counter>,
     active_relays: AtomicUsize,
     relays_total: AtomicU64,
 }
@@ -183,6 +191,12 @@ impl Metrics {
             "Configuration reloads by result",
             reloads.clone(),
         );
+        let faults = Family::default();
+        registry.register(
+            "faults_injected",
+            "Faults injected on purpose (allow_faults): delayed and fragmented messages, closed, reset and stalled connections, refused handshakes",
+            faults.clone(),
+        );
         Self {
             registry,
             connections_active,
@@ -197,6 +211,7 @@ impl Metrics {
             closes,
             connection_seconds,
             reloads,
+            faults,
             active_relays: AtomicUsize::new(0),
             relays_total: AtomicU64::new(0),
         }
@@ -256,6 +271,16 @@ impl Metrics {
                 upstream: upstream.to_string(),
             })
             .inc();
+    }
+
+    /// A counter of one fault on one route, to count into for a connection's life.
+    pub(crate) fn fault(&self, route: &str, fault: &'static str) -> Counter {
+        self.faults
+            .get_or_create(&FaultLabels {
+                route: route.to_string(),
+                fault,
+            })
+            .clone()
     }
 
     pub(crate) fn reload(&self, ok: bool) {
