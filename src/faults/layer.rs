@@ -186,12 +186,26 @@ where
     let mut pumps = Box::pin(async {
         let (up_tx, up_rx) = mpsc::channel(8);
         let (down_tx, down_rx) = mpsc::channel(8);
-        tokio::join!(
-            read_frames(&mut client_read, max, &shared, up_tx, None),
-            deliver(up_rx, &relay_write, &shared, Direction::Up),
-            read_frames(&mut relay_read, max, &shared, down_tx, faults.fragment),
-            deliver(down_rx, &client_write, &shared, Direction::Down),
-        );
+        let up = async {
+            tokio::join!(
+                read_frames(&mut client_read, max, &shared, up_tx, None),
+                deliver(up_rx, &relay_write, &shared, Direction::Up),
+            )
+        };
+        let down = async {
+            tokio::join!(
+                read_frames(&mut relay_read, max, &shared, down_tx, faults.fragment),
+                deliver(down_rx, &client_write, &shared, Direction::Down),
+            )
+        };
+        // The relay's end is the connection's end: once it has closed its side of the pipe
+        // (after its own close handshake and close_timeout), nothing from the client can be
+        // delivered any more, so a silent client is not waited for.
+        tokio::pin!(up, down);
+        tokio::select! {
+            _ = &mut down => {}
+            _ = &mut up => { down.await; }
+        }
     });
     let struck = async {
         loop {
