@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process serves) and
-//! `/readyz` (it accepts new connections: 503 while draining). Plain HTTP; bind it to a
-//! private address.
+//! `/readyz` (it accepts new connections: 503 while draining); with `allow_faults`, the
+//! fault orders `POST /faults/close` and `/faults/refuse`. Plain HTTP; bind it to a private
+//! address.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -126,21 +127,24 @@ fn faults(req: &Request<Incoming>, server: &Inner) -> Response<Full<Bytes>> {
         );
     };
     if !gateway.config.routes.iter().any(|r| r.path == route) {
-        let known: Vec<&str> = gateway.config.routes.iter().map(|r| r.path.as_str()).collect();
+        let known: Vec<&str> = gateway
+            .config
+            .routes
+            .iter()
+            .map(|r| r.path.as_str())
+            .collect();
         return text(
             StatusCode::NOT_FOUND,
             &format!("no route {route:?}; the routes are {}\n", known.join(", ")),
         );
     }
-    let number = |name: &str, default: u64| -> Result<u64, Response<Full<Bytes>>> {
+    // A bad number is answered with what was wrong with it.
+    let number = |name: &str, default: u64| -> Result<u64, String> {
         match param(name) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| {
-                text(
-                    StatusCode::BAD_REQUEST,
-                    &format!("{name}={v:?} is not a whole number\n"),
-                )
-            }),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("{name}={v:?} is not a whole number\n")),
         }
     };
     let faults = server.faults.route(route);
@@ -148,7 +152,7 @@ fn faults(req: &Request<Incoming>, server: &Inner) -> Response<Full<Bytes>> {
         "/faults/close" => {
             let code = match number("code", u64::from(defaults::FAULT_CLOSE_CODE)) {
                 Ok(code) => code,
-                Err(response) => return response,
+                Err(why) => return text(StatusCode::BAD_REQUEST, &why),
             };
             let code = match u16::try_from(code) {
                 Ok(c) if is_valid_close_code(c) => c,
@@ -165,7 +169,10 @@ fn faults(req: &Request<Incoming>, server: &Inner) -> Response<Full<Bytes>> {
             }
             let closed = faults.close_all(CloseOrder { code, reason });
             info!(route, code, connections = closed, "faults: close ordered");
-            text(StatusCode::OK, &format!("closing {closed} connections with {code}\n"))
+            text(
+                StatusCode::OK,
+                &format!("closing {closed} connections with {code}\n"),
+            )
         }
         "/faults/refuse" => {
             let (count, status) = match (
@@ -173,9 +180,11 @@ fn faults(req: &Request<Incoming>, server: &Inner) -> Response<Full<Bytes>> {
                 number("status", u64::from(defaults::FAULT_REFUSE_STATUS)),
             ) {
                 (Ok(count), Ok(status)) => (count, status),
-                (Err(response), _) | (_, Err(response)) => return response,
+                (Err(why), _) | (_, Err(why)) => return text(StatusCode::BAD_REQUEST, &why),
             };
-            let Some(status) = u16::try_from(status).ok().filter(|s| (400..=599).contains(s))
+            let Some(status) = u16::try_from(status)
+                .ok()
+                .filter(|s| (400..=599).contains(s))
             else {
                 return text(
                     StatusCode::BAD_REQUEST,

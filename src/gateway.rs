@@ -117,14 +117,14 @@ impl Gateway {
             .map(|l| {
                 let server_tls = match &l.tls {
                     None => None,
-                    Some(settings) => Some(
-                        tls::server_config(settings, ephemeral.as_deref()).map_err(|source| {
-                            PrepareError::ListenerTls {
+                    Some(settings) => {
+                        Some(tls::server_config(settings, ephemeral.as_deref()).map_err(
+                            |source| PrepareError::ListenerTls {
                                 name: l.name.clone(),
                                 source,
-                            }
-                        })?,
-                    ),
+                            },
+                        )?)
+                    }
                 };
                 let spki_sha256 = server_tls.as_ref().and_then(|t| t.spki_sha256.clone());
                 let acceptor = server_tls.map(|t| TlsAcceptor::from(t.config));

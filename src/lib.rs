@@ -24,6 +24,9 @@
 //!   pooled read buffers; close codes, half-close, limits.
 //! - [`tls`], [`shutdown`], [`telemetry`], [`sockets`]: TLS settings, signals, logs and
 //!   counters, TCP options.
+//! - [`testing`], [`ready`], [`devcert`], `faults`: wsgate as a test fixture: the in-process
+//!   `TestGateway`, `--ready-file`, certificates (`wsgate cert`, `self_signed` listeners) and
+//!   faults on purpose (`allow_faults`: a frame layer between the client and the relay).
 //!
 //! # Data path
 //!
@@ -34,7 +37,8 @@
 //!   → handshake::validate → origin::check → limits
 //!   → upstream::connect (pool pick, failover; TCP/Unix + PROXY header, or TLS + WS handshake;
 //!     upstream::Introduction says who the client is)
-//!   → 101 → relay::relay_stream | relay::relay_ws → lingering close → one log line
+//!   → 101 → [faults layer, allow_faults only] → relay::relay_stream | relay::relay_ws
+//!   → lingering close → one log line
 //! ```
 //!
 //! `server::upgrade` runs the checks in that order and documents the status each earns.

@@ -156,7 +156,9 @@ fn run(path: &Path, options: RunOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wsgate::telemetry::init_logging(options.log_json || config.gateway.log_format == LogFormat::Json);
+    wsgate::telemetry::init_logging(
+        options.log_json || config.gateway.log_format == LogFormat::Json,
+    );
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // Default: one worker per CPU in the process's affinity mask (tokio's default), so a
     // gateway pinned with taskset runs one worker instead of contending with itself.
@@ -229,9 +231,7 @@ async fn serve(path: &Path, config: Config, options: RunOptions) -> ExitCode {
             "ready"
         );
     }
-    let mut stdin_closed = options
-        .exit_on_eof
-        .then(wsgate::shutdown::stdin_closed);
+    let mut stdin_closed = options.exit_on_eof.then(wsgate::shutdown::stdin_closed);
     let running = server.clone().run();
     tokio::pin!(running);
     loop {
@@ -254,7 +254,10 @@ async fn serve(path: &Path, config: Config, options: RunOptions) -> ExitCode {
             }
         }
     }
-    for file in [&options.ready_file, &options.pid_file].into_iter().flatten() {
+    for file in [&options.ready_file, &options.pid_file]
+        .into_iter()
+        .flatten()
+    {
         let _ = std::fs::remove_file(file);
     }
     if failed {

@@ -30,7 +30,10 @@ fn available(what: &str, ready: bool, install: &str) -> bool {
     if ready {
         return true;
     }
-    assert!(!in_ci(), "{what}: not installed in CI; .ci/run should have run: {install}");
+    assert!(
+        !in_ci(),
+        "{what}: not installed in CI; .ci/run should have run: {install}"
+    );
     eprintln!("skipping {what}: not installed; run `{install}`");
     false
 }

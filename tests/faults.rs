@@ -84,7 +84,11 @@ async fn close_after_bytes_and_after_a_time() {
     assert_eq!(close.map(|c| c.0), Some(4000));
     gw.stop().await;
 
-    let gw = faulty(&format!("tcp://{echo}"), "close_after = { after = \"200ms\" }").await;
+    let gw = faulty(
+        &format!("tcp://{echo}"),
+        "close_after = { after = \"200ms\" }",
+    )
+    .await;
     let mut ws = connect(&gw.url("/ws")).await;
     let (_, close) = read_until_close(&mut ws).await;
     assert_eq!(close.map(|c| c.0), Some(1012), "the default code");
@@ -107,7 +111,11 @@ async fn reset_after_resets_the_tcp_connection() {
     let error = within("the reset", stream.read_to_end(&mut rest))
         .await
         .expect_err("a reset, not an orderly end");
-    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{rest:?}");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "{rest:?}"
+    );
     gw.wait_idle().await;
     assert_eq!(injected(&gw, "reset"), 1.0);
     gw.stop().await;
@@ -149,7 +157,11 @@ async fn latency_delays_every_message_and_keeps_their_order() {
         assert_eq!(next_data(&mut ws).await, text(n));
     }
     // There and back, each way delayed: a lower bound, which load cannot make fail.
-    assert!(sent.elapsed() >= Duration::from_millis(300), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        sent.elapsed()
+    );
     // Every frame each way was delayed (the client's 20 and the echoes).
     assert!(injected(&gw, "latency") >= 40.0);
     gw.stop().await;
@@ -230,7 +242,10 @@ async fn admin_close_closes_every_live_connection_of_the_route() {
     }
     let response = admin_post(&gw, "/faults/close?route=%2Fws&code=1012&reason=restart").await;
     assert_eq!(response.status, 200, "{response:?}");
-    assert!(response.body.contains("closing 2 connections"), "{response:?}");
+    assert!(
+        response.body.contains("closing 2 connections"),
+        "{response:?}"
+    );
     for ws in [&mut first, &mut second] {
         let (_, close) = read_until_close(ws).await;
         assert_eq!(close, Some((1012, "restart".into())));
@@ -241,8 +256,16 @@ async fn admin_close_closes_every_live_connection_of_the_route() {
     assert_eq!(next_data(&mut again).await, text(1));
 
     // Mistakes get a precise answer.
-    assert_eq!(admin_post(&gw, "/faults/close?route=/nope").await.status, 404);
-    assert_eq!(admin_post(&gw, "/faults/close?route=/ws&code=99").await.status, 400);
+    assert_eq!(
+        admin_post(&gw, "/faults/close?route=/nope").await.status,
+        404
+    );
+    assert_eq!(
+        admin_post(&gw, "/faults/close?route=/ws&code=99")
+            .await
+            .status,
+        400
+    );
     assert_eq!(admin_post(&gw, "/faults/close").await.status, 400);
     gw.stop().await;
 }
@@ -268,20 +291,33 @@ async fn faults_need_allow_faults() {
         .expect_err("faults without allow_faults")
         .to_string();
     assert!(
-        error.starts_with("t.toml:7:") && error.contains("route[0].faults") && error.contains("allow_faults = true"),
+        error.starts_with("t.toml:7:")
+            && error.contains("route[0].faults")
+            && error.contains("allow_faults = true"),
         "{error}"
     );
     let bad = [
         ("close_after = { }", "needs one of messages"),
-        ("close_after = { messages = 1, after = \"1s\" }", "not several"),
-        ("close_after = { messages = 1, code = 1005 }", "close_after.code"),
-        ("reset_after = { messages = 1, code = 1012 }", "code and reason belong to close_after"),
+        (
+            "close_after = { messages = 1, after = \"1s\" }",
+            "not several",
+        ),
+        (
+            "close_after = { messages = 1, code = 1005 }",
+            "close_after.code",
+        ),
+        (
+            "reset_after = { messages = 1, code = 1012 }",
+            "code and reason belong to close_after",
+        ),
         ("refuse_first = { status = 200 }", "refuse_first.status"),
         ("fragment = 0", "faults.fragment"),
         ("latency = \"soon\"", "faults.latency"),
     ];
     for (faults, expected) in bad {
-        let text = format!("[gateway]\nallow_faults = true\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/ws\"\nupstream = \"tcp://127.0.0.1:1\"\nfaults = {{ {faults} }}\n");
+        let text = format!(
+            "[gateway]\nallow_faults = true\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/ws\"\nupstream = \"tcp://127.0.0.1:1\"\nfaults = {{ {faults} }}\n"
+        );
         let error = wsgate::config::Config::parse(&text, "t.toml")
             .expect_err(faults)
             .to_string();

@@ -45,7 +45,9 @@ async fn self_signed_listener_is_trusted_by_its_ca_only() {
     // A client trusting another CA refuses the certificate.
     let other = make_pki(&["localhost"]);
     let refused = tls_connect(&other.connector(), gw.addr(), "localhost").await;
-    let error = refused.expect_err("an unknown CA must not verify").to_string();
+    let error = refused
+        .expect_err("an unknown CA must not verify")
+        .to_string();
     assert!(error.contains("UnknownIssuer"), "{error}");
 
     // The key the ready facts name is the key the server presents.

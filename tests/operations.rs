@@ -326,7 +326,11 @@ async fn reload_switches_routes_keeps_live_connections_and_rejects_bad_files() {
 
     // A broken file is refused; everything stays.
     std::fs::write(&path, "[[listener]]\nbind = \"nonsense\"\n").unwrap();
-    let err = gw.server().reload_from(&path).await.expect_err("bad config");
+    let err = gw
+        .server()
+        .reload_from(&path)
+        .await
+        .expect_err("bad config");
     assert!(err.to_string().contains("listener[0].bind"), "{err}");
     assert_eq!(gw.server().local_addrs(), addrs);
 

@@ -7,15 +7,15 @@ use std::path::PathBuf;
 use toml::Spanned;
 
 use super::file::{
-    FaultsSection, FileConfig, HealthCheckSection, ThresholdSection, KeepaliveValue, RouteSection, SizeValue, TlsSection,
-    UpstreamEntry,
+    FaultsSection, FileConfig, HealthCheckSection, KeepaliveValue, RouteSection, SizeValue,
+    ThresholdSection, TlsSection, UpstreamEntry,
 };
 use super::units::{parse_duration, parse_size};
 use super::{
-    AdminConfig, Balance, ClientAuth, CloseAfter, Config, Faults, Refuse, Threshold, ConfigError, ConfigIssue, GatewayConfig, HealthCheck,
-    ListenerConfig, ListenerTls, LogFormat, PingConfig, ProxyProtocol, RouteConfig, SelfSigned,
-    Target,
-    TcpKeepalive, TlsFiles, TrustedHeader, Upstream, defaults,
+    AdminConfig, Balance, ClientAuth, CloseAfter, Config, ConfigError, ConfigIssue, Faults,
+    GatewayConfig, HealthCheck, ListenerConfig, ListenerTls, LogFormat, PingConfig, ProxyProtocol,
+    Refuse, RouteConfig, SelfSigned, Target, TcpKeepalive, Threshold, TlsFiles, TrustedHeader,
+    Upstream, defaults,
 };
 use crate::origin::OriginRule;
 use std::time::Duration;
@@ -1096,27 +1096,47 @@ impl Validator<'_> {
             .and_then(|t| self.threshold(t, &format!("{key}.stall_after"), false));
         let refuse_first = section.refuse_first.and_then(|r| {
             let name = format!("{key}.refuse_first");
-            let count = r.get_ref().count.unwrap_or(defaults::FAULT_REFUSE_COUNT as i64);
-            let status = r.get_ref().status.unwrap_or(i64::from(defaults::FAULT_REFUSE_STATUS));
+            let count = r
+                .get_ref()
+                .count
+                .unwrap_or(defaults::FAULT_REFUSE_COUNT as i64);
+            let status = r
+                .get_ref()
+                .status
+                .unwrap_or(i64::from(defaults::FAULT_REFUSE_STATUS));
             let Ok(count) = u64::try_from(count) else {
-                self.issue(&r, format!("{name}.count"), "must be a whole number of at least 0");
+                self.issue(
+                    &r,
+                    format!("{name}.count"),
+                    "must be a whole number of at least 0",
+                );
                 return None;
             };
             match u16::try_from(status) {
                 Ok(status) if (400..=599).contains(&status) => Some(Refuse { count, status }),
                 _ => {
-                    self.issue(&r, format!("{name}.status"), format!("{status} is not an error status; use 400 to 599, like 503"));
+                    self.issue(
+                        &r,
+                        format!("{name}.status"),
+                        format!("{status} is not an error status; use 400 to 599, like 503"),
+                    );
                     None
                 }
             }
         });
-        let fragment = section.fragment.and_then(|n| match usize::try_from(*n.get_ref()) {
-            Ok(frames @ 1..=1024) => Some(frames),
-            _ => {
-                self.issue(&n, format!("{key}.fragment"), "must be a number of frames from 1 to 1024");
-                None
-            }
-        });
+        let fragment = section
+            .fragment
+            .and_then(|n| match usize::try_from(*n.get_ref()) {
+                Ok(frames @ 1..=1024) => Some(frames),
+                _ => {
+                    self.issue(
+                        &n,
+                        format!("{key}.fragment"),
+                        "must be a number of frames from 1 to 1024",
+                    );
+                    None
+                }
+            });
         Some(Faults {
             latency,
             close_after,
@@ -1143,14 +1163,17 @@ impl Validator<'_> {
         if let Some(n) = t.messages {
             match u64::try_from(n) {
                 Ok(n) => chosen.push(Threshold::Messages(n)),
-                Err(_) => self.issue(&at, format!("{key}.messages"), "must be a whole number of at least 0"),
+                Err(_) => self.issue(
+                    &at,
+                    format!("{key}.messages"),
+                    "must be a whole number of at least 0",
+                ),
             }
         }
-        if let Some(size) = t.bytes {
-            match self.size(&Spanned::new(at.span(), size), &format!("{key}.bytes")) {
-                Some(n) => chosen.push(Threshold::Bytes(n as u64)),
-                None => {}
-            }
+        if let Some(size) = t.bytes
+            && let Some(n) = self.size(&Spanned::new(at.span(), size), &format!("{key}.bytes"))
+        {
+            chosen.push(Threshold::Bytes(n as u64));
         }
         if let Some(after) = t.after {
             match parse_duration(&after) {
@@ -1161,11 +1184,19 @@ impl Validator<'_> {
         match chosen.as_slice() {
             [one] => Some(*one),
             [] => {
-                self.issue(&at, key, "needs one of messages = N, bytes = N or after = \"5s\"");
+                self.issue(
+                    &at,
+                    key,
+                    "needs one of messages = N, bytes = N or after = \"5s\"",
+                );
                 None
             }
             _ => {
-                self.issue(&at, key, "set one of messages, bytes and after, not several");
+                self.issue(
+                    &at,
+                    key,
+                    "set one of messages, bytes and after, not several",
+                );
                 None
             }
         }

@@ -336,9 +336,8 @@ async fn read_frames<R: AsyncRead + Unpin>(
                         match fragment.filter(|&n| n > 1) {
                             Some(pieces) if !head.opcode.is_control() => {
                                 let payload = frame.wire.slice(n..);
-                                let (opcode, gathered) = message.get_or_insert_with(|| {
-                                    (head.opcode, BytesMut::new())
-                                });
+                                let (opcode, gathered) =
+                                    message.get_or_insert_with(|| (head.opcode, BytesMut::new()));
                                 gathered.extend_from_slice(&payload);
                                 if head.fin {
                                     let opcode = *opcode;

@@ -43,7 +43,9 @@ pub struct BindError {
 pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
-    #[error("listener {listener:?}: tls.ca_out: {source}; check that the folder exists and is writable")]
+    #[error(
+        "listener {listener:?}: tls.ca_out: {source}; check that the folder exists and is writable"
+    )]
     CaOut {
         listener: String,
         #[source]
@@ -271,7 +273,7 @@ impl Server {
         };
         if let Err(e) = write_ca_files(&gateway) {
             self.inner.metrics.reload(false);
-            return Err(StartError::from(e).into());
+            return Err(e.into());
         }
         let wanted: Vec<ListenerKey> = gateway
             .config

@@ -183,7 +183,11 @@ impl UpgradeRequest<'_> {
         origin::check(route.allowed_origins.as_deref(), upgrade.origin.as_deref())?;
         if self.gateway.config.gateway.allow_faults {
             let server = &conn.listener.server;
-            if let Some(status) = server.faults.route(&route.path).refusal(route.faults.as_ref()) {
+            if let Some(status) = server
+                .faults
+                .route(&route.path)
+                .refusal(route.faults.as_ref())
+            {
                 server.metrics.fault(&route.path, "refuse").inc();
                 return Err(Rejection::Fault(
                     StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
@@ -402,7 +406,8 @@ where
             Either::Right(relay::relay_ws(relay_end, ws, settings, shutdown, flow))
         }
     };
-    let (mut summary, outcome) = tokio::join!(relay, faults::interpose(client, layer_end, injection));
+    let (mut summary, outcome) =
+        tokio::join!(relay, faults::interpose(client, layer_end, injection));
     if let Some(detail) = outcome.detail() {
         summary.closed_by = crate::relay::Side::Gateway;
         summary.close_code = match outcome {
