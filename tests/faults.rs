@@ -250,6 +250,7 @@ async fn admin_close_closes_every_live_connection_of_the_route() {
         let (_, close) = read_until_close(ws).await;
         assert_eq!(close, Some((1012, "restart".into())));
     }
+    wait_until("both closes counted", || injected(&gw, "close") == 2.0).await;
     // A reconnect works at once.
     let mut again = connect(&gw.url("/ws")).await;
     again.send(text(1)).await.unwrap();
@@ -278,6 +279,7 @@ async fn admin_refuse_refuses_the_next_handshakes() {
     assert_eq!(response.status, 200, "{response:?}");
     let refused = raw_request(gw.addr(), &upgrade_request("/ws", "")).await;
     assert_eq!(refused.status, 429);
+    assert_eq!(injected(&gw, "refuse"), 1.0);
     let mut ws = connect(&gw.url("/ws")).await;
     ws.send(text(0)).await.unwrap();
     assert_eq!(next_data(&mut ws).await, binary(0));
@@ -335,5 +337,33 @@ async fn faults_need_allow_faults() {
     let response = admin_post(&gw, "/faults/close?route=/ws").await;
     assert_eq!(response.status, 404);
     assert!(response.body.contains("allow_faults"), "{response:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn faults_act_on_wss_connections_too() {
+    let upstream = ws_echo().await;
+    let gw = TestGateway::builder()
+        .allow_faults()
+        .self_signed()
+        .route_with(
+            "/ws",
+            &format!("ws://{}", upstream.addr),
+            "faults = { reset_after = { messages = 1 } }",
+        )
+        .start()
+        .await
+        .expect("start");
+    let connector = tokio_rustls::TlsConnector::from(gw.rustls_client_config().unwrap());
+    let mut ws = connect_tls(&connector, gw.addr(), &gw.url("/ws")).await;
+    ws.send(text(1)).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, text(1));
+    // The TCP connection under the TLS session is reset.
+    let end = within("the reset", ws.next()).await;
+    let error = format!("{end:?}");
+    assert!(
+        error.contains("ConnectionReset") || error.contains("reset"),
+        "{error}"
+    );
     gw.stop().await;
 }
