@@ -9,9 +9,11 @@ use http::HeaderName;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Authenticator;
 use crate::config::{Config, ListenerConfig, RouteConfig, Upstream};
 use crate::devcert::Ephemeral;
 use crate::routing::Router;
+use crate::targets::TokenTable;
 use crate::tls::{self, TlsError};
 use crate::upstream::{self, Pool};
 
@@ -42,6 +44,10 @@ struct PreparedListener {
 struct PreparedRoute {
     /// For wss:// upstreams.
     connector: Option<TlsConnector>,
+    /// The route's authentication, keys and password files loaded.
+    auth: Option<Arc<Authenticator>>,
+    /// Token targets, read from their file or folder.
+    tokens: Option<Arc<TokenTable>>,
     /// Balance state, health, connection counts; taken over from the previous
     /// configuration by [`Gateway::inherit_pools`]. Connections keep the lease on the pool
     /// they were opened from.
@@ -63,6 +69,8 @@ pub struct RouteTarget<'a> {
     pub config: &'a RouteConfig,
     pub tls: Option<&'a TlsConnector>,
     pub pool: &'a Arc<Pool>,
+    pub auth: Option<&'a Authenticator>,
+    pub tokens: Option<&'a TokenTable>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +80,12 @@ pub enum PrepareError {
         name: String,
         #[source]
         source: TlsError,
+    },
+    #[error("route[{index}] (path {path:?}): {reason}")]
+    Route {
+        index: usize,
+        path: String,
+        reason: String,
     },
     #[error("self_signed: cannot make the in-memory CA: {0}")]
     Ephemeral(String),
@@ -160,8 +174,35 @@ impl Gateway {
                 } else {
                     None
                 };
+                let failed = |reason: String| PrepareError::Route {
+                    index,
+                    path: r.path.clone(),
+                    reason,
+                };
+                let auth = match &r.auth {
+                    Some(auth) => Some(Arc::new(
+                        Authenticator::prepare(auth).map_err(|e| failed(e.to_string()))?,
+                    )),
+                    None => None,
+                };
+                let tokens = match &r.targets {
+                    Some(targets) => {
+                        let table =
+                            TokenTable::load(&targets.source).map_err(|e| failed(e.to_string()))?;
+                        if table.is_empty() {
+                            tracing::warn!(route = %r.path, "token targets: no token is defined yet; every upgrade gets 404 until one is");
+                        }
+                        if r.allowed_targets.is_empty() {
+                            tracing::warn!(route = %r.path, "token targets without allowed_targets: a token may name any host and port; list the blocks the tokens may point at");
+                        }
+                        Some(Arc::new(table))
+                    }
+                    None => None,
+                };
                 Ok(PreparedRoute {
                     connector,
+                    auth,
+                    tokens,
                     pool: Arc::new(Pool::new(r)),
                 })
             })
@@ -193,9 +234,19 @@ impl Gateway {
                 "insecure_skip_verify: the upstream's certificate is not checked; for tests only"
             );
         }
+        // Headers the gateway vouches for: listener (mTLS) and route (auth) identities, and
+        // what a forward-auth service answers.
+        let route_headers = config.routes.iter().flat_map(|r| {
+            let forwarded = match &r.auth {
+                Some(crate::config::Auth::Forward(f)) => f.copy_response_headers.clone(),
+                _ => Vec::new(),
+            };
+            r.identity_header.iter().cloned().chain(forwarded)
+        });
         let mut identity_headers: Vec<HeaderName> = listeners
             .iter()
             .filter_map(|l| l.identity_header.clone())
+            .chain(route_headers.filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()))
             .collect();
         identity_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         identity_headers.dedup();
@@ -264,10 +315,13 @@ impl Gateway {
         path: &str,
     ) -> Option<RouteTarget<'_>> {
         let index = self.router.find(listener, host, path)?;
+        let prepared = &self.routes[index];
         Some(RouteTarget {
             config: &self.config.routes[index],
-            tls: self.routes[index].connector.as_ref(),
-            pool: &self.routes[index].pool,
+            tls: prepared.connector.as_ref(),
+            pool: &prepared.pool,
+            auth: prepared.auth.as_deref(),
+            tokens: prepared.tokens.as_deref(),
         })
     }
 
@@ -286,8 +340,9 @@ impl Gateway {
         &self.identity_headers
     }
 
-    /// Every certificate, key and CA file the configuration names, for change detection.
-    pub fn tls_files(&self) -> Vec<std::path::PathBuf> {
+    /// Every file the configuration loads when it is prepared (certificates, keys, CA files,
+    /// JWT keys, htpasswd files, token files and folders), for change detection.
+    pub fn watched_files(&self) -> Vec<std::path::PathBuf> {
         let mut files = Vec::new();
         for tls in self.config.listeners.iter().filter_map(|l| l.tls.as_ref()) {
             for pair in &tls.certs {
@@ -297,6 +352,15 @@ impl Gateway {
             files.extend(tls.client_auth.as_ref().map(|a| a.ca.clone()));
         }
         for route in &self.config.routes {
+            if let Some(auth) = &route.auth {
+                files.extend(Authenticator::files(auth));
+            }
+            if let Some(targets) = &route.targets {
+                files.push(match &targets.source {
+                    crate::config::TokenSource::File(path)
+                    | crate::config::TokenSource::Dir(path) => path.clone(),
+                });
+            }
             files.extend(route.ca.clone());
             if let Some(pair) = &route.client_cert {
                 files.push(pair.cert.clone());

@@ -93,6 +93,12 @@ pub fn check_request_line<B>(req: &Request<B>) -> Result<(), HandshakeError> {
 }
 
 /// Validates a routed request as a WebSocket upgrade (RFC 6455 §4.2.1).
+/// Whether the request asks for a WebSocket at all (`Upgrade: websocket`); a plain GET under
+/// a `web_root` does not, and is answered with a file.
+pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    has_token(req.headers(), &header::UPGRADE, "websocket")
+}
+
 pub fn validate<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError> {
     let headers = req.headers();
     if req.method() != Method::GET {

@@ -59,6 +59,7 @@
 //! ```
 
 mod admin;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod devcert;
@@ -75,7 +76,9 @@ pub mod routing;
 pub mod server;
 pub mod shutdown;
 pub mod sockets;
+pub mod targets;
 pub mod telemetry;
 pub mod testing;
 pub mod tls;
 pub mod upstream;
+pub mod webroot;

@@ -117,6 +117,58 @@ pub struct RouteSection {
     pub tls_server_name: Option<Spanned<String>>,
     pub insecure_skip_verify: Option<Spanned<bool>>,
     pub faults: Option<Spanned<FaultsSection>>,
+    pub web_root: Option<Spanned<String>>,
+    pub targets: Option<Spanned<TargetsSection>>,
+    pub token_from: Option<Spanned<String>>,
+    pub allowed_targets: Option<Spanned<Vec<String>>>,
+    pub auth: Option<Spanned<AuthSection>>,
+    pub identity_header: Option<Spanned<String>>,
+    pub framing: Option<Spanned<String>>,
+}
+
+/// `targets = { file = "tokens.cfg" }` or `{ dir = "tokens.d/" }` (websockify's TokenFile).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetsSection {
+    pub file: Option<String>,
+    pub dir: Option<String>,
+}
+
+/// `auth = { jwt = { … } }`, `{ basic = { … } }` or `{ forward = { … } }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub jwt: Option<Spanned<JwtSection>>,
+    pub basic: Option<Spanned<BasicSection>>,
+    pub forward: Option<Spanned<ForwardSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    pub jwks: Option<String>,
+    pub secret_file: Option<String>,
+    pub algorithms: Option<Vec<String>>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Option<String>,
+    pub from: Option<Vec<String>>,
+    pub target_claim: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicSection {
+    pub htpasswd: String,
+    pub realm: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSection {
+    pub url: String,
+    pub timeout: Option<String>,
+    pub copy_response_headers: Option<Vec<String>>,
 }
 
 /// `faults = { … }`: misbehaviour on purpose, for testing clients (needs `allow_faults`).

@@ -68,6 +68,17 @@ pub mod defaults {
     pub const FAULT_CLOSE_CODE: u16 = 1012;
     pub const FAULT_REFUSE_STATUS: u16 = 503;
     pub const FAULT_REFUSE_COUNT: u64 = 1;
+    /// RFC 6750 §2.3 names the query parameter `access_token`; browsers cannot set headers
+    /// on `new WebSocket(url)`, so a cookie, the query or a subprotocol carry it instead.
+    pub const JWT_FROM: &[&str] = &[
+        "header:authorization",
+        "cookie:access_token",
+        "query:access_token",
+        "subprotocol",
+    ];
+    pub const JWT_LEEWAY: Duration = Duration::from_secs(60);
+    pub const FORWARD_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const BASIC_REALM: &str = "wsgate";
 }
 
 /// A validated configuration: everything here has been parsed and checked.
@@ -318,6 +329,120 @@ pub struct RouteConfig {
     pub insecure_skip_verify: bool,
     /// Faults injected on this route's connections (`allow_faults` only).
     pub faults: Option<Faults>,
+    /// Plain GET and HEAD requests under the route's path are answered from this folder.
+    pub web_root: Option<PathBuf>,
+    /// The upstream is chosen per connection by a token (websockify's TokenFile), in place of
+    /// `upstreams` (which is then empty).
+    pub targets: Option<TokenTargets>,
+    /// What a token (or a JWT claim) may point at; empty allows any target.
+    pub allowed_targets: Vec<TargetRule>,
+    pub auth: Option<Auth>,
+    /// Header that carries the authenticated name to ws upstreams.
+    pub identity_header: Option<String>,
+    pub framing: Framing,
+}
+
+/// Where the table of tokens is, and where a request names its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenTargets {
+    pub source: TokenSource,
+    pub from: TokenFrom,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// One file of `TOKEN: HOST:PORT` lines.
+    File(PathBuf),
+    /// Every file in a folder, as websockify reads `--token-source` folders.
+    Dir(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFrom {
+    /// The `token` query parameter (websockify's default).
+    Query,
+    /// The last segment of the path.
+    Path,
+}
+
+/// An address block and optionally a port range a token target must fall in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetRule {
+    pub net: ipnet::IpNet,
+    pub ports: Option<(u16, u16)>,
+}
+
+impl TargetRule {
+    pub fn allows(&self, addr: SocketAddr) -> bool {
+        self.net.contains(&addr.ip().to_canonical())
+            && self
+                .ports
+                .is_none_or(|(low, high)| (low..=high).contains(&addr.port()))
+    }
+}
+
+/// How a route authenticates its clients before the upstream is dialled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    Jwt(JwtAuth),
+    Basic(BasicAuth),
+    Forward(ForwardAuth),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtAuth {
+    pub keys: JwtKeys,
+    /// Names as JWT headers write them: RS256, ES256, EdDSA, HS256, …
+    pub algorithms: Vec<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Duration,
+    /// Where the token is looked for, in order.
+    pub from: Vec<CredentialSource>,
+    /// A claim whose value is the token that picks the route's target.
+    pub target_claim: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtKeys {
+    Jwks(PathBuf),
+    Secret(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// `Authorization: Bearer …`
+    Authorization,
+    Cookie(String),
+    Query(String),
+    /// An offered subprotocol `bearer.TOKEN`, removed from the offer.
+    Subprotocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BasicAuth {
+    pub htpasswd: PathBuf,
+    pub realm: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardAuth {
+    /// `http://host:port/path`
+    pub host: String,
+    pub port: u16,
+    pub path_and_query: String,
+    pub timeout: Duration,
+    pub copy_response_headers: Vec<String>,
+}
+
+/// How a byte-stream upstream's bytes become messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Framing {
+    /// Whatever each read returns is one binary message (websockify).
+    #[default]
+    Stream,
+    /// Each line is one text message; each client message is written followed by `\n`.
+    Lines,
 }
 
 impl RouteConfig {

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use toml::Spanned;
 
 use super::file::{
-    FaultsSection, FileConfig, HealthCheckSection, KeepaliveValue, RouteSection, SizeValue,
-    ThresholdSection, TlsSection, UpstreamEntry,
+    AuthSection, FaultsSection, FileConfig, HealthCheckSection, JwtSection, KeepaliveValue,
+    RouteSection, SizeValue, TargetsSection, ThresholdSection, TlsSection, UpstreamEntry,
 };
 use super::units::{parse_duration, parse_size};
 use super::{
@@ -16,6 +16,10 @@ use super::{
     GatewayConfig, HealthCheck, ListenerConfig, ListenerTls, LogFormat, PingConfig, ProxyProtocol,
     Refuse, RouteConfig, SelfSigned, Target, TcpKeepalive, Threshold, TlsFiles, TrustedHeader,
     Upstream, defaults,
+};
+use super::{
+    Auth, BasicAuth, CredentialSource, ForwardAuth, Framing, JwtAuth, JwtKeys, TargetRule,
+    TokenFrom, TokenSource, TokenTargets,
 };
 use crate::origin::OriginRule;
 use std::time::Duration;
@@ -677,10 +681,12 @@ impl Validator<'_> {
                 format!("{key}.upstream"),
                 "set either upstream or upstreams, not both",
             ),
+            // The upstream comes from a token, or the route only serves files.
+            (None, None) if section.targets.is_some() || section.web_root.is_some() => {}
             (None, None) => self.issue(
                 &section.path,
                 key,
-                "has no upstream; add upstream = \"tcp://127.0.0.1:5900\" or upstreams = [...]",
+                "has no upstream; add upstream = \"tcp://127.0.0.1:5900\", upstreams = [...], targets = { file = \"…\" } or web_root = \"…\"",
             ),
         }
         targets
@@ -982,6 +988,132 @@ impl Validator<'_> {
         let client_key_path = wss_only(section.client_key, "client_key");
         let tls_server_name = wss_only(section.tls_server_name, "tls_server_name");
         let faults = section.faults.and_then(|f| self.faults(f, &key));
+        let web_root = section.web_root.take().and_then(|dir| {
+            let path = PathBuf::from(dir.get_ref());
+            if path.is_dir() {
+                Some(path)
+            } else {
+                self.issue(
+                    &dir,
+                    format!("{key}.web_root"),
+                    format!(
+                        "{}: not a folder; name the folder the files are in",
+                        path.display()
+                    ),
+                );
+                None
+            }
+        });
+        let targets = section.targets.take().and_then(|t| {
+            if upstreams.iter().len() > 0 {
+                self.issue(
+                    &t,
+                    format!("{key}.targets"),
+                    "replaces upstream: set one of them",
+                );
+            }
+            let at = Spanned::new(t.span(), ());
+            match t.into_inner() {
+                TargetsSection {
+                    file: Some(f),
+                    dir: None,
+                } => Some(TokenSource::File(f.into())),
+                TargetsSection {
+                    file: None,
+                    dir: Some(d),
+                } => Some(TokenSource::Dir(d.into())),
+                _ => {
+                    self.issue(
+                        &at,
+                        format!("{key}.targets"),
+                        "set one of file = \"tokens.cfg\" and dir = \"tokens.d\"",
+                    );
+                    None
+                }
+            }
+        });
+        let token_from = match section.token_from.take() {
+            None => TokenFrom::Query,
+            Some(from) => {
+                if targets.is_none() {
+                    self.issue(
+                        &from,
+                        format!("{key}.token_from"),
+                        "applies to routes with targets only",
+                    );
+                }
+                match from.get_ref().as_str() {
+                    "query" => TokenFrom::Query,
+                    "path" => TokenFrom::Path,
+                    other => {
+                        self.issue(&from, format!("{key}.token_from"), format!("`{other}` is not a place; write \"query\" (the token parameter) or \"path\" (the last segment)"));
+                        TokenFrom::Query
+                    }
+                }
+            }
+        };
+        let targets = targets.map(|source| TokenTargets {
+            source,
+            from: token_from,
+        });
+        let allowed_targets = match section.allowed_targets.take() {
+            None => Vec::new(),
+            Some(list) => {
+                if targets.is_none() {
+                    self.issue(
+                        &list,
+                        format!("{key}.allowed_targets"),
+                        "applies to routes with targets only",
+                    );
+                }
+                let mut rules = Vec::new();
+                for text in list.get_ref() {
+                    match parse_target_rule(text) {
+                        Some(rule) => rules.push(rule),
+                        None => self.issue(&list, format!("{key}.allowed_targets"), format!("`{text}` is not an address block with optional ports; write one like \"10.0.0.0/8\", \"192.0.2.7:5900\" or \"192.0.2.0/24:5900-5999\"")),
+                    }
+                }
+                rules
+            }
+        };
+        let auth = section.auth.take().and_then(|a| self.auth(a, &key));
+        let identity_header = section.identity_header.take().and_then(|name| {
+            if http::HeaderName::from_bytes(name.get_ref().as_bytes()).is_err() {
+                self.issue(
+                    &name,
+                    format!("{key}.identity_header"),
+                    "is not a valid header name",
+                );
+                return None;
+            }
+            if auth.is_none() {
+                self.issue(
+                    &name,
+                    format!("{key}.identity_header"),
+                    "needs auth: there is no authenticated name without it",
+                );
+            }
+            Some(name.into_inner().to_ascii_lowercase())
+        });
+        let framing = match section.framing.take() {
+            None => Framing::Stream,
+            Some(f) => match f.get_ref().as_str() {
+                "stream" => Framing::Stream,
+                "lines" if is_ws => {
+                    self.issue(&f, format!("{key}.framing"), "applies to tcp and unix upstreams; WebSocket upstreams keep their messages");
+                    Framing::Stream
+                }
+                "lines" => Framing::Lines,
+                other => {
+                    self.issue(
+                        &f,
+                        format!("{key}.framing"),
+                        format!("`{other}` is not a framing; write \"stream\" or \"lines\""),
+                    );
+                    Framing::Stream
+                }
+            },
+        };
         let insecure_skip_verify = match section.insecure_skip_verify {
             Some(flag) if *flag.get_ref() && !wss => {
                 self.issue(
@@ -1051,6 +1183,191 @@ impl Validator<'_> {
             tls_server_name,
             insecure_skip_verify,
             faults,
+            web_root,
+            targets,
+            allowed_targets,
+            auth,
+            identity_header,
+            framing,
+        })
+    }
+
+    /// One of `jwt`, `basic` and `forward`.
+    fn auth(&mut self, section: Spanned<AuthSection>, key: &str) -> Option<Auth> {
+        let at = Spanned::new(section.span(), ());
+        let key = format!("{key}.auth");
+        match section.into_inner() {
+            AuthSection {
+                jwt: Some(jwt),
+                basic: None,
+                forward: None,
+            } => self.jwt(jwt, &key).map(Auth::Jwt),
+            AuthSection {
+                jwt: None,
+                basic: Some(basic),
+                forward: None,
+            } => {
+                let basic = basic.into_inner();
+                Some(Auth::Basic(BasicAuth {
+                    htpasswd: basic.htpasswd.into(),
+                    realm: basic
+                        .realm
+                        .unwrap_or_else(|| defaults::BASIC_REALM.to_string()),
+                }))
+            }
+            AuthSection {
+                jwt: None,
+                basic: None,
+                forward: Some(forward),
+            } => {
+                let at = Spanned::new(forward.span(), ());
+                let forward = forward.into_inner();
+                let Ok(uri) = forward.url.parse::<http::Uri>() else {
+                    self.issue(
+                        &at,
+                        format!("{key}.forward.url"),
+                        format!(
+                            "`{}` is not a URL; write one like \"http://127.0.0.1:9000/check\"",
+                            forward.url
+                        ),
+                    );
+                    return None;
+                };
+                if uri.scheme_str() != Some("http") || uri.host().is_none() {
+                    self.issue(&at, format!("{key}.forward.url"), format!("`{}`: the auth service is reached over plain http://host:port/path (keep it on a private address)", forward.url));
+                    return None;
+                }
+                let timeout = match forward.timeout.map(|t| parse_duration(&t)) {
+                    None => defaults::FORWARD_AUTH_TIMEOUT,
+                    Some(Ok(d)) if !d.is_zero() => d,
+                    Some(Ok(_)) => {
+                        self.issue(
+                            &at,
+                            format!("{key}.forward.timeout"),
+                            "must be longer than zero",
+                        );
+                        return None;
+                    }
+                    Some(Err(e)) => {
+                        self.issue(&at, format!("{key}.forward.timeout"), e);
+                        return None;
+                    }
+                };
+                let mut copy = Vec::new();
+                for name in forward.copy_response_headers.unwrap_or_default() {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        self.issue(
+                            &at,
+                            format!("{key}.forward.copy_response_headers"),
+                            format!("`{name}` is not a header name"),
+                        );
+                    }
+                    copy.push(name.to_ascii_lowercase());
+                }
+                Some(Auth::Forward(ForwardAuth {
+                    host: uri
+                        .host()
+                        .unwrap_or_default()
+                        .trim_matches(['[', ']'])
+                        .to_string(),
+                    port: uri.port_u16().unwrap_or(80),
+                    path_and_query: uri.path_and_query().map_or("/".into(), |p| p.to_string()),
+                    timeout,
+                    copy_response_headers: copy,
+                }))
+            }
+            _ => {
+                self.issue(
+                    &at,
+                    key,
+                    "set one of jwt = { … }, basic = { … } and forward = { … }",
+                );
+                None
+            }
+        }
+    }
+
+    fn jwt(&mut self, section: Spanned<JwtSection>, key: &str) -> Option<JwtAuth> {
+        let at = Spanned::new(section.span(), ());
+        let key = format!("{key}.jwt");
+        let jwt = section.into_inner();
+        let keys = match (jwt.jwks, jwt.secret_file) {
+            (Some(jwks), None) => JwtKeys::Jwks(jwks.into()),
+            (None, Some(secret)) => JwtKeys::Secret(secret.into()),
+            _ => {
+                self.issue(&at, key, "set one of jwks = \"keys.json\" (public keys) and secret_file = \"hs.key\" (a shared secret)");
+                return None;
+            }
+        };
+        let algorithms = match jwt.algorithms {
+            Some(list) => list,
+            None => match keys {
+                JwtKeys::Jwks(_) => ["RS256", "ES256", "EdDSA"].map(String::from).to_vec(),
+                JwtKeys::Secret(_) => vec!["HS256".to_string()],
+            },
+        };
+        for name in &algorithms {
+            let known = name.parse::<jsonwebtoken::Algorithm>().is_ok();
+            let fits = matches!(
+                (&keys, name.starts_with("HS")),
+                (JwtKeys::Secret(_), true) | (JwtKeys::Jwks(_), false)
+            );
+            if !known {
+                self.issue(&at, format!("{key}.algorithms"), format!("`{name}` is not a JWT algorithm; use RS256, RS384, RS512, PS256, ES256, ES384, EdDSA, HS256, HS384 or HS512"));
+            } else if !fits {
+                self.issue(
+                    &at,
+                    format!("{key}.algorithms"),
+                    format!(
+                        "`{name}` does not go with the key: HS* need secret_file, the others jwks"
+                    ),
+                );
+            }
+        }
+        let leeway = match jwt.leeway.map(|l| parse_duration(&l)) {
+            None => defaults::JWT_LEEWAY,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.issue(&at, format!("{key}.leeway"), e);
+                defaults::JWT_LEEWAY
+            }
+        };
+        let from_text: Vec<String> = jwt
+            .from
+            .unwrap_or_else(|| defaults::JWT_FROM.iter().map(|s| s.to_string()).collect());
+        let mut from = Vec::new();
+        for place in &from_text {
+            let source = match place.split_once(':') {
+                Some(("header", "authorization")) => Some(CredentialSource::Authorization),
+                Some(("cookie", name)) if !name.is_empty() => {
+                    Some(CredentialSource::Cookie(name.into()))
+                }
+                Some(("query", name)) if !name.is_empty() => {
+                    Some(CredentialSource::Query(name.into()))
+                }
+                None if place == "subprotocol" => Some(CredentialSource::Subprotocol),
+                _ => None,
+            };
+            match source {
+                Some(source) => from.push(source),
+                None => self.issue(&at, format!("{key}.from"), format!("`{place}` is not a place for a token; use \"header:authorization\", \"cookie:NAME\", \"query:NAME\" or \"subprotocol\"")),
+            }
+        }
+        if from.is_empty() {
+            self.issue(
+                &at,
+                format!("{key}.from"),
+                "is empty; name where the token is",
+            );
+        }
+        Some(JwtAuth {
+            keys,
+            algorithms,
+            issuer: jwt.issuer,
+            audience: jwt.audience,
+            leeway,
+            from,
+            target_claim: jwt.target_claim,
         })
     }
 
@@ -1201,6 +1518,36 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// `10.0.0.0/8`, `192.0.2.7`, `192.0.2.7:5900`, `192.0.2.0/24:5900-5999`, `[::1]:5900`, `::1`.
+fn parse_target_rule(text: &str) -> Option<TargetRule> {
+    let (net, ports) = if let Some(rest) = text.strip_prefix('[') {
+        let (net, after) = rest.split_once(']')?;
+        (net, after.strip_prefix(':'))
+    } else if text.matches(':').count() == 1 {
+        let (net, ports) = text.split_once(':')?;
+        (net, Some(ports))
+    } else {
+        (text, None)
+    };
+    let net = net
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .ok()?
+        .trunc();
+    let ports = match ports {
+        None => None,
+        Some(range) => {
+            let (low, high) = range.split_once('-').unwrap_or((range, range));
+            let (low, high) = (low.parse::<u16>().ok()?, high.parse::<u16>().ok()?);
+            if low > high {
+                return None;
+            }
+            Some((low, high))
+        }
+    };
+    Some(TargetRule { net, ports })
 }
 
 /// RFC 7230 `tchar`, the alphabet of subprotocol names.

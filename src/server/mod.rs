@@ -419,12 +419,12 @@ async fn bind_all(
     Ok(bound)
 }
 
-/// Re-loads TLS material when a certificate, key or CA file changes on disk. Files are read
+/// Re-loads TLS material, JWT keys, htpasswd and token files when one changes on disk. Files are read
 /// (following symlinks) and hashed, so the atomic symlink swaps of certbot and Kubernetes
 /// secrets count as changes as much as a file rewritten in place. A pair caught half-written
 /// fails to load, is logged, and is tried again when the files change once more.
 async fn watch_certificates(server: Server) {
-    let mut last = fingerprint(&server.gateway().tls_files());
+    let mut last = fingerprint(&server.gateway().watched_files());
     loop {
         let interval = server.gateway().config.gateway.certificate_check_interval;
         tokio::select! {
@@ -433,7 +433,7 @@ async fn watch_certificates(server: Server) {
         }
         let gateway = server.gateway();
         // File reads and key parsing block: keep them off the runtime's worker threads.
-        let files = gateway.tls_files();
+        let files = gateway.watched_files();
         let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&files)).await else {
             continue;
         };
@@ -482,6 +482,20 @@ fn fingerprint(files: &[std::path::PathBuf]) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     for file in files {
         file.hash(&mut hasher);
+        if file.is_dir() {
+            // A folder (of token files): its files' names and contents.
+            let mut entries: Vec<std::path::PathBuf> = std::fs::read_dir(file)
+                .map(|dir| dir.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            entries.sort();
+            for entry in entries {
+                entry.hash(&mut hasher);
+                if let Ok(bytes) = std::fs::read(&entry) {
+                    bytes.hash(&mut hasher);
+                }
+            }
+            continue;
+        }
         match std::fs::read(file) {
             Ok(bytes) => bytes.hash(&mut hasher),
             Err(e) => e.kind().hash(&mut hasher),

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either as Body, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::either::Either;
@@ -27,6 +27,8 @@ use tracing::{debug, info, warn};
 
 use super::connection::ConnectionContext;
 use super::limits::{ConnectionPermit, LimitHit, PerIp, Permit};
+use crate::auth::{AuthError, Authenticated, Credentials};
+use crate::config::{Framing, RouteConfig, Target, TokenFrom, Upstream};
 use crate::faults;
 use crate::forwarded::{self, ClientAddr};
 use crate::gateway::{Gateway, ListenerRef, RouteTarget};
@@ -34,8 +36,10 @@ use crate::handshake::{self, HandshakeError};
 use crate::origin::{self, OriginRefused};
 use crate::relay::{self, RelaySettings, Summary};
 use crate::routing::{self, PathError};
+use crate::targets::{TokenRefused, TokenTable};
 use crate::telemetry::ratelimit::Verdict;
 use crate::upstream::{self, Connected, Introduction, Lease, UpstreamError};
+use crate::webroot::{self, FileBody};
 
 /// Why an upgrade request was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,12 @@ enum Rejection {
     Upstream(#[from] UpstreamError),
     #[error("refused on purpose (faults: refuse_first or /faults/refuse)")]
     Fault(StatusCode),
+    #[error("this route serves files (web_root) and has no upstream")]
+    FilesOnly,
+    #[error("authentication failed: {0}")]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Token(#[from] TokenRefused),
 }
 
 impl Rejection {
@@ -68,6 +78,13 @@ impl Rejection {
             Rejection::Limit(_) => (StatusCode::SERVICE_UNAVAILABLE, RETRY),
             Rejection::Upstream(e) => (e.status(), &[][..]),
             Rejection::Fault(status) => (*status, RETRY),
+            Rejection::FilesOnly => (StatusCode::NOT_FOUND, &[][..]),
+            Rejection::Auth(e) => (e.status(), &[][..]),
+            Rejection::Token(TokenRefused::Missing | TokenRefused::Unknown) => {
+                (StatusCode::NOT_FOUND, &[][..])
+            }
+            Rejection::Token(TokenRefused::NotAllowed { .. }) => (StatusCode::FORBIDDEN, &[][..]),
+            Rejection::Token(TokenRefused::Unresolved { .. }) => (StatusCode::BAD_GATEWAY, &[][..]),
         };
         // The client learns the category; the details of the upstream stay in the log.
         let body = match self {
@@ -76,6 +93,20 @@ impl Rejection {
                 "the upstream did not answer in time\n".into()
             }
             Rejection::Upstream(_) => "the upstream is not reachable\n".into(),
+            // Which token and where it points stay in the log.
+            Rejection::Token(TokenRefused::NotAllowed { .. }) => {
+                "the token's target is not allowed\n".into()
+            }
+            Rejection::Token(TokenRefused::Unresolved { .. }) => {
+                "the token's target is not reachable\n".into()
+            }
+            Rejection::Auth(e @ AuthError::InvalidToken(_)) => {
+                let _ = e;
+                "authentication failed: invalid token\n".into()
+            }
+            Rejection::Auth(AuthError::Unavailable(_)) => {
+                "authentication is unavailable; try again later\n".into()
+            }
             other => format!("{other}\n"),
         };
         let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -91,20 +122,28 @@ impl Rejection {
         for (name, value) in extra {
             headers.insert(name.clone(), HeaderValue::from_static(value));
         }
+        if let Rejection::Auth(e) = self
+            && let Some(challenge) = e.challenge()
+        {
+            headers.insert(header::WWW_AUTHENTICATE, challenge);
+        }
         response
     }
 }
 
+/// Responses: short text (refusals, the 101) or a file streamed from a web root.
+pub(super) type GatewayBody = Body<Full<Bytes>, FileBody>;
+
 pub(super) async fn handle(
     mut req: Request<Incoming>,
     conn: Arc<ConnectionContext>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<GatewayBody>, Infallible> {
     let started = Instant::now();
     // Each request sees the configuration in force when it arrives (hot reload).
     let gateway = conn.listener.server.gateway.load_full();
     let Some(listener) = gateway.listener(&conn.listener.key) else {
         // Removed by a reload while this connection was open: it serves nothing now.
-        return Ok(Rejection::NoRoute.response());
+        return Ok(Rejection::NoRoute.response().map(Body::Left));
     };
     let config = listener.config;
     // Any PROXY header, even one that names no client, ends the chain of trust: what
@@ -133,7 +172,11 @@ pub(super) async fn handle(
             let status = response.status().as_u16();
             server.metrics.rejected(status);
             if let Verdict::Log { suppressed } = server.rejection_log.check() {
-                let path = req.uri().path();
+                // With token_from = "path" the path holds the token, which is never logged.
+                let path = match &rejection {
+                    Rejection::Token(_) => "(not logged: it may hold a token)",
+                    _ => req.uri().path(),
+                };
                 match &rejection {
                     Rejection::Upstream(e) => {
                         warn!(%client, listener = %config.name, path, status, suppressed, error = %e, "upgrade failed")
@@ -143,7 +186,7 @@ pub(super) async fn handle(
                     }
                 }
             }
-            Ok(response)
+            Ok(response.map(Body::Left))
         }
     }
 }
@@ -166,7 +209,7 @@ impl UpgradeRequest<'_> {
     async fn accept(
         &self,
         req: &mut Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, Rejection> {
+    ) -> Result<Response<GatewayBody>, Rejection> {
         let conn = self.conn;
         handshake::check_request_line(req)?;
         let path = routing::normalize_path(req.uri().path())?;
@@ -179,7 +222,15 @@ impl UpgradeRequest<'_> {
             .route(self.listener.index, host, &path)
             .ok_or(Rejection::NoRoute)?;
         let route = target.config;
-        let upgrade = handshake::validate(req)?;
+        if let Some(root) = &route.web_root
+            && !handshake::wants_upgrade(req)
+        {
+            return Ok(serve_file(root, route, &path, req).await);
+        }
+        if route.upstreams.is_empty() && target.tokens.is_none() {
+            return Err(Rejection::FilesOnly);
+        }
+        let mut upgrade = handshake::validate(req)?;
         origin::check(route.allowed_origins.as_deref(), upgrade.origin.as_deref())?;
         if self.gateway.config.gateway.allow_faults {
             let server = &conn.listener.server;
@@ -194,7 +245,25 @@ impl UpgradeRequest<'_> {
                 ));
             }
         }
+        let authenticated = self.authenticate(&target, req, &upgrade.protocols).await?;
+        if let Some(used) = &authenticated.used_protocol {
+            // The token's carrier is the gateway's business: not offered upstream, not echoed.
+            upgrade.protocols.retain(|p| p != used);
+        }
         let permit = self.acquire()?;
+
+        // Token targets: this connection's one upstream, from the token (or a JWT claim).
+        let single = match target.tokens {
+            Some(tokens) => Some(
+                self.token_target(route, tokens, &authenticated, req, &path)
+                    .await?,
+            ),
+            None => None,
+        };
+        let (route, pool) = match &single {
+            Some((route, pool)) => (route, pool),
+            None => (route, target.pool),
+        };
 
         let introduction = Introduction {
             peer: conn.peer,
@@ -216,13 +285,25 @@ impl UpgradeRequest<'_> {
             Some(query) => format!("{path}?{query}"),
             None => path,
         };
-        let client_handshake =
+        let mut client_handshake =
             introduction.handshake(route, path_and_query, &upgrade.protocols, req.headers());
+        client_handshake
+            .forwarding
+            .set
+            .extend(authenticated.headers.iter().cloned());
+        if let (Some(name), Some(user)) = (&route.identity_header, &authenticated.name)
+            && let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(user),
+            )
+        {
+            client_handshake.forwarding.set.push((name, value));
+        }
         let proxy_header = introduction.proxy_header(route)?;
         let metrics = &conn.listener.server.metrics;
         let (connected, lease) = upstream::connect(
             route,
-            target.pool,
+            pool,
             target.tls,
             &client_handshake,
             proxy_header.as_deref(),
@@ -237,9 +318,99 @@ impl UpgradeRequest<'_> {
                     .map(str::to_string)
             }
         };
+        let connected = match (route.framing, connected) {
+            (Framing::Lines, Connected::Stream(stream)) => {
+                // The line adapter is the relay's ws upstream, on an in-memory pipe.
+                let (relay_end, adapter_end) = tokio::io::duplex(64 << 10);
+                conn.listener.server.tracker.spawn(upstream::lines::adapt(
+                    stream,
+                    adapter_end,
+                    route.max_message_size,
+                ));
+                Connected::WebSocket {
+                    ws: crate::prefixed::Prefixed::new(
+                        Vec::new(),
+                        upstream::WsTransport::Pipe(relay_end),
+                    ),
+                    protocol: None,
+                }
+            }
+            (_, connected) => connected,
+        };
         let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
-        self.spawn_relay(req, &target, connected, lease, permit);
-        Ok(response)
+        self.spawn_relay(
+            req,
+            route,
+            pool,
+            connected,
+            lease,
+            permit,
+            authenticated.name,
+        );
+        Ok(response.map(Body::Left))
+    }
+
+    /// The route's authentication, if it has one; failures are counted by reason.
+    async fn authenticate(
+        &self,
+        target: &RouteTarget<'_>,
+        req: &Request<Incoming>,
+        protocols: &[String],
+    ) -> Result<Authenticated, Rejection> {
+        let Some(auth) = target.auth else {
+            return Ok(Authenticated::default());
+        };
+        let credentials = Credentials {
+            headers: req.headers(),
+            uri: req.uri(),
+            protocols,
+            client: self.client,
+        };
+        auth.check(&credentials).await.map_err(|e| {
+            let metrics = &self.conn.listener.server.metrics;
+            metrics.auth_failed(&target.config.path, e.reason());
+            Rejection::Auth(e)
+        })
+    }
+
+    /// A copy of the route with the token's target as its one upstream, and a pool of it.
+    async fn token_target(
+        &self,
+        route: &RouteConfig,
+        tokens: &TokenTable,
+        authenticated: &Authenticated,
+        req: &Request<Incoming>,
+        path: &str,
+    ) -> Result<(RouteConfig, Arc<upstream::Pool>), Rejection> {
+        let from = route.targets.as_ref().map_or(TokenFrom::Query, |t| t.from);
+        let token = match &authenticated.target {
+            Some(claimed) => Some(claimed.clone()),
+            None => match from {
+                TokenFrom::Query => req.uri().query().and_then(|q| {
+                    form_urlencoded::parse(q.as_bytes())
+                        .find(|(k, _)| k == "token")
+                        .map(|(_, v)| v.into_owned())
+                }),
+                TokenFrom::Path => path
+                    .rsplit('/')
+                    .next()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            },
+        };
+        let token = token.ok_or(TokenRefused::Missing)?;
+        let addr = tokens.resolve(&token, &route.allowed_targets).await?;
+        let mut single = route.clone();
+        single.upstreams = vec![Target {
+            upstream: Upstream::Tcp {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            },
+            weight: 1,
+        }];
+        single.connect_attempts = 1;
+        let pool = Arc::new(upstream::Pool::new(&single));
+        Ok((single, pool))
     }
 
     /// Takes a slot in each connection budget: the gateway's, the listener's, the client
@@ -264,15 +435,17 @@ impl UpgradeRequest<'_> {
 
     /// Starts the relay task. It waits for hyper to hand over the connection once the 101
     /// has been written, and is tracked so that shutdown waits for it.
+    #[allow(clippy::too_many_arguments)] // one call site: the parts of one accepted upgrade
     fn spawn_relay(
         &self,
         req: &mut Request<Incoming>,
-        target: &RouteTarget<'_>,
+        route: &RouteConfig,
+        pool: &Arc<upstream::Pool>,
         connected: Connected,
         lease: Lease,
         permit: ConnectionPermit,
+        user: Option<String>,
     ) {
-        let route = target.config;
         let on_upgrade = hyper::upgrade::on(req);
         let conn = self.conn.clone();
         let settings = RelaySettings {
@@ -286,7 +459,8 @@ impl UpgradeRequest<'_> {
             client: self.client,
             listener: self.listener.config.name.clone(),
             route: route.path.clone(),
-            upstream: target.pool.name(lease.index()).clone(),
+            upstream: pool.name(lease.index()).clone(),
+            user,
             started: self.started,
             _permit: permit,
             _lease: lease,
@@ -353,11 +527,7 @@ impl UpgradeRequest<'_> {
 
 impl UpgradeRequest<'_> {
     /// What the fault layer of a connection on `route` needs (`allow_faults` only).
-    fn injection(
-        &self,
-        route: &crate::config::RouteConfig,
-        settings: &RelaySettings,
-    ) -> faults::Injection {
+    fn injection(&self, route: &RouteConfig, settings: &RelaySettings) -> faults::Injection {
         let server = &self.conn.listener.server;
         let counter = |fault| server.metrics.fault(&route.path, fault);
         faults::Injection {
@@ -419,12 +589,45 @@ where
     summary
 }
 
+/// A plain GET or HEAD under a route's web root.
+async fn serve_file(
+    root: &std::path::Path,
+    route: &RouteConfig,
+    path: &str,
+    req: &Request<Incoming>,
+) -> Response<GatewayBody> {
+    let rest = if route.path == "/" {
+        path
+    } else {
+        path.strip_prefix(route.path.as_str()).unwrap_or("")
+    };
+    match webroot::serve(root, rest, req.method(), req.headers()).await {
+        webroot::Served::File(response) => response.map(Body::Right),
+        webroot::Served::Error(status, body) => {
+            let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            if status == StatusCode::METHOD_NOT_ALLOWED {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            response.map(Body::Left)
+        }
+    }
+}
+
 /// What the log line of a finished connection names.
 struct Finished {
     client: ClientAddr,
     listener: String,
     route: String,
     upstream: std::sync::Arc<str>,
+    /// The authenticated name, when the route authenticates.
+    user: Option<String>,
     started: Instant,
     /// Held for the connection's life: its slots in the connection budgets, and its upstream's
     /// share of the pool's balancing.
@@ -442,6 +645,7 @@ fn log_summary(conn: &ConnectionContext, done: &Finished, s: &Summary) {
         client_cert = %conn.identity().map(|i| i.to_string()).unwrap_or_default(),
         route = %done.route,
         upstream = %done.upstream,
+        user = done.user.as_deref().unwrap_or(""),
         duration_ms = done.started.elapsed().as_millis() as u64,
         bytes_from_client = s.bytes_from_client,
         bytes_to_client = s.bytes_to_client,

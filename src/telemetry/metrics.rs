@@ -59,6 +59,13 @@ pub struct FaultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    pub route: String,
+    /// missing, invalid, denied or unavailable.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -91,6 +98,7 @@ pub struct Metrics {
     connection_seconds: HistogramFamily<RouteLabels>,
     reloads: Family<ResultLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
+    auth_failures: Family<AuthLabels, Counter>,
     active_relays: AtomicUsize,
     relays_total: AtomicU64,
 }
@@ -197,6 +205,12 @@ impl Metrics {
             "Faults injected on purpose (allow_faults): delayed and fragmented messages, closed, reset and stalled connections, refused handshakes",
             faults.clone(),
         );
+        let auth_failures = Family::default();
+        registry.register(
+            "auth_failures",
+            "Upgrades refused by the route's authentication, by reason",
+            auth_failures.clone(),
+        );
         Self {
             registry,
             connections_active,
@@ -212,6 +226,7 @@ impl Metrics {
             connection_seconds,
             reloads,
             faults,
+            auth_failures,
             active_relays: AtomicUsize::new(0),
             relays_total: AtomicU64::new(0),
         }
@@ -281,6 +296,15 @@ impl Metrics {
                 fault,
             })
             .clone()
+    }
+
+    pub(crate) fn auth_failed(&self, route: &str, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&AuthLabels {
+                route: route.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     pub(crate) fn reload(&self, ok: bool) {

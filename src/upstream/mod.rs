@@ -6,6 +6,7 @@
 
 pub mod health;
 mod introduction;
+pub mod lines;
 pub mod pool;
 mod stream;
 pub mod tls;

@@ -35,6 +35,8 @@ pub enum WsTransport {
     Unix(UnixStream),
     /// Boxed: a TLS session is large, and most upstreams are plain.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// An in-process WebSocket server: a tcp upstream with `framing = "lines"` (`lines`).
+    Pipe(tokio::io::DuplexStream),
 }
 
 /// The largest response head accepted from an upstream.
@@ -301,6 +303,7 @@ macro_rules! each_transport {
             WsTransport::Tcp($s) => $e,
             WsTransport::Unix($s) => $e,
             WsTransport::Tls($s) => $e,
+            WsTransport::Pipe($s) => $e,
         }
     };
 }
@@ -337,6 +340,7 @@ impl AsyncWrite for WsTransport {
             WsTransport::Tcp(s) => s.is_write_vectored(),
             WsTransport::Unix(s) => s.is_write_vectored(),
             WsTransport::Tls(s) => s.is_write_vectored(),
+            WsTransport::Pipe(s) => s.is_write_vectored(),
         }
     }
 
