@@ -300,3 +300,96 @@ async fn chromium_exchanges_messages_through_wss_and_is_refused_from_another_ori
     drop(browser);
     gw.stop().await;
 }
+
+/// Opens `URL` (after setting `COOKIE` as a cookie, when not empty), sends one message and
+/// reports the echo, or how the connection ended.
+const TOKEN_EXCHANGE: &str = r#"
+if ("COOKIE") document.cookie = "COOKIE; path=/";
+const ws = new WebSocket("URL");
+let got = null;
+ws.onopen = () => ws.send("from the page");
+ws.onmessage = (e) => { got = e.data; ws.close(1000); };
+ws.onclose = (e) => done({ code: e.code, got });
+setTimeout(() => done({ timeout: true }), 15000);
+"#;
+
+#[tokio::test]
+async fn chromium_loads_the_web_root_and_authenticates_by_query_and_cookie() {
+    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver (.ci/run does)"
+        );
+        eprintln!("SKIPPED: chromium / chromedriver not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("www");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(
+        root.join("index.html"),
+        "<!doctype html><title>fleet</title><p id=p>served by the web root</p>",
+    )
+    .unwrap();
+    let secret = dir.path().join("hs.key");
+    std::fs::write(&secret, "browser-test-secret").unwrap();
+    let upstream = ws_echo().await;
+    let gw = start_gateway(&format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nweb_root = \"{}\"\n\n\
+         [[route]]\npath = \"/ws\"\nupstream = \"ws://{}\"\nidentity_header = \"x-user\"\n\
+         auth = {{ jwt = {{ secret_file = \"{}\" }} }}\n",
+        root.display(),
+        upstream.addr,
+        secret.display()
+    ))
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({ "sub": "browser-user", "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(b"browser-test-secret"),
+    )
+    .unwrap();
+    let base = format!("127.0.0.1:{}", gw.addr().port());
+    let browser = WebDriver::start("unused").await;
+    browser.goto(&format!("http://{base}/")).await;
+    let text = browser
+        .run("done(document.getElementById('p').textContent)")
+        .await;
+    assert_eq!(text, "served by the web root");
+
+    let run = |url: String, cookie: &str| {
+        TOKEN_EXCHANGE
+            .replace("URL", &url)
+            .replace("COOKIE", cookie)
+    };
+    // Without a token: refused (401 at the gateway, 1006 in the browser).
+    let refused = browser.run(&run(format!("ws://{base}/ws"), "")).await;
+    assert_eq!(refused["code"], 1006, "{refused}");
+    // The token in the query, then in a cookie the page set.
+    let by_query = browser
+        .run(&run(format!("ws://{base}/ws?access_token={token}"), ""))
+        .await;
+    assert_eq!(by_query["got"], "from the page", "{by_query}");
+    let by_cookie = browser
+        .run(&run(
+            format!("ws://{base}/ws"),
+            &format!("access_token={token}"),
+        ))
+        .await;
+    assert_eq!(by_cookie["got"], "from the page", "{by_cookie}");
+    wait_until("two handshakes upstream", || {
+        upstream.seen.lock().unwrap().paths.len() == 2
+    })
+    .await;
+    let seen = upstream.seen.lock().unwrap();
+    assert_eq!(seen.header(1, "x-user"), vec!["browser-user".to_string()]);
+    drop(seen);
+    browser.quit().await;
+    drop(browser);
+    gw.stop().await;
+}

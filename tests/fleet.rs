@@ -723,3 +723,44 @@ fn fleet_configuration_errors_name_the_key() {
         assert!(error.contains(expected), "{route}:\n{error}");
     }
 }
+
+#[tokio::test]
+async fn jwt_keys_are_read_again_when_they_change() {
+    let upstream = ws_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write(dir.path(), "hs.key", "the-first-secret");
+    let gw = start_gateway(&format!(
+        "[gateway]\ncertificate_check_interval = \"50ms\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nupstream = \"ws://{}\"\nauth = {{ jwt = {{ secret_file = \"{secret}\" }} }}\n",
+        upstream.addr
+    ))
+    .await;
+    let claims = serde_json::json!({"sub": "a", "exp": now() + 600});
+    let (old, new) = (
+        hs256(b"the-first-secret", claims.clone()),
+        hs256(b"the-second-secret", claims),
+    );
+    let status = |token: String| {
+        let addr = gw.addr();
+        async move {
+            raw_request(
+                addr,
+                &upgrade_request(&format!("/?access_token={token}"), ""),
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(status(old.clone()).await, 101);
+    assert_eq!(status(new.clone()).await, 401);
+    std::fs::write(&secret, "the-second-secret").unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while status(new.clone()).await != 101 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new secret was not picked up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(old).await, 401, "the old secret no longer signs");
+    gw.stop().await;
+}
