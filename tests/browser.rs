@@ -386,9 +386,8 @@ async fn chromium_loads_the_web_root_and_authenticates_by_query_and_cookie() {
         upstream.seen.lock().unwrap().paths.len() == 2
     })
     .await;
-    let seen = upstream.seen.lock().unwrap();
-    assert_eq!(seen.header(1, "x-user"), vec!["browser-user".to_string()]);
-    drop(seen);
+    let user = upstream.seen.lock().unwrap().header(1, "x-user");
+    assert_eq!(user, vec!["browser-user".to_string()]);
     browser.quit().await;
     drop(browser);
     gw.stop().await;
