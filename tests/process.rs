@@ -324,3 +324,54 @@ async fn the_log_line_names_the_client_a_balancer_reported() {
     gw.signal("TERM");
     assert_eq!(gw.exit_code().await, Some(0));
 }
+
+/// A refused token is logged, once per request and rate-limited, without the token: neither
+/// from the query nor from the path (`token_from = "path"`), nor the credentials of a
+/// refused JWT.
+#[tokio::test]
+async fn refused_tokens_are_logged_without_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.cfg");
+    std::fs::write(&tokens, "known: 127.0.0.1:9\n").unwrap();
+    let secret = dir.path().join("hs.key");
+    std::fs::write(&secret, "a-secret").unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\n\n\
+             [[route]]\npath = \"/q\"\ntargets = {{ file = \"{t}\" }}\n\n\
+             [[route]]\npath = \"/p\"\ntargets = {{ file = \"{t}\" }}\ntoken_from = \"path\"\n\n\
+             [[route]]\npath = \"/jwt\"\nupstream = \"tcp://127.0.0.1:9\"\nauth = {{ jwt = {{ secret_file = \"{s}\" }} }}\n",
+            t = tokens.display(),
+            s = secret.display()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&config, "", &[]);
+    let addr: std::net::SocketAddr = gw.addr().await.parse().unwrap();
+    for target in [
+        "/q?token=sekrit-in-query",
+        "/p/sekrit-in-path",
+        "/jwt?access_token=sekrit.jwt.value",
+    ] {
+        let response = raw_request(addr, &upgrade_request(target, "")).await;
+        assert!(
+            response.status == 404 || response.status == 401,
+            "{target}: {response:?}"
+        );
+    }
+    let lines = gw.lines.clone();
+    wait_until("three refusals logged", move || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("upgrade refused"))
+            .count()
+            == 3
+    })
+    .await;
+    let logged = gw.lines.lock().unwrap().join("\n");
+    assert!(!logged.contains("sekrit"), "a token reached the log:\n{logged}");
+}
