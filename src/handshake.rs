@@ -26,8 +26,11 @@ pub struct UpgradeRequest {
 /// A request that is not a valid upgrade, with the status it earns.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
-    #[error("WebSocket upgrades need HTTP/1.1")]
+    #[error("WebSocket upgrades need HTTP/1.1 or HTTP/2")]
     NotHttp11,
+    /// RFC 8441 §4: an extended CONNECT for another protocol than `websocket`.
+    #[error("the CONNECT protocol {0:?} is not supported here; only websocket is")]
+    ConnectProtocol(String),
     #[error("the request has no Host header")]
     MissingHost,
     #[error("the request has more than one {0} header")]
@@ -53,6 +56,7 @@ impl HandshakeError {
     pub fn status(&self) -> StatusCode {
         match self {
             HandshakeError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
+            HandshakeError::ConnectProtocol(_) => StatusCode::NOT_IMPLEMENTED,
             HandshakeError::NotUpgrade | HandshakeError::UnsupportedVersion => {
                 StatusCode::UPGRADE_REQUIRED
             }
@@ -80,9 +84,10 @@ impl HandshakeError {
     }
 }
 
-/// Checks what every request needs before routing: HTTP/1.1 and exactly one Host.
+/// Checks what every request needs before routing: HTTP/1.1 (or HTTP/2, whose `:authority`
+/// the caller has put in Host) and exactly one Host.
 pub fn check_request_line<B>(req: &Request<B>) -> Result<(), HandshakeError> {
-    if req.version() != Version::HTTP_11 {
+    if req.version() != Version::HTTP_11 && req.version() != Version::HTTP_2 {
         return Err(HandshakeError::NotHttp11);
     }
     match req.headers().get_all(header::HOST).iter().count() {
@@ -93,10 +98,63 @@ pub fn check_request_line<B>(req: &Request<B>) -> Result<(), HandshakeError> {
 }
 
 /// Validates a routed request as a WebSocket upgrade (RFC 6455 §4.2.1).
-/// Whether the request asks for a WebSocket at all (`Upgrade: websocket`); a plain GET under
-/// a `web_root` does not, and is answered with a file.
+/// Whether the request asks for a WebSocket at all (`Upgrade: websocket`, or an HTTP/2
+/// extended CONNECT); a plain GET under a `web_root` does not, and is answered with a file.
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    if req.version() == Version::HTTP_2 {
+        return req.method() == Method::CONNECT;
+    }
     has_token(req.headers(), &header::UPGRADE, "websocket")
+}
+
+/// RFC 8441 §4–5: a WebSocket over HTTP/2 is an extended CONNECT with `:protocol =
+/// websocket` and `sec-websocket-version: 13`; there is no key and no Accept. Everything else
+/// (Origin, subprotocols) is as over HTTP/1.1.
+pub fn validate_h2<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError> {
+    let headers = req.headers();
+    if req.method() != Method::CONNECT {
+        return Err(if req.method() == Method::GET {
+            HandshakeError::NotUpgrade
+        } else {
+            HandshakeError::Method(req.method().clone())
+        });
+    }
+    match req.extensions().get::<hyper::ext::Protocol>() {
+        Some(protocol) if protocol.as_str().eq_ignore_ascii_case("websocket") => {}
+        Some(protocol) => {
+            return Err(HandshakeError::ConnectProtocol(
+                protocol.as_str().to_string(),
+            ));
+        }
+        // A plain CONNECT asks for a TCP tunnel, which this gateway does not offer.
+        None => return Err(HandshakeError::ConnectProtocol(String::new())),
+    }
+    let version = single(
+        headers,
+        &header::SEC_WEBSOCKET_VERSION,
+        "Sec-WebSocket-Version",
+    )?;
+    if version.map(|v| v.as_bytes()) != Some(b"13") {
+        return Err(HandshakeError::UnsupportedVersion);
+    }
+    let origin = single(headers, &header::ORIGIN, "Origin")?
+        .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
+    Ok(UpgradeRequest {
+        key: HeaderValue::from_static(""),
+        protocols: offered_protocols(headers),
+        origin,
+    })
+}
+
+/// The 200 that accepts an extended CONNECT (RFC 8441 §5): no Upgrade, no Accept.
+pub fn connect_accepted<B: Default>(protocol: Option<&str>) -> Response<B> {
+    let mut response = Response::new(B::default());
+    if let Some(value) = protocol.and_then(|p| HeaderValue::from_str(p).ok()) {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, value);
+    }
+    response
 }
 
 pub fn validate<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError> {

@@ -180,9 +180,13 @@ pub fn server_config(
         })?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(SniResolver { certs }));
-    // WebSocket upgrades exist in HTTP/1.1 only (RFC 8441 for h2 is not supported), so
-    // advertise exactly that and let clients that insist on h2 fail the handshake clearly.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // h2 first when on: browsers that get it use RFC 8441 for their WebSockets on the same
+    // connection as the page. `http2 = false` keeps a listener on HTTP/1.1.
+    config.alpn_protocols = if tls.http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     // Resumption: the in-memory session cache (rustls' default) serves TLS 1.2 session IDs
     // and TLS 1.3 stateful tickets; stateless tickets also survive cache eviction.
     if let Ok(ticketer) = rustls::crypto::ring::Ticketer::new() {

@@ -392,3 +392,58 @@ async fn chromium_loads_the_web_root_and_authenticates_by_query_and_cookie() {
     drop(browser);
     gw.stop().await;
 }
+
+/// Chromium opens a WebSocket over HTTP/2 (RFC 8441) when it already has an h2 connection
+/// to the origin: the page comes from the gateway's web root over https://, then the page
+/// opens wss:// to the same origin.
+#[tokio::test]
+async fn chromium_uses_http2_websockets_on_the_pages_connection() {
+    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver (.ci/run does)"
+        );
+        eprintln!("SKIPPED: chromium / chromedriver not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("index.html"),
+        "<!doctype html><title>h2</title><p>over h2</p>",
+    )
+    .unwrap();
+    let upstream = ws_echo().await;
+    let gw = wsgate::testing::TestGateway::builder()
+        .self_signed()
+        .route_with(
+            "/",
+            &format!("ws://{}", upstream.addr),
+            &format!("web_root = \"{}\"", dir.path().display()),
+        )
+        .start()
+        .await
+        .expect("start");
+    let spki = gw.ready().listeners[0].spki_sha256.clone().unwrap();
+    let origin = gw.url("").replace("wss://", "https://");
+    let browser = WebDriver::start(&spki).await;
+    browser.goto(&format!("{origin}/")).await;
+    let script = EXCHANGE
+        .replace("URL", &format!("{}/socket", gw.url("")))
+        .replace("MODE", "\"ws\"")
+        .replace("EXPECTED_BYTES", "0");
+    let result = browser.run(&script).await;
+    assert_eq!(result["timeout"], Value::Null, "{result}");
+    assert_eq!(result["code"], 1000, "{result}");
+    assert_eq!(result["got"][0]["data"], "héllo ✓ from the browser");
+    let binary: Vec<u64> = (0..1024u64).map(|i| i % 256).collect();
+    assert_eq!(result["got"][1]["data"], json!(binary));
+    let metrics = gw.metrics().encode();
+    assert_eq!(
+        metric(&metrics, "wsgate_upgrades_total{http=\"2\"}"),
+        1.0,
+        "the WebSocket came over HTTP/2: {metrics}"
+    );
+    browser.quit().await;
+    drop(browser);
+    gw.stop().await;
+}

@@ -373,5 +373,8 @@ async fn refused_tokens_are_logged_without_the_token() {
     })
     .await;
     let logged = gw.lines.lock().unwrap().join("\n");
-    assert!(!logged.contains("sekrit"), "a token reached the log:\n{logged}");
+    assert!(
+        !logged.contains("sekrit"),
+        "a token reached the log:\n{logged}"
+    );
 }

@@ -72,7 +72,7 @@ async fn wss_listener_relays_to_tcp_and_ws_upstreams() {
 }
 
 #[tokio::test]
-async fn tls_listener_offers_http11_alpn_and_refuses_untrusted_clients_cleanly() {
+async fn tls_listener_offers_h2_alpn_and_refuses_untrusted_clients_cleanly() {
     let pki = make_pki(&["localhost"]);
     let gw = start_gateway(&tls_listener_config(
         &pki,
@@ -93,7 +93,7 @@ async fn tls_listener_offers_http11_alpn_and_refuses_untrusted_clients_cleanly()
             .await
             .is_err()
     );
-    // ALPN: a client offering h2 and http/1.1 gets http/1.1.
+    // ALPN: a client offering h2 and http/1.1 gets h2 (RFC 8441 WebSockets; tests/http2.rs).
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone()).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
@@ -107,7 +107,7 @@ async fn tls_listener_offers_http11_alpn_and_refuses_untrusted_clients_cleanly()
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let stream = TcpStream::connect(gw.addrs()[0]).await.unwrap();
     let tls = connector.connect(name, stream).await.expect("handshake");
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     gw.stop().await;
 }
 

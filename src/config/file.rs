@@ -63,6 +63,7 @@ pub struct ListenerSection {
     pub accept_proxy_protocol: Option<Spanned<bool>>,
     pub trusted: Option<Spanned<Vec<String>>>,
     pub trusted_header: Option<Spanned<String>>,
+    pub http2: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -204,6 +204,8 @@ pub struct ListenerTls {
     pub certs: Vec<TlsFiles>,
     /// A certificate made in memory at start, signed by a CA made with it (test fixtures).
     pub self_signed: Option<SelfSigned>,
+    /// Offer `h2` by ALPN (and WebSockets over it, RFC 8441) beside `http/1.1`.
+    pub http2: bool,
     /// Client certificates (mTLS): verified against this CA, required or optional.
     pub client_auth: Option<ClientAuth>,
     /// Header that carries the verified client identity to ws upstreams.
@@ -216,6 +218,7 @@ impl ListenerTls {
         Self {
             certs: vec![TlsFiles { cert, key }],
             self_signed: None,
+            http2: true,
             client_auth: None,
             identity_header: None,
         }

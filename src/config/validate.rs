@@ -184,6 +184,7 @@ impl Validator<'_> {
             None => None,
         };
         Some(ListenerTls {
+            http2: true,
             certs,
             self_signed,
             client_auth,
@@ -545,7 +546,17 @@ impl Validator<'_> {
                     name
                 }
             };
-            let tls = section.tls.and_then(|tls| self.listener_tls(tls, &key));
+            let mut tls = section.tls.and_then(|tls| self.listener_tls(tls, &key));
+            if let Some(flag) = section.http2 {
+                match tls.as_mut() {
+                    Some(tls) => tls.http2 = *flag.get_ref(),
+                    None => self.issue(
+                        &flag,
+                        format!("{key}.http2"),
+                        "applies to TLS listeners (browsers speak HTTP/2 over TLS only)",
+                    ),
+                }
+            }
             let max_connections = section
                 .max_connections
                 .and_then(|n| self.count(&n, &format!("{key}.max_connections")));

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -135,6 +135,7 @@ async fn serve_listener(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(ClientIdentity::from_certificate);
+            let h2 = session.alpn_protocol() == Some(b"h2");
             let info = TlsInfo {
                 identity,
                 server_name: session.server_name().map(str::to_string),
@@ -146,7 +147,11 @@ async fn serve_listener(
                 local,
                 socket,
             };
-            serve_http(io, who, listener, gateway, deadline, Some(info)).await
+            if h2 {
+                serve_h2(io, who, listener, gateway, Some(info)).await
+            } else {
+                serve_http(io, who, listener, gateway, deadline, Some(info)).await
+            }
         }
         Ok(Err(e)) => debug!(client = %client, error = %e, "TLS handshake failed"),
         Err(_) => debug!(client = %client, "TLS handshake timed out (handshake_timeout)"),
@@ -160,6 +165,58 @@ struct Who {
     local: Option<SocketAddr>,
     socket: Option<OwnedFd>,
 }
+
+/// HTTP/2 (TLS listeners whose client chose `h2`): plain requests, and WebSockets as
+/// extended CONNECT streams (RFC 8441). Each stream's flow control is its backpressure.
+async fn serve_h2<I>(
+    io: TokioIo<I>,
+    who: Who,
+    listener: Arc<ListenerContext>,
+    gateway: &Gateway,
+    tls: Option<TlsInfo>,
+) where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let shutdown = listener.server.shutdown.graceful.clone();
+    let peer = who.peer;
+    let ctx = Arc::new(ConnectionContext {
+        peer: who.peer,
+        proxied: who.proxied,
+        local: who.local,
+        listener,
+        tls,
+        socket: std::sync::Mutex::new(who.socket),
+    });
+    let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
+    let settings = &gateway.config.gateway;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        // nginx's http2_max_concurrent_streams; each WebSocket is one stream.
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(settings.max_request_head_size as u32)
+        // HTTP/2 PINGs find a dead connection under all of its streams at once.
+        .keep_alive_interval(crate::config::defaults::PING.interval)
+        .keep_alive_timeout(crate::config::defaults::PING.timeout);
+    let conn = builder.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            // GOAWAY: no new streams; the WebSocket streams are closed with 1001 by their
+            // relays and end the connection when the last one is done.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(client = %peer, error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// Concurrent streams per HTTP/2 connection (nginx's default is 128).
+const H2_MAX_STREAMS: u32 = 128;
 
 async fn serve_http<I>(
     io: TokioIo<I>,

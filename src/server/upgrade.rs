@@ -139,6 +139,15 @@ pub(super) async fn handle(
     conn: Arc<ConnectionContext>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let started = Instant::now();
+    if req.version() == http::Version::HTTP_2
+        && !req.headers().contains_key(header::HOST)
+        && let Some(authority) = req.uri().authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        // HTTP/2 names the host in `:authority`; as Host it routes, is forwarded and is
+        // checked exactly as over HTTP/1.1.
+        req.headers_mut().insert(header::HOST, host);
+    }
     // Each request sees the configuration in force when it arrives (hot reload).
     let gateway = conn.listener.server.gateway.load_full();
     let Some(listener) = gateway.listener(&conn.listener.key) else {
@@ -230,7 +239,12 @@ impl UpgradeRequest<'_> {
         if route.upstreams.is_empty() && target.tokens.is_none() {
             return Err(Rejection::FilesOnly);
         }
-        let mut upgrade = handshake::validate(req)?;
+        let h2 = req.version() == http::Version::HTTP_2;
+        let mut upgrade = if h2 {
+            handshake::validate_h2(req)?
+        } else {
+            handshake::validate(req)?
+        };
         origin::check(route.allowed_origins.as_deref(), upgrade.origin.as_deref())?;
         if self.gateway.config.gateway.allow_faults {
             let server = &conn.listener.server;
@@ -337,7 +351,12 @@ impl UpgradeRequest<'_> {
             }
             (_, connected) => connected,
         };
-        let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
+        let response = if h2 {
+            handshake::connect_accepted(protocol.as_deref())
+        } else {
+            handshake::switching_protocols(&upgrade.key, protocol.as_deref())
+        };
+        metrics.upgraded(if h2 { "2" } else { "1.1" });
         self.spawn_relay(
             req,
             route,
@@ -446,6 +465,11 @@ impl UpgradeRequest<'_> {
         permit: ConnectionPermit,
         user: Option<String>,
     ) {
+        let http = if req.version() == http::Version::HTTP_2 {
+            "2"
+        } else {
+            "1.1"
+        };
         let on_upgrade = hyper::upgrade::on(req);
         let conn = self.conn.clone();
         let settings = RelaySettings {
@@ -461,6 +485,7 @@ impl UpgradeRequest<'_> {
             route: route.path.clone(),
             upstream: pool.name(lease.index()).clone(),
             user,
+            http,
             started: self.started,
             _permit: permit,
             _lease: lease,
@@ -628,6 +653,8 @@ struct Finished {
     upstream: std::sync::Arc<str>,
     /// The authenticated name, when the route authenticates.
     user: Option<String>,
+    /// The HTTP version the WebSocket came over: "1.1" (Upgrade) or "2" (RFC 8441).
+    http: &'static str,
     started: Instant,
     /// Held for the connection's life: its slots in the connection budgets, and its upstream's
     /// share of the pool's balancing.
@@ -642,6 +669,7 @@ fn log_summary(conn: &ConnectionContext, done: &Finished, s: &Summary) {
         client = %done.client,
         listener = %done.listener,
         tls = conn.tls.is_some(),
+        http = done.http,
         client_cert = %conn.identity().map(|i| i.to_string()).unwrap_or_default(),
         route = %done.route,
         upstream = %done.upstream,

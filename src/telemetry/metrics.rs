@@ -66,6 +66,12 @@ pub struct AuthLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// "1.1" (Upgrade) or "2" (extended CONNECT, RFC 8441).
+    pub http: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -99,6 +105,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
     auth_failures: Family<AuthLabels, Counter>,
+    upgrades: Family<HttpLabels, Counter>,
     active_relays: AtomicUsize,
     relays_total: AtomicU64,
 }
@@ -211,6 +218,12 @@ impl Metrics {
             "Upgrades refused by the route's authentication, by reason",
             auth_failures.clone(),
         );
+        let upgrades = Family::default();
+        registry.register(
+            "upgrades",
+            "WebSocket handshakes accepted, by the HTTP version they came over",
+            upgrades.clone(),
+        );
         Self {
             registry,
             connections_active,
@@ -227,6 +240,7 @@ impl Metrics {
             reloads,
             faults,
             auth_failures,
+            upgrades,
             active_relays: AtomicUsize::new(0),
             relays_total: AtomicU64::new(0),
         }
@@ -305,6 +319,10 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    pub(crate) fn upgraded(&self, http: &'static str) {
+        self.upgrades.get_or_create(&HttpLabels { http }).inc();
     }
 
     pub(crate) fn reload(&self, ok: bool) {
