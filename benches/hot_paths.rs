@@ -46,6 +46,7 @@ fn settings() -> RelaySettings {
         close_timeout: Duration::from_secs(5),
         idle_timeout: None,
         ping: None,
+        compressed: false,
     }
 }
 

@@ -22,6 +22,7 @@ fn settings(idle: Option<u64>, ping: Option<(u64, u64)>) -> RelaySettings {
             interval: Duration::from_secs(interval),
             timeout: Duration::from_secs(timeout),
         }),
+        compressed: false,
     }
 }
 

@@ -58,6 +58,8 @@ impl OpCode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
     pub fin: bool,
+    /// RSV1: the message is compressed (permessage-deflate, RFC 7692), on its first frame.
+    pub rsv1: bool,
     pub opcode: OpCode,
     pub mask: Option<[u8; 4]>,
     pub len: u64,
@@ -67,6 +69,7 @@ impl Head {
     pub fn new(fin: bool, opcode: OpCode, mask: Option<[u8; 4]>, len: usize) -> Self {
         Self {
             fin,
+            rsv1: false,
             opcode,
             mask,
             len: len as u64,
@@ -76,7 +79,7 @@ impl Head {
     /// Writes the header with the shortest length encoding (RFC 6455 §5.2 asks for it);
     /// returns how many bytes of `out` it took.
     pub fn encode(&self, out: &mut [u8; MAX_HEAD]) -> usize {
-        out[0] = (u8::from(self.fin) << 7) | self.opcode.bits();
+        out[0] = (u8::from(self.fin) << 7) | (u8::from(self.rsv1) << 6) | self.opcode.bits();
         let mut n = if self.len < 126 {
             out[1] = self.len as u8;
             2
@@ -102,10 +105,12 @@ impl Head {
         let [b0, b1, ..] = *bytes else {
             return Ok(None);
         };
-        if b0 & 0x70 != 0 {
-            // No extension is ever negotiated through the gateway.
+        if b0 & 0x30 != 0 {
+            // RSV2 and RSV3 belong to no extension the gateway lets through; RSV1 is
+            // permessage-deflate's, allowed by the decoder only where it was negotiated.
             return Err(Failure::protocol("reserved bits set"));
         }
+        let rsv1 = b0 & 0x40 != 0;
         let opcode = OpCode::from_bits(b0 & 0x0f).ok_or(Failure::protocol("unknown opcode"))?;
         let fin = b0 & 0x80 != 0;
         let masked = b1 & 0x80 != 0;
@@ -150,6 +155,7 @@ impl Head {
         Ok(Some((
             Head {
                 fin,
+                rsv1,
                 opcode,
                 mask,
                 len,
@@ -188,6 +194,8 @@ pub enum Piece {
 pub struct Decoder {
     /// Whether frames from this side must be masked (clients) or must not be (servers).
     expect_masked: bool,
+    /// permessage-deflate was negotiated: RSV1 may mark a message's first frame.
+    compressed: bool,
     max_frame_size: u64,
     head: [u8; MAX_HEAD],
     head_len: usize,
@@ -203,12 +211,20 @@ impl Decoder {
     pub fn new(expect_masked: bool, max_frame_size: usize) -> Self {
         Self {
             expect_masked,
+            compressed: false,
             max_frame_size: max_frame_size as u64,
             head: [0; MAX_HEAD],
             head_len: 0,
             frame: None,
             control: Vec::new(),
         }
+    }
+
+    /// permessage-deflate was negotiated (RFC 7692 §6): RSV1 is allowed on the first frame
+    /// of a data message, nowhere else.
+    pub fn compressed(mut self, compressed: bool) -> Self {
+        self.compressed = compressed;
+        self
     }
 
     /// True between the first and the last piece of a data frame: nothing else may be written
@@ -245,6 +261,13 @@ impl Decoder {
                 } else {
                     "server frames must not be masked"
                 }));
+            }
+            if head.rsv1
+                && (!self.compressed
+                    || head.opcode.is_control()
+                    || head.opcode == OpCode::Continuation)
+            {
+                return Err(Failure::protocol("reserved bits set"));
             }
             if head.len > self.max_frame_size {
                 return Err(Failure {

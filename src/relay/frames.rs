@@ -67,15 +67,19 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// `expect_masked` for frames from a client; `validate_utf8` to check text messages.
+    /// `expect_masked` for frames from a client; `validate_utf8` to check text messages;
+    /// `compressed` when permessage-deflate was negotiated (RSV1 allowed, compressed text
+    /// passes unchecked: its UTF-8 can only be seen after inflating, which a pass-through
+    /// relay does not do).
     pub fn new(
         expect_masked: bool,
         validate_utf8: bool,
+        compressed: bool,
         max_frame: usize,
         max_message: usize,
     ) -> Self {
         Self {
-            decoder: Decoder::new(expect_masked, max_frame),
+            decoder: Decoder::new(expect_masked, max_frame).compressed(compressed),
             message: MessageCheck::new(max_message, validate_utf8),
         }
     }
@@ -141,7 +145,10 @@ impl MessageCheck {
         if self.size > self.max_message_size {
             return Err(failure(TOO_BIG, "message too big"));
         }
-        self.text = opcode == OpCode::Text;
+        if head.opcode != OpCode::Continuation {
+            // A compressed message's text is checked by whoever inflates it.
+            self.text = opcode == OpCode::Text && !head.rsv1;
+        }
         self.current = if head.fin { None } else { Some(opcode) };
         Ok(())
     }

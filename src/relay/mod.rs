@@ -54,6 +54,8 @@ pub struct RelaySettings {
     pub close_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub ping: Option<PingConfig>,
+    /// permessage-deflate negotiated end to end (ws upstreams): compressed frames pass.
+    pub compressed: bool,
 }
 
 /// The two stages of shutdown a relay listens to: `graceful` asks it to close with 1001 and
@@ -124,6 +126,7 @@ mod tests {
             close_timeout: Duration::from_secs(1),
             idle_timeout: None,
             ping: None,
+            compressed: false,
         };
         let (client, _far) = tokio::io::duplex(1);
         let (upstream, _far_upstream) = tokio::io::duplex(1);

@@ -130,6 +130,7 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
     let frames = Incoming::new(
         true,
         true,
+        false,
         settings.max_frame_size,
         settings.max_message_size,
     );

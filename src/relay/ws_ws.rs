@@ -114,6 +114,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     let frames = Incoming::new(
         to_upstream,
         true,
+        settings.compressed,
         settings.max_frame_size,
         settings.max_message_size,
     );

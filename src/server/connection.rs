@@ -39,6 +39,34 @@ pub(super) struct ConnectionContext {
     /// With `allow_faults`: a duplicate of the client socket's descriptor, taken by the
     /// fault layer to reset the connection (`reset_after`).
     pub socket: std::sync::Mutex<Option<OwnedFd>>,
+    /// Relays running on this connection (several on one HTTP/2 connection), and a wake-up
+    /// when the last one ends: the drain closes an HTTP/2 connection once it has none.
+    pub relays: std::sync::atomic::AtomicUsize,
+    pub relays_done: tokio::sync::Notify,
+}
+
+/// Counts a relay on its connection for as long as it lives.
+pub(super) struct RelayOnConnection(Arc<ConnectionContext>);
+
+impl RelayOnConnection {
+    pub fn new(conn: Arc<ConnectionContext>) -> Self {
+        conn.relays
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        RelayOnConnection(conn)
+    }
+}
+
+impl Drop for RelayOnConnection {
+    fn drop(&mut self) {
+        if self
+            .0
+            .relays
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.relays_done.notify_waiters();
+        }
+    }
 }
 
 pub(super) struct TlsInfo {
@@ -51,6 +79,19 @@ pub(super) struct TlsInfo {
 impl ConnectionContext {
     pub fn identity(&self) -> Option<&ClientIdentity> {
         self.tls.as_ref().and_then(|t| t.identity.as_ref())
+    }
+
+    /// Resolves when no relay runs on this connection.
+    async fn no_relays(&self) {
+        loop {
+            let notified = self.relays_done.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.relays.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -186,9 +227,13 @@ async fn serve_h2<I>(
         listener,
         tls,
         socket: std::sync::Mutex::new(who.socket),
+        relays: std::sync::atomic::AtomicUsize::new(0),
+        relays_done: tokio::sync::Notify::new(),
     });
+    let context = ctx.clone();
     let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
     let settings = &gateway.config.gateway;
+    let force = context.listener.server.shutdown.force.clone();
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -204,10 +249,15 @@ async fn serve_h2<I>(
     let result = tokio::select! {
         result = conn.as_mut() => result,
         _ = shutdown.cancelled() => {
-            // GOAWAY: no new streams; the WebSocket streams are closed with 1001 by their
-            // relays and end the connection when the last one is done.
+            // GOAWAY: no new streams. The WebSocket streams are closed with 1001 by their
+            // relays; once none is left the connection ends (also one that is idle or never
+            // sent its preface, which hyper would otherwise wait for).
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                result = conn.as_mut() => result,
+                _ = context.no_relays() => Ok(()),
+                _ = force.cancelled() => Ok(()),
+            }
         }
     };
     if let Err(e) = result {
@@ -237,6 +287,8 @@ async fn serve_http<I>(
         listener,
         tls,
         socket: std::sync::Mutex::new(who.socket),
+        relays: std::sync::atomic::AtomicUsize::new(0),
+        relays_done: tokio::sync::Notify::new(),
     });
     let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
     let mut builder = http1::Builder::new();

@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
-use super::connection::ConnectionContext;
+use super::connection::{ConnectionContext, RelayOnConnection};
 use super::limits::{ConnectionPermit, LimitHit, PerIp, Permit};
 use crate::auth::{AuthError, Authenticated, Credentials};
 use crate::config::{Framing, RouteConfig, Target, TokenFrom, Upstream};
@@ -325,12 +325,17 @@ impl UpgradeRequest<'_> {
             metrics,
         )
         .await?;
-        let protocol = match &connected {
-            Connected::WebSocket { protocol, .. } => protocol.clone(),
-            Connected::Stream(_) => {
+        let (protocol, extensions) = match &connected {
+            Connected::WebSocket {
+                protocol,
+                extensions,
+                ..
+            } => (protocol.clone(), extensions.clone()),
+            Connected::Stream(_) => (
                 handshake::select_protocol(&route.subprotocols, &upgrade.protocols)
-                    .map(str::to_string)
-            }
+                    .map(str::to_string),
+                None,
+            ),
         };
         let connected = match (route.framing, connected) {
             (Framing::Lines, Connected::Stream(stream)) => {
@@ -347,15 +352,22 @@ impl UpgradeRequest<'_> {
                         upstream::WsTransport::Pipe(relay_end),
                     ),
                     protocol: None,
+                    extensions: None,
                 }
             }
             (_, connected) => connected,
         };
-        let response = if h2 {
+        let mut response: Response<Full<Bytes>> = if h2 {
             handshake::connect_accepted(protocol.as_deref())
         } else {
             handshake::switching_protocols(&upgrade.key, protocol.as_deref())
         };
+        // The upstream's permessage-deflate answer, as it gave it (RFC 7692 end to end).
+        if let Some(value) = extensions.and_then(|e| HeaderValue::from_str(&e).ok()) {
+            response
+                .headers_mut()
+                .insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
+        }
         metrics.upgraded(if h2 { "2" } else { "1.1" });
         self.spawn_relay(
             req,
@@ -478,6 +490,13 @@ impl UpgradeRequest<'_> {
             close_timeout: self.gateway.config.gateway.close_timeout,
             idle_timeout: route.idle_timeout,
             ping: route.ping,
+            compressed: matches!(
+                connected,
+                Connected::WebSocket {
+                    extensions: Some(_),
+                    ..
+                }
+            ),
         };
         let done = Finished {
             client: self.client,
@@ -517,6 +536,7 @@ impl UpgradeRequest<'_> {
             };
             let metrics = &server.metrics;
             let _active = metrics.relay_started(&done.listener, &done.route);
+            let _on_connection = RelayOnConnection::new(conn.clone());
             // Made in a block of its own, so that nothing it was made of stays in the task's
             // state beside it while it runs.
             let relay = {

@@ -115,6 +115,7 @@ async fn probe(
         identity: None,
         drop_headers: &[],
         forwarding: Default::default(),
+        extensions: None,
     };
     let connection = Connection {
         route,

@@ -65,6 +65,7 @@ impl Introduction<'_> {
                 .and_then(|(name, value)| Some((*name, value.as_deref()?))),
             drop_headers: self.identity_headers,
             forwarding,
+            extensions: super::deflate_offers(headers),
         }
     }
 

@@ -24,7 +24,7 @@ use tracing::warn;
 pub use introduction::Introduction;
 pub use pool::{Lease, Pool};
 pub use stream::{UpstreamReader, UpstreamStream, UpstreamWriter};
-pub use ws::{ClientHandshake, UpstreamWs, WsTransport};
+pub use ws::{ClientHandshake, UpstreamWs, WsTransport, deflate_offers};
 
 use crate::config::{RouteConfig, TcpKeepalive, Upstream, authority};
 use crate::routing;
@@ -34,10 +34,12 @@ use crate::telemetry::Metrics;
 pub enum Connected {
     /// A byte stream (tcp:// or unix:) for the ws↔stream relay.
     Stream(UpstreamStream),
-    /// An upgraded WebSocket and the subprotocol the upstream chose.
+    /// An upgraded WebSocket, the subprotocol the upstream chose, and its
+    /// permessage-deflate answer.
     WebSocket {
         ws: UpstreamWs,
         protocol: Option<String>,
+        extensions: Option<String>,
     },
 }
 
@@ -241,7 +243,7 @@ impl Connection<'_> {
                     .await?
                     .map_err(connect_failed)?;
                 // A Unix socket has no host name; "localhost" is what curl sends too.
-                let (ws, protocol) = deadline
+                let (ws, agreed) = deadline
                     .run(
                         Phase::Handshake,
                         ws::handshake(
@@ -253,7 +255,11 @@ impl Connection<'_> {
                     )
                     .await?
                     .map_err(handshake_failed)?;
-                Ok(Connected::WebSocket { ws, protocol })
+                Ok(Connected::WebSocket {
+                    ws,
+                    protocol: agreed.protocol,
+                    extensions: agreed.extensions,
+                })
             }
             Upstream::Ws {
                 tls: use_tls,
@@ -312,8 +318,12 @@ impl Connection<'_> {
                         )
                         .await?
                 };
-                let (ws, protocol) = result.map_err(handshake_failed)?;
-                Ok(Connected::WebSocket { ws, protocol })
+                let (ws, agreed) = result.map_err(handshake_failed)?;
+                Ok(Connected::WebSocket {
+                    ws,
+                    protocol: agreed.protocol,
+                    extensions: agreed.extensions,
+                })
             }
         }
     }

@@ -63,6 +63,29 @@ pub struct ClientHandshake<'a> {
     pub drop_headers: &'a [HeaderName],
     /// X-Forwarded-For and friends: which of the client's to drop, which to set.
     pub forwarding: Forwarding,
+    /// The permessage-deflate offers of the client's `Sec-WebSocket-Extensions`, passed on
+    /// (RFC 7692 end to end: the upstream's answer goes back to the client).
+    pub extensions: Option<String>,
+}
+
+/// The permessage-deflate offers among a client's `Sec-WebSocket-Extensions` headers.
+pub fn deflate_offers(headers: &HeaderMap) -> Option<String> {
+    let offers: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|offer| is_deflate(offer))
+        .collect();
+    (!offers.is_empty()).then(|| offers.join(", "))
+}
+
+fn is_deflate(extension: &str) -> bool {
+    extension
+        .split(';')
+        .next()
+        .is_some_and(|name| name.trim().eq_ignore_ascii_case("permessage-deflate"))
 }
 
 pub(super) enum Failure {
@@ -100,8 +123,8 @@ const NOT_FORWARDED: &[HeaderName] = &[
     header::SEC_WEBSOCKET_VERSION,
     header::SEC_WEBSOCKET_PROTOCOL,
     header::SEC_WEBSOCKET_ACCEPT,
-    // Extensions (permessage-deflate) change the frames; the relay passes frames through
-    // unchanged, so none is negotiated on either side.
+    // Only the permessage-deflate part of the offer goes on (`ClientHandshake::extensions`):
+    // the relay passes its RSV1 frames through, and would refuse any other extension's.
     header::SEC_WEBSOCKET_EXTENSIONS,
 ];
 
@@ -110,7 +133,7 @@ pub(super) async fn handshake(
     host: &str,
     path_and_query: &str,
     hs: &ClientHandshake<'_>,
-) -> Result<(UpstreamWs, Option<String>), Failure> {
+) -> Result<(UpstreamWs, Agreed), Failure> {
     let key = fastwebsockets::handshake::generate_key();
     let request = build_request(host, path_and_query, &key, hs)?;
     stream
@@ -122,8 +145,15 @@ pub(super) async fn handshake(
     if status != StatusCode::SWITCHING_PROTOCOLS {
         return Err(Failure::Status(status));
     }
-    let protocol = verify(&headers, &key, hs.protocols)?;
-    Ok((Prefixed::new(rest, stream), protocol))
+    let agreed = verify(&headers, &key, hs)?;
+    Ok((Prefixed::new(rest, stream), agreed))
+}
+
+/// What the upstream agreed to: a subprotocol, and permessage-deflate's parameters.
+#[derive(Debug, Default)]
+pub struct Agreed {
+    pub protocol: Option<String>,
+    pub extensions: Option<String>,
 }
 
 /// The request head as it goes on the wire: one buffer, one write.
@@ -230,6 +260,13 @@ fn build_request(
     for (name, value) in &hs.forwarding.set {
         headers.insert(name.clone(), value.clone());
     }
+    if let Some(offer) = hs
+        .extensions
+        .as_deref()
+        .and_then(|o| HeaderValue::from_str(o).ok())
+    {
+        headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, offer);
+    }
     let value = |s: &str| {
         HeaderValue::from_str(s)
             .map_err(|_| Failure::Invalid(format!("`{s}` is not a valid header value")))
@@ -252,7 +289,17 @@ fn build_request(
 }
 
 /// RFC 6455 §4.1, the client's checks of the server's 101 response.
-fn verify(headers: &HeaderMap, key: &str, offered: &[String]) -> Result<Option<String>, Failure> {
+fn verify(headers: &HeaderMap, key: &str, hs: &ClientHandshake<'_>) -> Result<Agreed, Failure> {
+    check_response(headers, key, hs.protocols, hs.extensions.is_some())
+}
+
+/// The 101's checks: Upgrade, Connection, Accept, and choices among what was offered.
+fn check_response(
+    headers: &HeaderMap,
+    key: &str,
+    offered: &[String],
+    extensions_offered: bool,
+) -> Result<Agreed, Failure> {
     if !has_token(headers, &header::UPGRADE, "websocket") {
         return Err(Failure::Invalid(
             "the 101 response has no `Upgrade: websocket`".into(),
@@ -277,24 +324,40 @@ fn verify(headers: &HeaderMap, key: &str, offered: &[String]) -> Result<Option<S
             ));
         }
     }
-    if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
-        return Err(Failure::Invalid(
-            "the upstream chose an extension, but none was offered".into(),
-        ));
-    }
-    match headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
-        None => Ok(None),
+    let extensions = match headers.get(header::SEC_WEBSOCKET_EXTENSIONS) {
+        None => None,
+        Some(_) if !extensions_offered => {
+            return Err(Failure::Invalid(
+                "the upstream chose an extension, but none was offered".into(),
+            ));
+        }
+        Some(value) => {
+            let value = value.to_str().unwrap_or_default().trim();
+            // RFC 7692 §5: one permessage-deflate answer, nothing else.
+            if value.contains(',') || !is_deflate(value) {
+                return Err(Failure::Invalid(format!(
+                    "the upstream chose extensions {value:?}; only permessage-deflate was offered"
+                )));
+            }
+            Some(value.to_string())
+        }
+    };
+    let protocol = match headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
+        None => None,
         Some(chosen) => {
             let chosen = chosen.to_str().unwrap_or_default().trim();
-            if offered.iter().any(|p| p == chosen) {
-                Ok(Some(chosen.to_string()))
-            } else {
-                Err(Failure::Invalid(format!(
+            if !offered.iter().any(|p| p == chosen) {
+                return Err(Failure::Invalid(format!(
                     "the upstream chose subprotocol {chosen:?}, which the client did not offer"
-                )))
+                )));
             }
+            Some(chosen.to_string())
         }
-    }
+    };
+    Ok(Agreed {
+        protocol,
+        extensions,
+    })
 }
 
 macro_rules! each_transport {
@@ -443,8 +506,24 @@ mod tests {
     #[test]
     fn accept_is_verified() {
         let key = "dGhlIHNhbXBsZSBub25jZQ==";
-        assert!(verify(&response_headers("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), key, &[]).is_ok());
-        assert!(verify(&response_headers("AAAAAAAAAAAAAAAAAAAAAAAAAAA="), key, &[]).is_err());
+        assert!(
+            check_response(
+                &response_headers("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+                key,
+                &[],
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            check_response(
+                &response_headers("AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+                key,
+                &[],
+                false
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -456,13 +535,25 @@ mod tests {
             HeaderValue::from_static("chat"),
         );
         assert_eq!(
-            verify(&h, key, &["chat".to_string()])
+            check_response(&h, key, &["chat".to_string()], false)
                 .ok()
-                .flatten()
+                .and_then(|a| a.protocol)
                 .as_deref(),
             Some("chat")
         );
-        assert!(verify(&h, key, &["other".to_string()]).is_err());
+        assert!(check_response(&h, key, &["other".to_string()], false).is_err());
+        // An extension answer needs an offer, and only permessage-deflate passes.
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate; server_no_context_takeover"),
+        );
+        assert!(check_response(&h, key, &["chat".to_string()], false).is_err());
+        assert!(check_response(&h, key, &["chat".to_string()], true).is_ok());
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("x-webkit-deflate-frame"),
+        );
+        assert!(check_response(&h, key, &["chat".to_string()], true).is_err());
     }
 
     #[test]
@@ -492,6 +583,7 @@ mod tests {
             headers: &client,
             identity: None,
             drop_headers: &[HeaderName::from_static("x-client-identity")],
+            extensions: None,
             forwarding: Forwarding {
                 keep: Vec::new(),
                 set: vec![(

@@ -1,0 +1,131 @@
+//! permessage-deflate (RFC 7692) end to end through ws routes: a Python `websockets` client
+//! and upstream that both compress; the offer goes upstream, the answer comes back, the
+//! compressed (RSV1) frames pass unchanged, and RSV1 stays a protocol error where nothing
+//! was negotiated. Needs Python `websockets` (installed by .ci/run); outside CI a machine
+//! without it skips with a message.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+fn peers() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers")
+}
+
+fn have_websockets() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import websockets"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must install Python websockets (.ci/run does)"
+        );
+        eprintln!("SKIPPED: python3 -m pip install websockets");
+    }
+    ok
+}
+
+/// The compressing Python upstream; killed when dropped.
+struct Upstream {
+    child: Child,
+    port: u16,
+}
+
+impl Upstream {
+    fn start() -> Upstream {
+        let mut child = Command::new("python3")
+            .arg(peers().join("deflate_echo.py"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().expect("the upstream's port");
+        Upstream { child, port }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn python_client(url: &str) -> serde_json::Value {
+    let url = url.to_string();
+    let output = within(
+        "the Python client",
+        tokio::task::spawn_blocking(move || {
+            Command::new("python3")
+                .arg(peers().join("deflate_client.py"))
+                .arg(url)
+                .output()
+                .unwrap()
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn permessage_deflate_is_negotiated_end_to_end() {
+    if !have_websockets() {
+        return;
+    }
+    let upstream = Upstream::start();
+    // max_message_size limits the wire size: the compressed 24 KB text is far smaller.
+    let gw = start_gateway(&simple_config(
+        &format!("ws://127.0.0.1:{}", upstream.port),
+        "max_message_size = \"4KiB\"",
+    ))
+    .await;
+    let result = python_client(&gw.ws_url("/")).await;
+    let extensions = result["extensions"].as_str().unwrap_or_default();
+    assert!(extensions.starts_with("permessage-deflate"), "{result}");
+    assert_eq!(result["text_exact"], true, "{result}");
+    assert_eq!(result["binary_exact"], true, "{result}");
+    let metrics = gw.metrics().encode();
+    let wire = metric(
+        &metrics,
+        "wsgate_bytes_total{route=\"/\",direction=\"client_to_upstream\"}",
+    );
+    assert!(
+        wire > 0.0 && wire < 4096.0,
+        "compressed on the wire: {wire} bytes"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn rsv1_without_negotiation_is_a_protocol_error() {
+    let upstream = ws_echo().await;
+    let gw = start_gateway(&simple_config(&format!("ws://{}", upstream.addr), "")).await;
+    // The client offers deflate; the (tungstenite) upstream does not take it.
+    let mut stream = raw_upgrade_with(
+        gw.addr(),
+        "/",
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    )
+    .await;
+    let mut frame = client_frame(true, 0x1, b"x");
+    frame[0] |= 0x40; // RSV1
+    stream.write_all(&frame).await.unwrap();
+    assert_eq!(read_raw_close(&mut stream).await, 1002);
+    gw.stop().await;
+}
