@@ -61,6 +61,7 @@
 mod admin;
 pub mod auth;
 pub mod cli;
+pub mod compression;
 pub mod config;
 pub mod devcert;
 mod faults;

@@ -129,3 +129,91 @@ async fn rsv1_without_negotiation_is_a_protocol_error() {
     assert_eq!(read_raw_close(&mut stream).await, 1002);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn tcp_routes_terminate_permessage_deflate() {
+    if !have_websockets() {
+        return;
+    }
+    let echo = tcp_echo().await;
+    let gw = start_gateway(&simple_config(
+        &format!("tcp://{echo}"),
+        "compression = true",
+    ))
+    .await;
+    let result = python_client(&gw.ws_url("/")).await;
+    assert_eq!(
+        result["extensions"],
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        "{result}"
+    );
+    assert_eq!(result["text_exact"], true, "{result}");
+    assert_eq!(result["binary_exact"], true, "{result}");
+    // The upstream got the inflated bytes: as much as the client sent, uncompressed.
+    let metrics = gw.metrics().encode();
+    let plain = metric(
+        &metrics,
+        "wsgate_bytes_total{route=\"/\",direction=\"client_to_upstream\"}",
+    );
+    assert!(plain >= 24_000.0 + 16_384.0, "{plain}");
+    gw.stop().await;
+}
+
+/// A raw-deflated message without its tail (RFC 7692 §7.2.1), as a client sends it.
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut state = flate2::Compress::new(flate2::Compression::best(), false);
+    let mut out = Vec::with_capacity(data.len() + 64);
+    state
+        .compress_vec(data, &mut out, flate2::FlushCompress::Sync)
+        .unwrap();
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+#[tokio::test]
+async fn compressed_frames_both_ways_and_a_bomb_meets_1009() {
+    let echo = tcp_echo().await;
+    let gw = start_gateway(&simple_config(
+        &format!("tcp://{echo}"),
+        "compression = true\nmax_message_size = \"64KiB\"",
+    ))
+    .await;
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    let message = b"hello hello hello hello".to_vec();
+    let mut frame = client_frame(true, 0x2, &deflate(&message));
+    frame[0] |= 0x40;
+    stream.write_all(&frame).await.unwrap();
+    // The echo comes back compressed (RSV1), and inflates to what was sent.
+    let mut head = [0u8; 2];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut head)
+        .await
+        .unwrap();
+    assert_eq!(head[0], 0x80 | 0x40 | 0x2, "fin, RSV1, binary");
+    let mut payload = vec![0u8; (head[1] & 0x7f) as usize];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut payload)
+        .await
+        .unwrap();
+    payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut inflated = Vec::with_capacity(1024);
+    flate2::Decompress::new(false)
+        .decompress_vec(&payload, &mut inflated, flate2::FlushDecompress::Sync)
+        .unwrap();
+    assert_eq!(inflated, message);
+
+    // 10 MB of zeros in a few KB: closed with 1009 after at most the limit was produced.
+    let bomb = deflate(&vec![0u8; 10 << 20]);
+    assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+    let mut frame = client_frame(true, 0x2, &bomb);
+    frame[0] |= 0x40;
+    stream.write_all(&frame).await.unwrap();
+    assert_eq!(read_raw_close(&mut stream).await, 1009);
+    let metrics = gw.metrics().encode();
+    let produced = metric(
+        &metrics,
+        "wsgate_bytes_total{route=\"/\",direction=\"client_to_upstream\"}",
+    );
+    assert!(produced <= (64 << 10) as f64 + 100.0, "{produced}");
+    gw.stop().await;
+}

@@ -125,6 +125,7 @@ pub struct RouteSection {
     pub auth: Option<Spanned<AuthSection>>,
     pub identity_header: Option<Spanned<String>>,
     pub framing: Option<Spanned<String>>,
+    pub compression: Option<Spanned<bool>>,
 }
 
 /// `targets = { file = "tokens.cfg" }` or `{ dir = "tokens.d/" }` (websockify's TokenFile).

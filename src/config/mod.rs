@@ -343,6 +343,8 @@ pub struct RouteConfig {
     /// Header that carries the authenticated name to ws upstreams.
     pub identity_header: Option<String>,
     pub framing: Framing,
+    /// tcp/unix routes: accept permessage-deflate and terminate it here.
+    pub compression: bool,
 }
 
 /// Where the table of tokens is, and where a request names its token.

@@ -1106,6 +1106,14 @@ impl Validator<'_> {
             }
             Some(name.into_inner().to_ascii_lowercase())
         });
+        let compression = match section.compression.take() {
+            Some(flag) if *flag.get_ref() && is_ws => {
+                self.issue(&flag, format!("{key}.compression"), "applies to tcp and unix upstreams; ws routes pass permessage-deflate through to the upstream, which decides");
+                false
+            }
+            Some(flag) => *flag.get_ref(),
+            None => false,
+        };
         let framing = match section.framing.take() {
             None => Framing::Stream,
             Some(f) => match f.get_ref().as_str() {
@@ -1200,6 +1208,7 @@ impl Validator<'_> {
             auth,
             identity_header,
             framing,
+            compression,
         })
     }
 

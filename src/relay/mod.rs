@@ -28,6 +28,7 @@ mod linger;
 mod peer;
 mod state;
 mod timers;
+pub(crate) mod whole;
 mod ws_stream;
 mod ws_ws;
 

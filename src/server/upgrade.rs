@@ -362,8 +362,16 @@ impl UpgradeRequest<'_> {
         } else {
             handshake::switching_protocols(&upgrade.key, protocol.as_deref())
         };
-        // The upstream's permessage-deflate answer, as it gave it (RFC 7692 end to end).
-        if let Some(value) = extensions.and_then(|e| HeaderValue::from_str(&e).ok()) {
+        // The upstream's permessage-deflate answer, as it gave it (RFC 7692 end to end);
+        // on tcp routes with `compression`, the gateway's own.
+        let compress =
+            route.compression && !route.is_ws() && crate::compression::acceptable(req.headers());
+        let answer = if compress {
+            Some(crate::compression::RESPONSE.to_string())
+        } else {
+            extensions
+        };
+        if let Some(value) = answer.and_then(|e| HeaderValue::from_str(&e).ok()) {
             response
                 .headers_mut()
                 .insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
@@ -377,6 +385,7 @@ impl UpgradeRequest<'_> {
             lease,
             permit,
             authenticated.name,
+            compress,
         );
         Ok(response.map(Body::Left))
     }
@@ -476,6 +485,7 @@ impl UpgradeRequest<'_> {
         lease: Lease,
         permit: ConnectionPermit,
         user: Option<String>,
+        compress: bool,
     ) {
         let http = if req.version() == http::Version::HTTP_2 {
             "2"
@@ -544,8 +554,8 @@ impl UpgradeRequest<'_> {
                 let shutdown = server.shutdown.clone();
                 let client = TokioIo::new(upgraded);
                 let (settings, connected) = *parts;
-                match injection {
-                    None => Either::Left(match connected {
+                match (injection, compress) {
+                    (None, false) => Either::Left(match connected {
                         Connected::Stream(stream) => Either::Left(relay::relay_stream(
                             client, stream, settings, shutdown, flow,
                         )),
@@ -553,8 +563,14 @@ impl UpgradeRequest<'_> {
                             Either::Right(relay::relay_ws(client, ws, settings, shutdown, flow))
                         }
                     }),
-                    Some(injection) => Either::Right(Box::pin(with_faults(
-                        client, connected, settings, shutdown, flow, *injection,
+                    (injection, compress) => Either::Right(Box::pin(layered(
+                        client,
+                        connected,
+                        settings,
+                        shutdown,
+                        flow,
+                        injection.map(|i| *i),
+                        compress,
                     ))),
                 }
             };
@@ -598,21 +614,25 @@ impl UpgradeRequest<'_> {
     }
 }
 
-/// The relay behind the fault layer: the relay's client is one end of an in-memory pipe, the
-/// layer holds the other end and the real client.
-async fn with_faults<C>(
+/// The relay behind layers between it and the client: the compression layer (tcp routes
+/// with `compression`) next to the client, the fault layer (`allow_faults`) next to the
+/// relay. Each layer sits on an in-memory pipe, and the relay's client is the last pipe's end.
+async fn layered<C>(
     client: C,
     connected: Connected,
     settings: RelaySettings,
     shutdown: crate::relay::ShutdownSignals,
     flow: crate::telemetry::metrics::Flow,
-    injection: faults::Injection,
+    injection: Option<faults::Injection>,
+    compress: bool,
 ) -> Summary
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     // Room for a few frames in flight; the pipe applies backpressure beyond it.
-    let (relay_end, layer_end) = tokio::io::duplex(64 << 10);
+    const PIPE: usize = 64 << 10;
+    let (max_message, max_frame) = (settings.max_message_size, settings.max_frame_size);
+    let (relay_end, layer_end) = tokio::io::duplex(PIPE);
     let relay = match connected {
         Connected::Stream(stream) => Either::Left(relay::relay_stream(
             relay_end, stream, settings, shutdown, flow,
@@ -621,8 +641,27 @@ where
             Either::Right(relay::relay_ws(relay_end, ws, settings, shutdown, flow))
         }
     };
-    let (mut summary, outcome) =
-        tokio::join!(relay, faults::interpose(client, layer_end, injection));
+    let (mut summary, outcome) = match (injection, compress) {
+        (Some(injection), false) => {
+            tokio::join!(relay, faults::interpose(client, layer_end, injection))
+        }
+        (None, _) => {
+            let (summary, ()) = tokio::join!(
+                relay,
+                crate::compression::terminate(client, layer_end, max_message, max_frame)
+            );
+            (summary, faults::Outcome::Passed)
+        }
+        (Some(injection), true) => {
+            let (plain, compressed_end) = tokio::io::duplex(PIPE);
+            let (summary, outcome, ()) = tokio::join!(
+                relay,
+                faults::interpose(plain, layer_end, injection),
+                crate::compression::terminate(client, compressed_end, max_message, max_frame)
+            );
+            (summary, outcome)
+        }
+    };
     if let Some(detail) = outcome.detail() {
         summary.closed_by = crate::relay::Side::Gateway;
         summary.close_code = match outcome {

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 
 use super::UpstreamStream;
 use crate::relay::codec::{Head, MAX_HEAD, OpCode, apply_mask};
+use crate::relay::whole::FrameReader;
 
 /// Relays between `upstream` (lines) and `pipe` (WebSocket frames from the relay) until both
 /// are done.
@@ -145,32 +146,4 @@ async fn send<W: AsyncWrite + Unpin>(
     pipe.write_all(&head[..n]).await?;
     pipe.write_all(payload).await?;
     pipe.flush().await
-}
-
-/// Whole frames from the relay (which has checked them and bounds their size).
-#[derive(Default)]
-struct FrameReader {
-    buf: BytesMut,
-}
-
-impl FrameReader {
-    async fn next<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> Option<(Head, Vec<u8>)> {
-        loop {
-            if let Ok(Some((head, n))) = Head::parse(&self.buf) {
-                let total = n + head.len as usize;
-                if self.buf.len() >= total {
-                    let frame = self.buf.split_to(total);
-                    return Some((head, frame[n..].to_vec()));
-                }
-                self.buf.reserve(total - self.buf.len());
-            } else if Head::parse(&self.buf).is_err() {
-                return None;
-            }
-            self.buf.reserve(4096);
-            match io.read_buf(&mut self.buf).await {
-                Ok(n) if n > 0 => {}
-                _ => return None,
-            }
-        }
-    }
 }

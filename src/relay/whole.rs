@@ -1,0 +1,48 @@
+//! Whole frames, for the in-process peers that act on messages rather than stream them (the
+//! line adapter, compression): each frame is read whole, so these are for frames whose size
+//! the relay has already bounded, or that are bounded by the caller's `max`.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::codec::Head;
+
+#[derive(Default)]
+pub(crate) struct FrameReader {
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    /// The next frame and its payload (still masked as it came); `None` at the end, on a
+    /// malformed header or a frame longer than `max`.
+    pub async fn next_within<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        max: u64,
+    ) -> Option<(Head, Vec<u8>)> {
+        loop {
+            match Head::parse(&self.buf) {
+                Ok(Some((head, n))) if head.len <= max => {
+                    let total = n + head.len as usize;
+                    if self.buf.len() >= total {
+                        let frame = self.buf.split_to(total);
+                        return Some((head, frame[n..].to_vec()));
+                    }
+                    self.buf.reserve(total - self.buf.len());
+                }
+                Ok(None) => {}
+                Ok(Some(_)) | Err(_) => return None,
+            }
+            self.buf.reserve(4096);
+            match io.read_buf(&mut self.buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// As `next_within`, with no bound of its own.
+    pub async fn next<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> Option<(Head, Vec<u8>)> {
+        self.next_within(io, u64::MAX).await
+    }
+}
