@@ -447,3 +447,91 @@ async fn chromium_uses_http2_websockets_on_the_pages_connection() {
     drop(browser);
     gw.stop().await;
 }
+
+/// Chromium always offers permessage-deflate: through a ws route to an upstream that
+/// compresses, the agreement is the upstream's; through a tcp route with `compression`, the
+/// gateway's. Every echo is exact.
+#[tokio::test]
+async fn chromium_negotiates_permessage_deflate() {
+    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver (.ci/run does)"
+        );
+        eprintln!("SKIPPED: chromium / chromedriver not installed");
+        return;
+    }
+    let python = Command::new("python3")
+        .args(["-c", "import websockets"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !python {
+        assert!(std::env::var_os("CI").is_none(), "CI must install Python websockets");
+        eprintln!("SKIPPED: python3 -m pip install websockets");
+        return;
+    }
+    let mut upstream = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/deflate_echo.py"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(upstream.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "<!doctype html><p>deflate</p>").unwrap();
+    let echo = tcp_echo().await;
+    let gw = wsgate::testing::TestGateway::builder()
+        .self_signed()
+        .route("/ws", &format!("ws://127.0.0.1:{port}"))
+        .route_with("/tcp", &format!("tcp://{echo}"), "compression = true")
+        .route_with(
+            "/",
+            &format!("tcp://{echo}"),
+            &format!("web_root = \"{}\"", dir.path().display()),
+        )
+        .start()
+        .await
+        .expect("start");
+    let spki = gw.ready().listeners[0].spki_sha256.clone().unwrap();
+    let browser = WebDriver::start(&spki).await;
+    browser
+        .goto(&format!("{}/", gw.url("").replace("wss://", "https://")))
+        .await;
+    const DEFLATE: &str = r#"
+const ws = new WebSocket("URL");
+ws.binaryType = "arraybuffer";
+const text = "compress me ".repeat(500) + "✓";
+let got = "";
+ws.onopen = () => ws.send(text);
+ws.onmessage = (e) => {
+  got += typeof e.data === "string" ? e.data : new TextDecoder().decode(e.data);
+  if (got.length >= text.length) ws.close(1000);
+};
+ws.onclose = (e) => done({ code: e.code, extensions: ws.extensions, exact: got === text });
+setTimeout(() => done({ timeout: true }), 15000);
+"#;
+    for path in ["/ws", "/tcp"] {
+        let result = browser
+            .run(&DEFLATE.replace("URL", &gw.url(path)))
+            .await;
+        assert_eq!(result["timeout"], Value::Null, "{path}: {result}");
+        assert!(
+            result["extensions"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("permessage-deflate"),
+            "{path}: {result}"
+        );
+        assert_eq!(result["exact"], true, "{path}: {result}");
+    }
+    browser.quit().await;
+    drop(browser);
+    gw.stop().await;
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+}
