@@ -466,12 +466,18 @@ async fn chromium_negotiates_permessage_deflate() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !python {
-        assert!(std::env::var_os("CI").is_none(), "CI must install Python websockets");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install Python websockets"
+        );
         eprintln!("SKIPPED: python3 -m pip install websockets");
         return;
     }
     let mut upstream = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/deflate_echo.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/peers/deflate_echo.py"
+        ))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -483,7 +489,11 @@ async fn chromium_negotiates_permessage_deflate() {
     .unwrap();
     let port: u16 = line.trim().parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("index.html"), "<!doctype html><p>deflate</p>").unwrap();
+    std::fs::write(
+        dir.path().join("index.html"),
+        "<!doctype html><p>deflate</p>",
+    )
+    .unwrap();
     let echo = tcp_echo().await;
     let gw = wsgate::testing::TestGateway::builder()
         .self_signed()
@@ -516,9 +526,7 @@ ws.onclose = (e) => done({ code: e.code, extensions: ws.extensions, exact: got =
 setTimeout(() => done({ timeout: true }), 15000);
 "#;
     for path in ["/ws", "/tcp"] {
-        let result = browser
-            .run(&DEFLATE.replace("URL", &gw.url(path)))
-            .await;
+        let result = browser.run(&DEFLATE.replace("URL", &gw.url(path))).await;
         assert_eq!(result["timeout"], Value::Null, "{path}: {result}");
         assert!(
             result["extensions"]

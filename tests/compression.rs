@@ -217,3 +217,57 @@ async fn compressed_frames_both_ways_and_a_bomb_meets_1009() {
     assert!(produced <= (64 << 10) as f64 + 100.0, "{produced}");
     gw.stop().await;
 }
+
+/// The same through Node's `ws` (installed by .ci/run with `npm ci --prefix tests/peers`).
+#[tokio::test]
+async fn node_ws_with_compression_through_ws_and_tcp_routes() {
+    if !peers().join("node_modules/ws").exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must run npm ci --prefix tests/peers"
+        );
+        eprintln!("SKIPPED: npm ci --prefix tests/peers");
+        return;
+    }
+    if !have_websockets() {
+        return;
+    }
+    let upstream = Upstream::start();
+    let echo = tcp_echo().await;
+    let gw = start_gateway(&format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/ws\"\nupstream = \"ws://127.0.0.1:{}\"\n\n[[route]]\npath = \"/tcp\"\nupstream = \"tcp://{echo}\"\ncompression = true\n",
+        upstream.port
+    ))
+    .await;
+    for path in ["/ws", "/tcp"] {
+        let url = gw.ws_url(path);
+        let output = within(
+            "the Node client",
+            tokio::task::spawn_blocking(move || {
+                Command::new("node")
+                    .arg(peers().join("deflate_client.mjs"))
+                    .arg(url)
+                    .output()
+                    .unwrap()
+            }),
+        )
+        .await
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert!(
+            result["extensions"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("permessage-deflate"),
+            "{path}: {result}"
+        );
+        assert_eq!(result["text_exact"], true, "{path}: {result}");
+        assert_eq!(result["binary_exact"], true, "{path}: {result}");
+    }
+    gw.stop().await;
+}
