@@ -9,7 +9,8 @@
 //!
 //! Input: `[flags, max_frame, max_message, n, len_1 .. len_n, wire ..]`.
 //! flags bit 0: client side (frames must be masked); bit 1: validate UTF-8; bit 2: no frame
-//! size limit; bit 3: no message size limit. `n % 9` read lengths are then cycled to cut
+//! size limit; bit 3: no message size limit; bit 4: permessage-deflate negotiated (RSV1
+//! allowed on a message's first frame). `n % 9` read lengths are then cycled to cut
 //! `wire` into reads (zero-length reads included); with none, or all zero, the second run
 //! feeds one byte per read.
 #![no_main]
@@ -39,6 +40,7 @@ enum Event {
 struct Limits {
     expect_masked: bool,
     validate_utf8: bool,
+    compressed: bool,
     max_frame: usize,
     max_message: usize,
 }
@@ -51,6 +53,7 @@ fn run<'a>(
     let mut incoming = Incoming::new(
         limits.expect_masked,
         limits.validate_utf8,
+        limits.compressed,
         limits.max_frame,
         limits.max_message,
     );
@@ -146,6 +149,7 @@ fuzz_target!(|data: &[u8]| {
     let limits = Limits {
         expect_masked: flags & 1 != 0,
         validate_utf8: flags & 2 != 0,
+        compressed: flags & 16 != 0,
         max_frame: if flags & 4 != 0 {
             usize::MAX
         } else {

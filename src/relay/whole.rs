@@ -26,6 +26,10 @@ impl FrameReader {
                     let total = n + head.len as usize;
                     if self.buf.len() >= total {
                         let frame = self.buf.split_to(total);
+                        if self.buf.is_empty() {
+                            // Between messages a connection holds no buffer here.
+                            self.buf = BytesMut::new();
+                        }
                         return Some((head, frame[n..].to_vec()));
                     }
                     self.buf.reserve(total - self.buf.len());
