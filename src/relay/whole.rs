@@ -3,8 +3,9 @@
 //! the relay has already bounded, or that are bounded by the caller's `max`.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 
+use super::buffers;
 use super::codec::Head;
 
 #[derive(Default)]
@@ -32,14 +33,17 @@ impl FrameReader {
                         }
                         return Some((head, frame[n..].to_vec()));
                     }
-                    self.buf.reserve(total - self.buf.len());
                 }
                 Ok(None) => {}
                 Ok(Some(_)) | Err(_) => return None,
             }
-            self.buf.reserve(4096);
-            match io.read_buf(&mut self.buf).await {
-                Ok(n) if n > 0 => {}
+            // A pooled buffer for the read, as the relay's pumps do: waiting, the reader holds
+            // none, so an idle connection costs no buffer here.
+            match buffers::read(io).await {
+                Ok(chunk) if chunk.data_end() > chunk.data_start() => {
+                    self.buf
+                        .extend_from_slice(&chunk[chunk.data_start()..chunk.data_end()]);
+                }
                 _ => return None,
             }
         }
