@@ -188,3 +188,17 @@ async fn write_frame<W: AsyncWrite + Unpin>(
     io.write_all(&frame).await?;
     io.flush().await
 }
+
+#[cfg(test)]
+mod tests {
+    /// What the layer's own state costs a connection (the relay's is pinned in relay/mod.rs).
+    #[tokio::test]
+    async fn layer_state_size() {
+        let (client, _far) = tokio::io::duplex(1);
+        let (relay, _far_relay) = tokio::io::duplex(1);
+        let layer = super::terminate(client, relay, 1 << 20, 1 << 20);
+        let size = std::mem::size_of_val(&layer);
+        eprintln!("compression layer state: {size} bytes");
+        assert!(size <= 1024, "{size}");
+    }
+}
