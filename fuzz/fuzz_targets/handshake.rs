@@ -1,11 +1,13 @@
 //! The server side of the opening handshake: `handshake::check_request_line` and
-//! `handshake::validate` on requests built from fuzz bytes, then the 101 for the ones
-//! that pass.
+//! `handshake::validate` (HTTP/1.1) or `handshake::validate_h2` (HTTP/2's extended CONNECT,
+//! RFC 8441: a CONNECT gets `:protocol = websocket`) on requests built from fuzz bytes, then
+//! the 101 (or the 200) for the ones that pass.
 //!
 //! Checks that nothing panics, and of an accepted upgrade: it is a GET with upgrade and
 //! connection tokens, a single Host, and a key that is base64 of 16 bytes; the 101 has
 //! the right `Sec-WebSocket-Accept` and echoes a chosen subprotocol when it is a valid
-//! header value. Every error has a 4xx status.
+//! header value. Every error has a 4xx status, or 501 for a CONNECT protocol other than
+//! websocket.
 //!
 //! Input, as text lines (`\n`, an optional `\r` dropped): `METHOD TARGET [VERSION]`, then up
 //! to 16 `name: value` lines. A name not in the list of relevant headers below picks one of
@@ -48,12 +50,19 @@ fn build(data: &[u8]) -> Option<Request<()>> {
         Some(b"HTTP/3") => Version::HTTP_3,
         _ => Version::HTTP_11,
     };
+    let connect = method == Method::CONNECT;
     let mut req = Request::builder()
         .method(method)
         .uri(uri)
         .version(version)
         .body(())
         .ok()?;
+    if connect && version == Version::HTTP_2 {
+        // hyper's `:protocol`; half the CONNECTs ask for another protocol than websocket.
+        let protocol = if data.len() % 2 == 0 { "websocket" } else { "webtransport" };
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static(protocol));
+    }
     for l in lines.take(16) {
         let (name, value) = match l.iter().position(|&b| b == b':') {
             Some(i) => (&l[..i], &l[i + 1..]),
@@ -73,7 +82,11 @@ fn build(data: &[u8]) -> Option<Request<()>> {
 }
 
 fn check_error(e: &handshake::HandshakeError) {
-    assert!(e.status().is_client_error(), "{e:?}");
+    let unsupported = matches!(e, handshake::HandshakeError::ConnectProtocol(_));
+    assert!(
+        e.status().is_client_error() || (unsupported && e.status() == StatusCode::NOT_IMPLEMENTED),
+        "{e:?}"
+    );
     assert!(!e.to_string().is_empty());
     let _ = e.extra_headers();
 }
@@ -85,10 +98,32 @@ fuzz_target!(|data: &[u8]| {
     let line_ok = handshake::check_request_line(&req);
     match &line_ok {
         Ok(()) => {
-            assert_eq!(req.version(), Version::HTTP_11);
+            assert!(matches!(req.version(), Version::HTTP_11 | Version::HTTP_2));
             assert_eq!(req.headers().get_all(header::HOST).iter().count(), 1);
         }
         Err(e) => check_error(e),
+    }
+    if req.version() == Version::HTTP_2 {
+        match handshake::validate_h2(&req) {
+            Ok(upgrade) => {
+                assert_eq!(req.method(), Method::CONNECT);
+                assert_eq!(
+                    req.extensions()
+                        .get::<hyper::ext::Protocol>()
+                        .map(|p| p.as_str()),
+                    Some("websocket")
+                );
+                let response = handshake::connect_accepted::<()>(None);
+                assert_eq!(response.status(), StatusCode::OK);
+                assert!(!response.headers().contains_key(header::SEC_WEBSOCKET_ACCEPT));
+                assert_eq!(
+                    upgrade.protocols,
+                    handshake::offered_protocols(req.headers())
+                );
+            }
+            Err(e) => check_error(&e),
+        }
+        return;
     }
     let upgrade = match handshake::validate(&req) {
         Ok(upgrade) => upgrade,
