@@ -1,13 +1,20 @@
 //! One upgrade request, top to bottom, in the order the checks run:
 //!
-//! 1. the request line and Host (HTTP/1.1, exactly one Host): 400;
+//! 1. the request line and Host (HTTP/1.1, or HTTP/2 with `:authority` as Host; exactly one
+//!    Host): 400;
 //! 2. the path, normalised (`routing::normalize_path`): 400 for dot segments or bad escapes;
-//! 3. the route for (listener, Host, path): 404;
-//! 4. the upgrade itself (RFC 6455 §4.2.1, no body): 405, 426 or 400;
+//! 3. the route for (listener, Host, path): 404; a plain GET under its `web_root` is answered
+//!    with the file here;
+//! 4. the upgrade itself (RFC 6455 §4.2.1, no body; RFC 8441's extended CONNECT over
+//!    HTTP/2): 405, 426, 400 or 501;
 //! 5. the route's Origin allow-list: 403;
-//! 6. the connection budgets (gateway, listener, client IP): 503;
-//! 7. the upstream, connected and (ws) handshaken before the client hears anything: 502/504;
-//! 8. the 101, and the relay task.
+//! 6. faults (`allow_faults` only): the refusals ordered;
+//! 7. authentication (`auth`): 401 or 403, 503 when a forward-auth service fails;
+//! 8. the connection budgets (gateway, listener, client IP): 503;
+//! 9. the token target (`targets`): 404, 403 outside `allowed_targets`;
+//! 10. the upstream, connected and (ws) handshaken before the client hears anything: 502/504;
+//! 11. the 101 (HTTP/2: 200), and the relay task, behind the compression and fault layers
+//!     when they apply.
 //!
 //! Every failure becomes exactly one HTTP answer here (SPEC §3) and at most one log line
 //! (rate-limited).
