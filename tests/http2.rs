@@ -269,3 +269,33 @@ async fn http2_can_be_turned_off() {
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     gw.stop().await;
 }
+
+/// hyper's HTTP/2 server has no header-read timeout: a client that negotiates h2 and then
+/// sends nothing (no preface, no request) is cut at `handshake_timeout` by the gateway.
+#[tokio::test]
+async fn a_silent_http2_client_is_cut_at_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let echo = tcp_echo().await;
+    let gw = TestGateway::builder()
+        .self_signed()
+        .gateway("handshake_timeout = \"300ms\"")
+        .route("/", &format!("tcp://{echo}"))
+        .start()
+        .await
+        .unwrap();
+    let mut config = (*gw.rustls_client_config().unwrap()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut tls = tls_connect(&connector, gw.addr(), "localhost")
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // The server's SETTINGS may come first; then the connection ends.
+    let mut sink = Vec::new();
+    let _ = within(
+        "the gateway closes a silent h2 client",
+        tls.read_to_end(&mut sink),
+    )
+    .await;
+    gw.stop().await;
+}

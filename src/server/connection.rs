@@ -189,7 +189,7 @@ async fn serve_listener(
                 socket,
             };
             if h2 {
-                serve_h2(io, who, listener, gateway, Some(info)).await
+                serve_h2(io, who, listener, gateway, deadline, Some(info)).await
             } else {
                 serve_http(io, who, listener, gateway, deadline, Some(info)).await
             }
@@ -214,6 +214,7 @@ async fn serve_h2<I>(
     who: Who,
     listener: Arc<ListenerContext>,
     gateway: &Gateway,
+    deadline: Instant,
     tls: Option<TlsInfo>,
 ) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -231,7 +232,14 @@ async fn serve_h2<I>(
         relays_done: tokio::sync::Notify::new(),
     });
     let context = ctx.clone();
-    let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
+    // Whether a request came yet: hyper's HTTP/2 server has no header-read timeout, so a
+    // client that never sends its preface or a request is cut at `handshake_timeout` here.
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let first = asked.clone();
+    let service = service_fn(move |req| {
+        first.store(true, std::sync::atomic::Ordering::Relaxed);
+        super::upgrade::handle(req, ctx.clone())
+    });
     let settings = &gateway.config.gateway;
     let force = context.listener.server.shutdown.force.clone();
     let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -246,8 +254,18 @@ async fn serve_h2<I>(
         .keep_alive_timeout(crate::config::defaults::PING.timeout);
     let conn = builder.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
+    let silent = async {
+        tokio::time::sleep_until(deadline).await;
+        if asked.load(std::sync::atomic::Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
     let result = tokio::select! {
         result = conn.as_mut() => result,
+        _ = silent => {
+            debug!(client = %peer, "HTTP/2: no request within handshake_timeout");
+            Ok(())
+        }
         _ = shutdown.cancelled() => {
             // GOAWAY: no new streams. The WebSocket streams are closed with 1001 by their
             // relays; once none is left the connection ends (also one that is idle or never
