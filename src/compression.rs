@@ -125,6 +125,11 @@ where
                 message = None; // the zlib state goes with the message
             }
         }
+        // A frame over max_frame_size (or a malformed one) is not read whole here: its start
+        // goes to the relay, whose checks answer the client (1009, 1002) as without the layer.
+        if !frames.pending().is_empty() {
+            let _ = relay_write.write_all(frames.pending()).await;
+        }
         let _ = relay_write.shutdown().await;
     };
     let deflate = async {

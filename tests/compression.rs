@@ -271,3 +271,20 @@ async fn node_ws_with_compression_through_ws_and_tcp_routes() {
     }
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_oversized_frame_through_the_compression_layer_is_1009() {
+    let echo = tcp_echo().await;
+    let gw = start_gateway(&simple_config(
+        &format!("tcp://{echo}"),
+        "compression = true\nmax_frame_size = \"1KiB\"",
+    ))
+    .await;
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    // The header of a 64 KiB frame, and a little of its payload: the relay's limit answers.
+    let frame = client_frame(true, 0x2, &vec![7u8; 64 << 10]);
+    stream.write_all(&frame[..200]).await.unwrap();
+    assert_eq!(read_raw_close(&mut stream).await, 1009);
+    gw.stop().await;
+}

@@ -49,6 +49,12 @@ impl FrameReader {
         }
     }
 
+    /// What was read but not returned: after `None`, the start of a frame that was over the
+    /// bound or malformed (for a relay to judge), or of one the end cut short.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// As `next_within`, with no bound of its own.
     pub async fn next<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> Option<(Head, Vec<u8>)> {
         self.next_within(io, u64::MAX).await
