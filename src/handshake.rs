@@ -129,6 +129,16 @@ pub fn validate_h2<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError
         // A plain CONNECT asks for a TCP tunnel, which this gateway does not offer.
         None => return Err(HandshakeError::ConnectProtocol(String::new())),
     }
+    check_version(headers)?;
+    Ok(UpgradeRequest {
+        key: HeaderValue::from_static(""),
+        protocols: offered_protocols(headers),
+        origin: origin(headers)?,
+    })
+}
+
+/// `Sec-WebSocket-Version: 13`, once (RFC 6455 §4.2.1 item 6, RFC 8441 §5).
+fn check_version(headers: &HeaderMap) -> Result<(), HandshakeError> {
     let version = single(
         headers,
         &header::SEC_WEBSOCKET_VERSION,
@@ -137,13 +147,14 @@ pub fn validate_h2<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError
     if version.map(|v| v.as_bytes()) != Some(b"13") {
         return Err(HandshakeError::UnsupportedVersion);
     }
-    let origin = single(headers, &header::ORIGIN, "Origin")?
-        .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
-    Ok(UpgradeRequest {
-        key: HeaderValue::from_static(""),
-        protocols: offered_protocols(headers),
-        origin,
-    })
+    Ok(())
+}
+
+/// Lossy, not `to_str().ok()`: an Origin that is present but not ASCII must still be
+/// compared (and fail), not be treated as absent.
+fn origin(headers: &HeaderMap) -> Result<Option<String>, HandshakeError> {
+    Ok(single(headers, &header::ORIGIN, "Origin")?
+        .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned()))
 }
 
 /// The 200 that accepts an extended CONNECT (RFC 8441 §5): no Upgrade, no Accept.
@@ -169,14 +180,7 @@ pub fn validate<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError> {
     if !has_token(headers, &header::CONNECTION, "upgrade") {
         return Err(HandshakeError::ConnectionNotUpgrade);
     }
-    let version = single(
-        headers,
-        &header::SEC_WEBSOCKET_VERSION,
-        "Sec-WebSocket-Version",
-    )?;
-    if version.map(|v| v.as_bytes()) != Some(b"13") {
-        return Err(HandshakeError::UnsupportedVersion);
-    }
+    check_version(headers)?;
     let key = single(headers, &header::SEC_WEBSOCKET_KEY, "Sec-WebSocket-Key")?
         .ok_or(HandshakeError::MissingKey)?;
     match BASE64.decode(key.as_bytes()) {
@@ -190,14 +194,10 @@ pub fn validate<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError> {
     if !empty_length || headers.contains_key(header::TRANSFER_ENCODING) {
         return Err(HandshakeError::Body);
     }
-    // Lossy, not `to_str().ok()`: an Origin that is present but not ASCII must still be
-    // compared (and fail), not be treated as absent.
-    let origin = single(headers, &header::ORIGIN, "Origin")?
-        .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
     Ok(UpgradeRequest {
         key: key.clone(),
         protocols: offered_protocols(headers),
-        origin,
+        origin: origin(headers)?,
     })
 }
 

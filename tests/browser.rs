@@ -21,6 +21,22 @@ use tokio::net::{TcpListener, TcpStream};
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
+/// Whether chromium and chromedriver are installed; in CI (CI set) their absence fails.
+fn browser_available() -> bool {
+    let there =
+        std::path::Path::new(CHROMEDRIVER).exists() && std::path::Path::new(CHROMIUM).exists();
+    if !there {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver (.ci/run does)"
+        );
+        eprintln!(
+            "SKIPPED: chromium / chromedriver not installed (apt-get install chromium chromium-driver)"
+        );
+    }
+    there
+}
+
 /// Serves one small HTML page on every GET: the Origin the browser's script runs in.
 async fn page_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -208,14 +224,7 @@ setTimeout(() => done({ timeout: true }), 15000);
 
 #[tokio::test]
 async fn chromium_exchanges_messages_through_wss_and_is_refused_from_another_origin() {
-    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver (.ci/run does)"
-        );
-        eprintln!(
-            "SKIPPED: chromium / chromedriver not installed (apt-get install chromium chromium-driver)"
-        );
+    if !browser_available() {
         return;
     }
     let pki = make_pki(&["localhost", "127.0.0.1"]);
@@ -315,12 +324,7 @@ setTimeout(() => done({ timeout: true }), 15000);
 
 #[tokio::test]
 async fn chromium_loads_the_web_root_and_authenticates_by_query_and_cookie() {
-    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver (.ci/run does)"
-        );
-        eprintln!("SKIPPED: chromium / chromedriver not installed");
+    if !browser_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -398,12 +402,7 @@ async fn chromium_loads_the_web_root_and_authenticates_by_query_and_cookie() {
 /// opens wss:// to the same origin.
 #[tokio::test]
 async fn chromium_uses_http2_websockets_on_the_pages_connection() {
-    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver (.ci/run does)"
-        );
-        eprintln!("SKIPPED: chromium / chromedriver not installed");
+    if !browser_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -453,12 +452,7 @@ async fn chromium_uses_http2_websockets_on_the_pages_connection() {
 /// gateway's. Every echo is exact.
 #[tokio::test]
 async fn chromium_negotiates_permessage_deflate() {
-    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver (.ci/run does)"
-        );
-        eprintln!("SKIPPED: chromium / chromedriver not installed");
+    if !browser_available() {
         return;
     }
     let python = Command::new("python3")

@@ -764,3 +764,24 @@ async fn jwt_keys_are_read_again_when_they_change() {
     assert_eq!(status(old).await, 401, "the old secret no longer signs");
     gw.stop().await;
 }
+
+/// SPEC §3: an upstream that refuses is 502, also when a token chose it.
+#[tokio::test]
+async fn a_token_target_that_refuses_is_502() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(
+        dir.path(),
+        "tokens.cfg",
+        &format!("gone: 127.0.0.1:{port}\n"),
+    );
+    let gw = start_gateway(&format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\ntargets = {{ file = \"{tokens}\" }}\n"
+    ))
+    .await;
+    let response = raw_request(gw.addr(), &upgrade_request("/?token=gone", "")).await;
+    assert_eq!(response.status, 502, "{response:?}");
+    gw.stop().await;
+}

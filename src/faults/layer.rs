@@ -243,7 +243,7 @@ where
         Action::Close(order) => {
             counters.close.inc();
             let mut head = [0u8; MAX_HEAD];
-            let payload = close_payload(&order);
+            let payload = crate::relay::close_payload(order.code, &order.reason);
             let n = Head::new(true, OpCode::Close, None, payload.len()).encode(&mut head);
             let to_client = [&head[..n], &payload].concat();
             // The relay takes the gateway's end for the client: the Close it gets is masked.
@@ -472,15 +472,4 @@ async fn drain_until_close<R: AsyncRead + Unpin>(io: &mut R) {
             _ => return,
         }
     }
-}
-
-fn close_payload(order: &CloseOrder) -> Vec<u8> {
-    let mut payload = order.code.to_be_bytes().to_vec();
-    // Cut at a character boundary within the 123 bytes a Close reason may take.
-    let mut end = order.reason.len().min(123);
-    while !order.reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    payload.extend_from_slice(&order.reason.as_bytes()[..end]);
-    payload
 }

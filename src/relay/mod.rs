@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PingConfig;
 pub(crate) use coalesce::Coalescing;
 use linger::linger;
+pub(crate) use peer::close_payload;
 use peer::{Peer, PeerWriter};
 use state::State;
 pub use state::{Side, Summary};

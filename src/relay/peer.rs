@@ -240,9 +240,15 @@ impl<W: AsyncWrite + Unpin> PeerWriter<'_, W> {
     }
 }
 
-pub(super) fn close_payload(code: u16, reason: &str) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(2 + reason.len());
+/// A Close frame's payload: the code, then the reason cut at a character boundary within the
+/// 123 bytes a control frame leaves for it.
+pub(crate) fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + end);
     payload.extend_from_slice(&code.to_be_bytes());
-    payload.extend_from_slice(reason.as_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
     payload
 }

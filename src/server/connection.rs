@@ -199,6 +199,21 @@ async fn serve_listener(
     }
 }
 
+impl ConnectionContext {
+    fn new(who: Who, listener: Arc<ListenerContext>, tls: Option<TlsInfo>) -> Arc<Self> {
+        Arc::new(ConnectionContext {
+            peer: who.peer,
+            proxied: who.proxied,
+            local: who.local,
+            listener,
+            tls,
+            socket: std::sync::Mutex::new(who.socket),
+            relays: std::sync::atomic::AtomicUsize::new(0),
+            relays_done: tokio::sync::Notify::new(),
+        })
+    }
+}
+
 /// Who is at the other end, as far as the connection tells.
 struct Who {
     peer: ClientAddr,
@@ -221,16 +236,7 @@ async fn serve_h2<I>(
 {
     let shutdown = listener.server.shutdown.graceful.clone();
     let peer = who.peer;
-    let ctx = Arc::new(ConnectionContext {
-        peer: who.peer,
-        proxied: who.proxied,
-        local: who.local,
-        listener,
-        tls,
-        socket: std::sync::Mutex::new(who.socket),
-        relays: std::sync::atomic::AtomicUsize::new(0),
-        relays_done: tokio::sync::Notify::new(),
-    });
+    let ctx = ConnectionContext::new(who, listener, tls);
     let context = ctx.clone();
     // Whether a request came yet: hyper's HTTP/2 server has no header-read timeout, so a
     // client that never sends its preface or a request is cut at `handshake_timeout` here.
@@ -298,16 +304,7 @@ async fn serve_http<I>(
 {
     let shutdown = listener.server.shutdown.graceful.clone();
     let peer = who.peer;
-    let ctx = Arc::new(ConnectionContext {
-        peer: who.peer,
-        proxied: who.proxied,
-        local: who.local,
-        listener,
-        tls,
-        socket: std::sync::Mutex::new(who.socket),
-        relays: std::sync::atomic::AtomicUsize::new(0),
-        relays_done: tokio::sync::Notify::new(),
-    });
+    let ctx = ConnectionContext::new(who, listener, tls);
     let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
     let mut builder = http1::Builder::new();
     builder

@@ -383,7 +383,7 @@ impl UpgradeRequest<'_> {
                 .headers_mut()
                 .insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
         }
-        metrics.upgraded(if h2 { "2" } else { "1.1" });
+        metrics.upgraded(h2);
         self.spawn_relay(
             req,
             route,

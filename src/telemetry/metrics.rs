@@ -105,7 +105,8 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
     auth_failures: Family<AuthLabels, Counter>,
-    upgrades: Family<HttpLabels, Counter>,
+    /// `wsgate_upgrades_total` for HTTP/1.1 and HTTP/2, made once: counted per handshake.
+    upgrades: [Counter; 2],
     active_relays: AtomicUsize,
     relays_total: AtomicU64,
 }
@@ -218,12 +219,14 @@ impl Metrics {
             "Upgrades refused by the route's authentication, by reason",
             auth_failures.clone(),
         );
-        let upgrades = Family::default();
+        let upgrade_family: Family<HttpLabels, Counter> = Family::default();
         registry.register(
             "upgrades",
             "WebSocket handshakes accepted, by the HTTP version they came over",
-            upgrades.clone(),
+            upgrade_family.clone(),
         );
+        let upgrades =
+            ["1.1", "2"].map(|http| upgrade_family.get_or_create(&HttpLabels { http }).clone());
         Self {
             registry,
             connections_active,
@@ -321,8 +324,8 @@ impl Metrics {
             .inc();
     }
 
-    pub(crate) fn upgraded(&self, http: &'static str) {
-        self.upgrades.get_or_create(&HttpLabels { http }).inc();
+    pub(crate) fn upgraded(&self, h2: bool) {
+        self.upgrades[usize::from(h2)].inc();
     }
 
     pub(crate) fn reload(&self, ok: bool) {

@@ -13,6 +13,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 
 use super::UpstreamStream;
+use crate::relay::close_payload;
 use crate::relay::codec::{Head, MAX_HEAD, OpCode, apply_mask};
 use crate::relay::whole::FrameReader;
 
@@ -113,12 +114,6 @@ async fn adapt_io<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let _ = pipe_write.lock().await.shutdown().await;
-}
-
-fn close_payload(code: u16, reason: &str) -> Vec<u8> {
-    let mut payload = code.to_be_bytes().to_vec();
-    payload.extend_from_slice(reason.as_bytes());
-    payload
 }
 
 async fn send_line<W: AsyncWrite + Unpin>(
