@@ -26,6 +26,19 @@ impl<S> Prefixed<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// Puts `bytes` back in front of whatever is still unread: what was read past a request
+    /// head comes first, then the rest of the prefix, then the stream.
+    pub fn unread(&mut self, mut bytes: Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.at < self.prefix.len() {
+            bytes.extend_from_slice(&self.prefix[self.at..]);
+        }
+        self.prefix = bytes;
+        self.at = 0;
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
@@ -77,5 +90,28 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn unread_bytes_come_before_the_rest_of_the_prefix_and_the_stream() {
+        let (mut far, near) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut far, b" stream")
+            .await
+            .unwrap();
+        drop(far);
+        let mut stream = Prefixed::new(b"prefix".to_vec(), near);
+        let mut first = [0u8; 3];
+        stream.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"pre");
+        stream.unread(b"<back>".to_vec());
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"<back>fix stream");
     }
 }

@@ -38,6 +38,42 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 // ---------------------------------------------------------------------------------------
 // Web root
 
+/// A browser may reuse a keep-alive connection that fetched a page for its WebSocket: the
+/// upgrade as a later request of the connection (served by hyper, not the first-request path).
+#[tokio::test]
+async fn an_upgrade_after_a_file_on_the_same_connection_is_relayed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "page").unwrap();
+    let echo = tcp_echo().await;
+    let gw = start_gateway(&format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/\"\nweb_root = \"{}\"\nupstream = \"tcp://{echo}\"\n",
+        dir.path().display()
+    ))
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    stream
+        .write_all(b"GET /index.html HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let page = read_response(&mut stream).await;
+    assert_eq!((page.status, page.body.as_str()), (200, "page"));
+    stream
+        .write_all(upgrade_request("/", "").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await.status, 101);
+    stream
+        .write_all(&client_frame(true, 2, b"again"))
+        .await
+        .unwrap();
+    let mut echoed = Vec::new();
+    while echoed.len() < 5 {
+        echoed.extend(read_raw_frame(&mut stream).await.2);
+    }
+    assert_eq!(echoed, b"again");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn web_root_serves_files_and_the_websocket_on_one_path() {
     let dir = tempfile::tempdir().unwrap();

@@ -254,3 +254,69 @@ async fn rejections_keep_the_gateway_serving() {
     assert_eq!(r.status, 101);
     gw.stop().await;
 }
+
+/// Frames a client sends in the same write as its upgrade request (pipelined, as a client in
+/// a hurry may) are the relay's first bytes: over plain TCP and over TLS.
+#[tokio::test]
+async fn frames_behind_the_request_head_in_one_write_are_relayed() {
+    let echo = tcp_echo().await;
+    let upstream = format!("tcp://{echo}");
+    let mut request = upgrade_request("/", "").into_bytes();
+    request.extend(client_frame(true, 2, b"first"));
+    request.extend(client_frame(true, 2, b"second"));
+
+    let plain = start_gateway(&simple_config(&upstream, "")).await;
+    let mut stream = tokio::net::TcpStream::connect(plain.addr()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &request)
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await.status, 101);
+    let mut echoed = Vec::new();
+    while echoed.len() < b"firstsecond".len() {
+        echoed.extend(read_raw_frame(&mut stream).await.2);
+    }
+    assert_eq!(echoed, b"firstsecond");
+    plain.stop().await;
+
+    let tls = TestGateway::builder()
+        .route("/", &upstream)
+        .self_signed()
+        .start()
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls.rustls_client_config().unwrap());
+    let mut stream = tls_connect(&connector, tls.addr(), "localhost")
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &request)
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await.status, 101);
+    let mut echoed = Vec::new();
+    while echoed.len() < b"firstsecond".len() {
+        echoed.extend(read_raw_frame(&mut stream).await.2);
+    }
+    assert_eq!(echoed, b"firstsecond");
+    tls.stop().await;
+}
+
+/// A refusal of a first request is written whole (length, Date) and ends the connection.
+#[tokio::test]
+async fn a_refused_first_upgrade_is_answered_and_the_connection_closed() {
+    let gw = gateway_with_origin().await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let request = upgrade_request("/vnc", "Origin: https://evil.example\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let r = read_response(&mut stream).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.header("date").is_some(), "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    within("the end of the connection", stream.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    gw.stop().await;
+}

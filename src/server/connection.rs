@@ -14,6 +14,8 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::ListenerContext;
+use super::client::ClientStream;
+use super::http1::{Head, read_head};
 use crate::forwarded::ClientAddr;
 use crate::gateway::{Gateway, ListenerRef};
 use crate::prefixed::Prefixed;
@@ -159,14 +161,13 @@ async fn serve_listener(
         Prefixed::new(Vec::new(), stream)
     };
     let Some(acceptor) = this.acceptor.cloned() else {
-        let io = TokioIo::new(stream);
         let who = Who {
             peer: client,
             proxied,
             local,
             socket,
         };
-        return serve_http(io, who, listener, gateway, deadline, None).await;
+        return serve_http(stream, who, listener, gateway, deadline, None).await;
     };
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
@@ -181,7 +182,6 @@ async fn serve_listener(
                 identity,
                 server_name: session.server_name().map(str::to_string),
             };
-            let io = TokioIo::new(tls);
             let who = Who {
                 peer: client,
                 proxied,
@@ -189,9 +189,10 @@ async fn serve_listener(
                 socket,
             };
             if h2 {
+                let io = TokioIo::new(tls);
                 serve_h2(io, who, listener, gateway, deadline, Some(info)).await
             } else {
-                serve_http(io, who, listener, gateway, deadline, Some(info)).await
+                serve_http(tls, who, listener, gateway, deadline, Some(info)).await
             }
         }
         Ok(Err(e)) => debug!(client = %client, error = %e, "TLS handshake failed"),
@@ -292,27 +293,46 @@ async fn serve_h2<I>(
 /// Concurrent streams per HTTP/2 connection (nginx's default is 128).
 const H2_MAX_STREAMS: u32 = 128;
 
-async fn serve_http<I>(
-    io: TokioIo<I>,
+/// HTTP/1.1: the first request is read here, and a WebSocket upgrade answered without hyper
+/// (`http1`); anything else, and every later request of the connection, is hyper's.
+async fn serve_http<S: ClientStream>(
+    mut stream: S,
     who: Who,
     listener: Arc<ListenerContext>,
     gateway: &Gateway,
     deadline: Instant,
     tls: Option<TlsInfo>,
-) where
-    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
+) {
     let shutdown = listener.server.shutdown.graceful.clone();
     let peer = who.peer;
     let ctx = ConnectionContext::new(who, listener, tls);
+    let max_head = gateway.config.gateway.max_request_head_size;
+    let first = tokio::select! {
+        // A slowloris client that trickles its head is cut off at the deadline.
+        head = tokio::time::timeout_at(deadline, read_head(&mut stream, max_head)) => head,
+        // Draining: a connection that has not sent a whole request is closed.
+        _ = shutdown.cancelled() => return,
+    };
+    let read = match first {
+        Ok(Ok(Head::Upgrade { request, rest })) => {
+            return super::upgrade::handle_direct(request, ctx, stream, rest).await;
+        }
+        Ok(Ok(Head::Other(read))) => read,
+        Ok(Ok(Head::Gone)) => return,
+        Ok(Err(e)) => {
+            return debug!(client = %peer, error = %e, "connection failed before a request");
+        }
+        Err(_) => return debug!(client = %peer, "no whole request head within handshake_timeout"),
+    };
+    let io = TokioIo::new(Prefixed::new(read, stream));
     let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        // A slowloris client that trickles its head is cut off at the deadline.
+        // The rest of the deadline for the first head; later heads get as long.
         .header_read_timeout(deadline.saturating_duration_since(Instant::now()))
         // Heads larger than this are answered 431 by hyper.
-        .max_buf_size(gateway.config.gateway.max_request_head_size);
+        .max_buf_size(max_head);
     let conn = builder.serve_connection(io, service).with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {

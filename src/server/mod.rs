@@ -5,7 +5,9 @@
 //! The accept loop only accepts: TLS and everything else slow happen in the spawned task,
 //! so one slow client cannot hold up the others.
 
+mod client;
 mod connection;
+mod http1;
 pub mod limits;
 mod upgrade;
 

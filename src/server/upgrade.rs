@@ -21,6 +21,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use bytes::Bytes;
@@ -32,7 +33,9 @@ use hyper_util::rt::TokioIo;
 use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
+use super::client::{ClientIo, ClientStream};
 use super::connection::{ConnectionContext, RelayOnConnection};
+use super::http1;
 use super::limits::{ConnectionPermit, LimitHit, PerIp, Permit};
 use crate::auth::{AuthError, Authenticated, Credentials};
 use crate::config::{Framing, RouteConfig, Target, TokenFrom, Upstream};
@@ -74,7 +77,7 @@ enum Rejection {
 }
 
 impl Rejection {
-    fn response(&self) -> Response<Full<Bytes>> {
+    fn response(&self) -> Response<Bytes> {
         // A few seconds lets connections finish without inviting a stampede.
         const RETRY: &[(HeaderName, &str)] = &[(header::RETRY_AFTER, "5")];
         let (status, extra) = match self {
@@ -116,7 +119,7 @@ impl Rejection {
             }
             other => format!("{other}\n"),
         };
-        let mut response = Response::new(Full::new(Bytes::from(body)));
+        let mut response = Response::new(Bytes::from(body));
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(
@@ -145,7 +148,6 @@ pub(super) async fn handle(
     mut req: Request<Incoming>,
     conn: Arc<ConnectionContext>,
 ) -> Result<Response<GatewayBody>, Infallible> {
-    let started = Instant::now();
     if req.version() == http::Version::HTTP_2
         && !req.headers().contains_key(header::HOST)
         && let Some(authority) = req.uri().authority()
@@ -155,11 +157,65 @@ pub(super) async fn handle(
         // checked exactly as over HTTP/1.1.
         req.headers_mut().insert(header::HOST, host);
     }
+    Ok(match answer(&mut req, &conn).await {
+        Answer::Served(response) => response,
+        Answer::Upgraded(response, relay) => {
+            relay.spawn(ClientSource::Hyper(hyper::upgrade::on(&mut req)));
+            response.map(|b| Body::Left(Full::new(b)))
+        }
+        Answer::Refused(response) => response.map(|b| Body::Left(Full::new(b))),
+    })
+}
+
+/// The first request of an HTTP/1.1 connection when it is a WebSocket upgrade, read without
+/// hyper ([`super::http1`]): answered on `stream`, which then becomes the relay's client.
+pub(super) async fn handle_direct<S: ClientStream>(
+    mut req: Request<()>,
+    conn: Arc<ConnectionContext>,
+    mut stream: S,
+    rest: Vec<u8>,
+) {
+    let peer = conn.peer;
+    match answer(&mut req, &conn).await {
+        Answer::Upgraded(response, relay) => {
+            if let Err(e) = http1::write_response(&mut stream, &response).await {
+                // Dropping the relay gives back its connection slots and upstream.
+                debug!(client = %peer, error = %e, "client left before the upgrade completed");
+                return;
+            }
+            relay.spawn(ClientSource::Ready(stream.into_client(rest)));
+        }
+        Answer::Refused(response) => {
+            // `Connection: close`, as every refusal says: written, then the end of the stream.
+            if http1::write_response(&mut stream, &response).await.is_ok() {
+                let _ = stream.shutdown().await;
+            }
+        }
+        Answer::Served(_) => {
+            // Not reached: `http1` hands over only requests that ask for an upgrade, and only
+            // requests that do not are served from a web root.
+            debug!(client = %peer, "a served response on the direct upgrade path; closed");
+        }
+    }
+}
+
+/// What became of a request.
+enum Answer {
+    /// Answered whole (a file of the web root).
+    Served(Response<GatewayBody>),
+    /// Accepted: the 101 (HTTP/2: 200), and the relay to start once it is written.
+    Upgraded(Response<Bytes>, Relay),
+    /// Refused; counted and logged.
+    Refused(Response<Bytes>),
+}
+
+async fn answer<B>(req: &mut Request<B>, conn: &Arc<ConnectionContext>) -> Answer {
+    let started = Instant::now();
     // Each request sees the configuration in force when it arrives (hot reload).
     let gateway = conn.listener.server.gateway.load_full();
     let Some(listener) = gateway.listener(&conn.listener.key) else {
         // Removed by a reload while this connection was open: it serves nothing now.
-        return Ok(Rejection::NoRoute.response().map(Body::Left));
+        return Answer::Refused(Rejection::NoRoute.response());
     };
     let config = listener.config;
     // Any PROXY header, even one that names no client, ends the chain of trust: what
@@ -173,15 +229,15 @@ pub(super) async fn handle(
         conn.peer
     };
     let request = UpgradeRequest {
-        conn: &conn,
+        conn,
         gateway: &gateway,
         listener,
         client,
         trusted_peer,
         started,
     };
-    match request.accept(&mut req).await {
-        Ok(response) => Ok(response),
+    match request.accept(req).await {
+        Ok(answer) => answer,
         Err(rejection) => {
             let server = &conn.listener.server;
             let response = rejection.response();
@@ -202,7 +258,7 @@ pub(super) async fn handle(
                     }
                 }
             }
-            Ok(response.map(Body::Left))
+            Answer::Refused(response)
         }
     }
 }
@@ -222,10 +278,7 @@ struct UpgradeRequest<'a> {
 
 impl UpgradeRequest<'_> {
     /// The checks in the order of the module's list.
-    async fn accept(
-        &self,
-        req: &mut Request<Incoming>,
-    ) -> Result<Response<GatewayBody>, Rejection> {
+    async fn accept<B>(&self, req: &mut Request<B>) -> Result<Answer, Rejection> {
         let conn = self.conn;
         handshake::check_request_line(req)?;
         let path = routing::normalize_path(req.uri().path())?;
@@ -241,7 +294,7 @@ impl UpgradeRequest<'_> {
         if let Some(root) = &route.web_root
             && !handshake::wants_upgrade(req)
         {
-            return Ok(serve_file(root, route, &path, req).await);
+            return Ok(Answer::Served(serve_file(root, route, &path, req).await));
         }
         if route.upstreams.is_empty() && target.tokens.is_none() {
             return Err(Rejection::FilesOnly);
@@ -364,7 +417,7 @@ impl UpgradeRequest<'_> {
             }
             (_, connected) => connected,
         };
-        let mut response: Response<Full<Bytes>> = if h2 {
+        let mut response: Response<Bytes> = if h2 {
             handshake::connect_accepted(protocol.as_deref())
         } else {
             handshake::switching_protocols(&upgrade.key, protocol.as_deref())
@@ -384,8 +437,8 @@ impl UpgradeRequest<'_> {
                 .insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
         }
         metrics.upgraded(h2);
-        self.spawn_relay(
-            req,
+        let relay = self.relay(
+            h2,
             route,
             pool,
             connected,
@@ -394,14 +447,14 @@ impl UpgradeRequest<'_> {
             authenticated.name,
             compress,
         );
-        Ok(response.map(Body::Left))
+        Ok(Answer::Upgraded(response, relay))
     }
 
     /// The route's authentication, if it has one; failures are counted by reason.
-    async fn authenticate(
+    async fn authenticate<B>(
         &self,
         target: &RouteTarget<'_>,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         protocols: &[String],
     ) -> Result<Authenticated, Rejection> {
         let Some(auth) = target.auth else {
@@ -421,12 +474,12 @@ impl UpgradeRequest<'_> {
     }
 
     /// A copy of the route with the token's target as its one upstream, and a pool of it.
-    async fn token_target(
+    async fn token_target<B>(
         &self,
         route: &RouteConfig,
         tokens: &TokenTable,
         authenticated: &Authenticated,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         path: &str,
     ) -> Result<(RouteConfig, Arc<upstream::Pool>), Rejection> {
         let from = route.targets.as_ref().map_or(TokenFrom::Query, |t| t.from);
@@ -480,12 +533,12 @@ impl UpgradeRequest<'_> {
         Ok(ConnectionPermit::new(total, listener, ip))
     }
 
-    /// Starts the relay task. It waits for hyper to hand over the connection once the 101
-    /// has been written, and is tracked so that shutdown waits for it.
+    /// Everything the relay of an accepted upgrade needs but the client's stream, which
+    /// comes once the 101 has been written.
     #[allow(clippy::too_many_arguments)] // one call site: the parts of one accepted upgrade
-    fn spawn_relay(
+    fn relay(
         &self,
-        req: &mut Request<Incoming>,
+        h2: bool,
         route: &RouteConfig,
         pool: &Arc<upstream::Pool>,
         connected: Connected,
@@ -493,14 +546,7 @@ impl UpgradeRequest<'_> {
         permit: ConnectionPermit,
         user: Option<String>,
         compress: bool,
-    ) {
-        let http = if req.version() == http::Version::HTTP_2 {
-            "2"
-        } else {
-            "1.1"
-        };
-        let on_upgrade = hyper::upgrade::on(req);
-        let conn = self.conn.clone();
+    ) -> Relay {
         let settings = RelaySettings {
             max_message_size: route.max_message_size,
             max_frame_size: route.max_frame_size,
@@ -521,21 +567,57 @@ impl UpgradeRequest<'_> {
             route: route.path.clone(),
             upstream: pool.name(lease.index()).clone(),
             user,
-            http,
+            http: if h2 { "2" } else { "1.1" },
             started: self.started,
             _permit: permit,
             _lease: lease,
         };
-        let server = conn.listener.server.clone();
         let injection = self
             .gateway
             .config
             .gateway
             .allow_faults
             .then(|| Box::new(self.injection(route, &settings)));
-        // Unpacked only after the upgrade: captured as they are, they would stay in the task's
-        // state for the connection's life next to the relay made of them.
-        let parts = Box::new((settings, connected));
+        Relay {
+            conn: self.conn.clone(),
+            done,
+            injection,
+            // Unpacked only after the upgrade: captured as they are, they would stay in the
+            // task's state for the connection's life next to the relay made of them.
+            parts: Box::new((settings, connected)),
+            compress,
+        }
+    }
+}
+
+/// Where the relay's client comes from.
+enum ClientSource {
+    /// hyper hands the connection over once it has written the 101 (HTTP/2: the stream).
+    Hyper(hyper::upgrade::OnUpgrade),
+    /// The 101 is written; the stream is the client.
+    Ready(ClientIo),
+}
+
+/// An accepted upgrade's relay, before it has its client.
+struct Relay {
+    conn: Arc<ConnectionContext>,
+    done: Finished,
+    injection: Option<Box<faults::Injection>>,
+    parts: Box<(RelaySettings, Connected)>,
+    compress: bool,
+}
+
+impl Relay {
+    /// Starts the relay task, tracked so that shutdown waits for it.
+    fn spawn(self, client: ClientSource) {
+        let Relay {
+            conn,
+            done,
+            injection,
+            parts,
+            compress,
+        } = self;
+        let server = conn.listener.server.clone();
         // Not inside the connection's span: a span lives in the subscriber's registry for as
         // long as a task holds it (about 0.4 kB a connection) and is entered at every poll of
         // the relay. The relay's one line names client and listener itself.
@@ -544,12 +626,15 @@ impl UpgradeRequest<'_> {
         // over twice more when the task ends (3 kB each time here, 3% of a handshake's
         // instructions), and rounds the cell up to whole cache lines.
         server.tracker.clone().spawn(Box::pin(async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(e) => {
-                    debug!(client = %done.client, error = %e, "client left before the upgrade completed");
-                    return;
-                }
+            let client = match client {
+                ClientSource::Ready(client) => client,
+                ClientSource::Hyper(on_upgrade) => match on_upgrade.await {
+                    Ok(upgraded) => ClientIo::Upgraded(TokioIo::new(upgraded)),
+                    Err(e) => {
+                        debug!(client = %done.client, error = %e, "client left before the upgrade completed");
+                        return;
+                    }
+                },
             };
             let metrics = &server.metrics;
             let _active = metrics.relay_started(&done.listener, &done.route);
@@ -559,7 +644,6 @@ impl UpgradeRequest<'_> {
             let relay = {
                 let flow = metrics.flow(&done.route);
                 let shutdown = server.shutdown.clone();
-                let client = TokioIo::new(upgraded);
                 let (settings, connected) = *parts;
                 match (injection, compress) {
                     (None, false) => Either::Left(match connected {
@@ -681,11 +765,11 @@ where
 }
 
 /// A plain GET or HEAD under a route's web root.
-async fn serve_file(
+async fn serve_file<B>(
     root: &std::path::Path,
     route: &RouteConfig,
     path: &str,
-    req: &Request<Incoming>,
+    req: &Request<B>,
 ) -> Response<GatewayBody> {
     let rest = if route.path == "/" {
         path
