@@ -188,11 +188,21 @@ async fn serve_listener(
                 local,
                 socket,
             };
+            // Boxed: a TLS stream and what serves it are most of this future's size, and
+            // the accept loop copies the whole future into its task, TLS or not.
             if h2 {
                 let io = TokioIo::new(tls);
-                serve_h2(io, who, listener, gateway, deadline, Some(info)).await
+                Box::pin(serve_h2(io, who, listener, gateway, deadline, Some(info))).await
             } else {
-                serve_http(tls, who, listener, gateway, deadline, Some(info)).await
+                Box::pin(serve_http(
+                    tls,
+                    who,
+                    listener,
+                    gateway,
+                    deadline,
+                    Some(info),
+                ))
+                .await
             }
         }
         Ok(Err(e)) => debug!(client = %client, error = %e, "TLS handshake failed"),
@@ -315,7 +325,10 @@ async fn serve_http<S: ClientStream>(
     };
     let read = match first {
         Ok(Ok(Head::Upgrade { request, rest })) => {
-            return super::upgrade::handle_direct(request, ctx, stream, rest).await;
+            // Boxed, as hyper boxes a request's future: the checks and the upstream's
+            // handshake would be most of the connection's future, which the accept loop
+            // copies whole into the box it spawns.
+            return Box::pin(super::upgrade::handle_direct(request, ctx, stream, rest)).await;
         }
         Ok(Ok(Head::Other(read))) => read,
         Ok(Ok(Head::Gone)) => return,
@@ -324,7 +337,29 @@ async fn serve_http<S: ClientStream>(
         }
         Err(_) => return debug!(client = %peer, "no whole request head within handshake_timeout"),
     };
-    let io = TokioIo::new(Prefixed::new(read, stream));
+    // Boxed, as it is the less common path: hyper's connection would double the size of
+    // every connection's future until its upgrade.
+    Box::pin(serve_hyper(
+        Prefixed::new(read, stream),
+        ctx,
+        gateway,
+        deadline,
+    ))
+    .await
+}
+
+/// hyper's HTTP/1.1 server for the rest of a connection whose first request was not an
+/// upgrade (or not one this module reads).
+async fn serve_hyper<S: ClientStream>(
+    stream: Prefixed<S>,
+    ctx: Arc<ConnectionContext>,
+    gateway: &Gateway,
+    deadline: Instant,
+) {
+    let shutdown = ctx.listener.server.shutdown.graceful.clone();
+    let peer = ctx.peer;
+    let max_head = gateway.config.gateway.max_request_head_size;
+    let io = TokioIo::new(stream);
     let service = service_fn(move |req| super::upgrade::handle(req, ctx.clone()));
     let mut builder = http1::Builder::new();
     builder
