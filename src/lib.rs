@@ -77,6 +77,7 @@ pub mod routing;
 pub mod server;
 pub mod shutdown;
 pub mod sockets;
+pub mod systemd;
 pub mod targets;
 pub mod telemetry;
 pub mod testing;

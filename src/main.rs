@@ -149,6 +149,14 @@ struct RunOptions {
 fn run(path: &Path, options: RunOptions) -> ExitCode {
     // Before any thread exists: a SIGTERM during start-up waits for the handlers below.
     wsgate::shutdown::block();
+    // Also before any thread: taking the sockets unsets the variables that passed them.
+    let activated = match wsgate::systemd::Activated::from_env() {
+        Ok(activated) => activated,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
@@ -172,10 +180,15 @@ fn run(path: &Path, options: RunOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(path, config, options))
+    runtime.block_on(serve(path, config, options, activated))
 }
 
-async fn serve(path: &Path, config: Config, options: RunOptions) -> ExitCode {
+async fn serve(
+    path: &Path,
+    config: Config,
+    options: RunOptions,
+    activated: wsgate::systemd::Activated,
+) -> ExitCode {
     let mut signals = match wsgate::shutdown::Signals::install() {
         Ok(signals) => signals,
         Err(e) => {
@@ -196,7 +209,7 @@ async fn serve(path: &Path, config: Config, options: RunOptions) -> ExitCode {
             tracing::info!(signal = event, "stopped during start-up");
             return ExitCode::SUCCESS;
         }
-        started = Server::start(gateway, Arc::new(Metrics::new())) => started,
+        started = Server::start_with(gateway, Arc::new(Metrics::new()), activated) => started,
     };
     let server = match started {
         Ok(server) => server,
@@ -230,6 +243,10 @@ async fn serve(path: &Path, config: Config, options: RunOptions) -> ExitCode {
             ca = ready.ca.as_deref().unwrap_or("none"),
             "ready"
         );
+        wsgate::systemd::ready();
+        if let Some(interval) = wsgate::systemd::watchdog_interval() {
+            tokio::spawn(wsgate::systemd::watchdog(interval));
+        }
     }
     let mut stdin_closed = options.exit_on_eof.then(wsgate::shutdown::stdin_closed);
     let running = server.clone().run();
@@ -240,16 +257,22 @@ async fn serve(path: &Path, config: Config, options: RunOptions) -> ExitCode {
             event = signals.next(), if !server.is_draining() => match event {
                 Event::Reload => {
                     tracing::info!(signal = "SIGHUP", config = %path.display(), "reloading configuration");
+                    wsgate::systemd::reloading();
+                    // Serving either way: the new configuration, or the old one when the
+                    // new one was refused.
                     let _ = server.reload_from(path).await;
+                    wsgate::systemd::ready();
                 }
                 Event::Stop(name) => {
                     tracing::info!(signal = name, "shutting down: no new connections, closing open ones with 1001");
+                    wsgate::systemd::stopping();
                     server.shutdown();
                 }
             },
             _ = wait_closed(&mut stdin_closed), if stdin_closed.is_some() && !server.is_draining() => {
                 stdin_closed = None;
                 tracing::info!("standard input closed (--exit-on-eof): shutting down, closing open connections with 1001");
+                wsgate::systemd::stopping();
                 server.shutdown();
             }
         }

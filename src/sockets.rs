@@ -70,9 +70,19 @@ pub fn prepare_listener(listener: &impl AsFd, keepalive: Option<&TcpKeepalive>) 
 /// with the client-side options set before `listen`: a connection the kernel completes
 /// before the accept loop runs is made from the listener as it is then, so setting them
 /// afterwards would leave those without keepalive.
-pub fn listen(addr: SocketAddr, keepalive: Option<&TcpKeepalive>) -> io::Result<TcpListener> {
+///
+/// `reuse_port` (SO_REUSEPORT) lets several processes listen on the same address; the
+/// kernel spreads new connections over them.
+pub fn listen(
+    addr: SocketAddr,
+    reuse_port: bool,
+    keepalive: Option<&TcpKeepalive>,
+) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     prepare_listener(&socket, keepalive);
     socket.bind(&addr.into())?;

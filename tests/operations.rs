@@ -582,3 +582,43 @@ async fn data_keeps_an_idle_timeout_from_firing() {
     assert_eq!(close, Some((1001, "idle timeout".to_string())));
     gw.stop().await;
 }
+
+/// `reuse_port = true`: several gateways listen on one address and the kernel spreads the
+/// connections over them; without it the second one's bind fails, naming the address.
+#[tokio::test]
+async fn reuse_port_lets_several_gateways_share_a_port() {
+    let echo = tcp_echo().await;
+    let config = |port: u16, reuse: bool| {
+        format!(
+            "[[listener]]\nbind = \"127.0.0.1:{port}\"\nreuse_port = {reuse}\n\n[[route]]\npath = \"/\"\nupstream = \"tcp://{echo}\"\n"
+        )
+    };
+    let first = TestGateway::from_toml(&config(0, true)).await.unwrap();
+    let port = first.addr().port();
+    let second = TestGateway::from_toml(&config(port, true)).await.unwrap();
+    let refused = TestGateway::from_toml(&config(port, false))
+        .await
+        .err()
+        .expect("a third gateway without reuse_port cannot bind");
+    let message = refused.to_string();
+    assert!(
+        message.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{message}"
+    );
+    // Each connection comes from its own port, and the kernel hashes the four-tuple: both
+    // gateways get some of 32 (all on one: a chance of 2^-31).
+    for _ in 0..32 {
+        let mut ws = connect(&format!("ws://127.0.0.1:{port}/")).await;
+        ws.send(Message::text("hi")).await.unwrap();
+        next_data(&mut ws).await;
+    }
+    for gw in [&first, &second] {
+        let upgrades = metric(
+            &gw.metrics().encode(),
+            "wsgate_upgrades_total{http=\"1.1\"}",
+        );
+        assert!(upgrades >= 1.0, "a gateway got no connection: {upgrades}");
+    }
+    first.stop().await;
+    second.stop().await;
+}

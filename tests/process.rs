@@ -21,6 +21,17 @@ struct Gateway {
 
 impl Gateway {
     fn start(config: &Path, shell_prefix: &str, extra_args: &[&str]) -> Gateway {
+        Gateway::start_under(config, shell_prefix, "", extra_args)
+    }
+
+    /// Started by `launcher` (a program that execs the gateway, like
+    /// `systemd-socket-activate`), with `shell_prefix` before the `exec`.
+    fn start_under(
+        config: &Path,
+        shell_prefix: &str,
+        launcher: &str,
+        extra_args: &[&str],
+    ) -> Gateway {
         let binary = env!("CARGO_BIN_EXE_wsgate");
         let mut args = vec![
             binary.to_string(),
@@ -31,7 +42,10 @@ impl Gateway {
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
         let mut child = Command::new("sh")
             .arg("-c")
-            .arg(format!("{shell_prefix} exec {}", quoted.join(" ")))
+            .arg(format!(
+                "{shell_prefix} exec {launcher} {}",
+                quoted.join(" ")
+            ))
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
@@ -377,4 +391,129 @@ async fn refused_tokens_are_logged_without_the_token() {
         !logged.contains("sekrit"),
         "a token reached the log:\n{logged}"
     );
+}
+
+/// Reads notifications a gateway sends to a test-side `NOTIFY_SOCKET` until one contains
+/// `state`; returns every message read.
+async fn notified(socket: &tokio::net::UnixDatagram, state: &str, seen: &mut Vec<String>) {
+    within(&format!("systemd notification {state}"), async {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = socket.recv(&mut buf).await.unwrap();
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = message.lines().any(|l| l == state);
+            seen.push(message);
+            if done {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// `Type=notify`: READY=1 once the listeners serve, RELOADING=1 and READY=1 around a SIGHUP
+/// reload, STOPPING=1 at the drain, and WATCHDOG=1 pings while `WATCHDOG_USEC` is set.
+#[tokio::test]
+async fn systemd_hears_ready_reloading_stopping_and_watchdog_pings() {
+    let echo = tcp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, config_text(&format!("tcp://{echo}"), "")).unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let gw = Gateway::start(
+        &config,
+        &format!(
+            "NOTIFY_SOCKET='{}' WATCHDOG_USEC=100000",
+            notify_path.display()
+        ),
+        &[],
+    );
+    let mut seen = Vec::new();
+    notified(&socket, "READY=1", &mut seen).await;
+    // READY=1 comes after the listeners are bound: a client is served at once.
+    let addr = gw.addr().await;
+    let mut ws = connect(&format!("ws://{addr}/")).await;
+    ws.send(Message::text("up")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::binary(b"up".to_vec()));
+    for _ in 0..2 {
+        notified(&socket, "WATCHDOG=1", &mut seen).await;
+    }
+    gw.signal("HUP");
+    notified(&socket, "RELOADING=1", &mut seen).await;
+    let reloading = seen.last().unwrap().clone();
+    assert!(
+        reloading.contains("MONOTONIC_USEC="),
+        "Type=notify-reload wants the time: {reloading:?}"
+    );
+    notified(&socket, "READY=1", &mut seen).await;
+    gw.signal("TERM");
+    notified(&socket, "STOPPING=1", &mut seen).await;
+    // Nobody reads the socket from here on: the watchdog's pings fill its buffer, and the
+    // gateway must drain and exit all the same (a blocking send stalled it: checked).
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
+/// A free loopback port for a launcher that binds it itself.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Socket activation with systemd's own tool: the listener named like the socket serves on
+/// it (also the connection that was waiting when the gateway started), and a socket of
+/// another name stops the start with a line that names both and the fix.
+#[tokio::test]
+async fn socket_activation_serves_on_the_passed_socket_of_the_listeners_name() {
+    let echo = tcp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    // The listener's own address is port 0: serving on the activated port proves the socket
+    // was used, not bound anew.
+    std::fs::write(&config, config_text(&format!("tcp://{echo}"), "")).unwrap();
+
+    let port = free_port();
+    let launcher = format!("systemd-socket-activate -l 127.0.0.1:{port} --fdname=main");
+    let gw = Gateway::start_under(&config, "", &launcher, &[]);
+    // systemd-socket-activate listens first and starts the gateway on the first connection.
+    let url = format!("ws://127.0.0.1:{port}/");
+    let mut ws = within("an activated gateway answers", async {
+        loop {
+            match tokio_tungstenite::connect_async(url.as_str()).await {
+                Ok((ws, _)) => return ws,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    ws.send(Message::text("activated")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::binary(b"activated".to_vec()));
+    gw.wait_for_line(&format!("addr=127.0.0.1:{port}")).await;
+    gw.signal("TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+
+    let port = free_port();
+    let launcher = format!("systemd-socket-activate -l 127.0.0.1:{port} --fdname=public");
+    let gw = Gateway::start_under(&config, "", &launcher, &[]);
+    // The launcher waits for a connection before it starts the gateway.
+    let _poke = within("the launcher listens", async {
+        loop {
+            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(stream) => return stream,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    let line = gw.wait_for_line("socket activation").await;
+    assert!(
+        line.contains("listener `main` has no socket")
+            && line.contains("named `public`")
+            && line.contains("FileDescriptorName=main"),
+        "{line}"
+    );
+    assert_eq!(gw.exit_code().await, Some(1));
 }

@@ -64,6 +64,7 @@ pub struct ListenerSection {
     pub trusted: Option<Spanned<Vec<String>>>,
     pub trusted_header: Option<Spanned<String>>,
     pub http2: Option<Spanned<bool>>,
+    pub reuse_port: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -177,6 +177,9 @@ pub struct ListenerConfig {
     pub trusted: Vec<ipnet::IpNet>,
     /// The one forwarded header the trusted proxies write; the others are not believed.
     pub trusted_header: TrustedHeader,
+    /// SO_REUSEPORT: several gateway processes listen on this address, and the kernel
+    /// spreads connections over them.
+    pub reuse_port: bool,
 }
 
 /// Which header names the client behind a trusted proxy.

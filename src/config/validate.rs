@@ -600,6 +600,7 @@ impl Validator<'_> {
                 accept_proxy_protocol,
                 trusted,
                 trusted_header,
+                reuse_port: section.reuse_port.is_some_and(|flag| *flag.get_ref()),
             });
         }
 

@@ -45,6 +45,8 @@ pub struct BindError {
 pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error(transparent)]
+    Activation(#[from] crate::systemd::ActivationError),
     #[error(
         "listener {listener:?}: tls.ca_out: {source}; check that the folder exists and is writable"
     )]
@@ -116,8 +118,18 @@ pub(crate) struct ListenerContext {
 impl Server {
     /// Binds every listener of the configuration and starts accepting.
     pub async fn start(gateway: Gateway, metrics: Arc<Metrics>) -> Result<Server, StartError> {
+        Server::start_with(gateway, metrics, crate::systemd::Activated::none()).await
+    }
+
+    /// The same, with the listening sockets systemd passed (socket activation) used by the
+    /// listeners of their names instead of binding.
+    pub async fn start_with(
+        gateway: Gateway,
+        metrics: Arc<Metrics>,
+        mut activated: crate::systemd::Activated,
+    ) -> Result<Server, StartError> {
         write_ca_files(&gateway)?;
-        let bound = bind_all(&gateway, &[]).await?;
+        let bound = bind_activated(&gateway, &mut activated)?;
         let admin = match &gateway.config.admin {
             Some(admin) => {
                 Some(
@@ -266,7 +278,7 @@ impl Server {
             .iter()
             .map(|r| r.key.clone())
             .collect();
-        let bound = match bind_all(&gateway, &keep).await {
+        let bound = match bind_all(&gateway, &keep) {
             Ok(bound) => bound,
             Err(e) => {
                 self.inner.metrics.reload(false);
@@ -397,8 +409,49 @@ fn write_ca_files(gateway: &Gateway) -> Result<(), StartError> {
     Ok(())
 }
 
+/// At start: each listener takes the socket systemd passed for its name, or binds its own
+/// when there is no socket activation.
+fn bind_activated(
+    gateway: &Gateway,
+    activated: &mut crate::systemd::Activated,
+) -> Result<Vec<(ListenerKey, TcpListener)>, StartError> {
+    if !activated.is_active() {
+        return Ok(bind_all(gateway, &[])?);
+    }
+    let keepalive = gateway.config.gateway.tcp_keepalive;
+    let mut bound = Vec::new();
+    for l in &gateway.config.listeners {
+        let Some(socket) = activated.take(&l.name)? else {
+            continue;
+        };
+        let bind_error = |source: io::Error| BindError {
+            name: l.name.clone(),
+            addr: l.bind,
+            hint: "",
+            source,
+        };
+        socket.set_nonblocking(true).map_err(bind_error)?;
+        if let Ok(local) = socket.local_addr()
+            && local != l.bind
+        {
+            warn!(listener = %l.name, bind = %l.bind, socket = %local, "the socket systemd passed is not at the listener's bind address; serving on the socket's");
+        }
+        crate::sockets::prepare_listener(&socket, keepalive.as_ref());
+        let listener = TcpListener::from_std(socket).map_err(bind_error)?;
+        bound.push((ListenerKey::of(l), listener));
+    }
+    let names: Vec<&str> = gateway
+        .config
+        .listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    activated.check_all_taken(&names)?;
+    Ok(bound)
+}
+
 /// Binds the listeners of `gateway` that are not in `keep`, in order; all or nothing.
-async fn bind_all(
+fn bind_all(
     gateway: &Gateway,
     keep: &[ListenerKey],
 ) -> Result<Vec<(ListenerKey, TcpListener)>, BindError> {
@@ -410,11 +463,13 @@ async fn bind_all(
         }
         let keepalive = gateway.config.gateway.tcp_keepalive;
         let listener =
-            crate::sockets::listen(l.bind, keepalive.as_ref()).map_err(|source| BindError {
-                name: l.name.clone(),
-                addr: l.bind,
-                hint: hint(&source),
-                source,
+            crate::sockets::listen(l.bind, l.reuse_port, keepalive.as_ref()).map_err(|source| {
+                BindError {
+                    name: l.name.clone(),
+                    addr: l.bind,
+                    hint: hint(&source),
+                    source,
+                }
             })?;
         bound.push((key, listener));
     }
