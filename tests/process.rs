@@ -490,7 +490,10 @@ async fn socket_activation_serves_on_the_passed_socket_of_the_listeners_name() {
     })
     .await;
     ws.send(Message::text("activated")).await.unwrap();
-    assert_eq!(next_data(&mut ws).await, Message::binary(b"activated".to_vec()));
+    assert_eq!(
+        next_data(&mut ws).await,
+        Message::binary(b"activated".to_vec())
+    );
     gw.wait_for_line(&format!("addr=127.0.0.1:{port}")).await;
     gw.signal("TERM");
     assert_eq!(gw.exit_code().await, Some(0));
