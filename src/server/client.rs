@@ -6,23 +6,24 @@
 //! One type for all of them, so that the relay is compiled once and no box is added on the
 //! common path.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 
 use crate::prefixed::Prefixed;
 
-pub(crate) enum ClientIo {
-    Tcp(Prefixed<TcpStream>),
-    /// Boxed: a rustls session is large, and plain connections should not carry its size.
-    Tls(Box<Prefixed<TlsStream<Prefixed<TcpStream>>>>),
-    Upgraded(TokioIo<Upgraded>),
+/// tokio-util's `Either` does the delegation: tcp inline; TLS boxed (a rustls session is
+/// large, and plain connections should not carry its size); hyper's upgraded stream.
+pub(crate) type ClientIo = Either<Prefixed<TcpStream>, Either<Box<TlsClient>, TokioIo<Upgraded>>>;
+
+type TlsClient = Prefixed<TlsStream<Prefixed<TcpStream>>>;
+
+/// hyper's upgraded connection as a relay's client.
+pub(crate) fn upgraded(upgraded: Upgraded) -> ClientIo {
+    Either::Right(Either::Right(TokioIo::new(upgraded)))
 }
 
 /// A connection's stream before its first request: what serves HTTP/1.1 on it.
@@ -35,66 +36,12 @@ pub(super) trait ClientStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
 impl ClientStream for Prefixed<TcpStream> {
     fn into_client(mut self, unread: Vec<u8>) -> ClientIo {
         self.unread(unread);
-        ClientIo::Tcp(self)
+        Either::Left(self)
     }
 }
 
 impl ClientStream for TlsStream<Prefixed<TcpStream>> {
     fn into_client(self, unread: Vec<u8>) -> ClientIo {
-        ClientIo::Tls(Box::new(Prefixed::new(unread, self)))
-    }
-}
-
-macro_rules! each {
-    ($self:ident, $io:ident => $body:expr) => {
-        match $self.get_mut() {
-            ClientIo::Tcp($io) => $body,
-            ClientIo::Tls($io) => $body,
-            ClientIo::Upgraded($io) => $body,
-        }
-    };
-}
-
-impl AsyncRead for ClientIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        each!(self, io => Pin::new(io).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for ClientIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        each!(self, io => Pin::new(io).poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        each!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientIo::Tcp(io) => io.is_write_vectored(),
-            ClientIo::Tls(io) => io.is_write_vectored(),
-            ClientIo::Upgraded(io) => io.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self, io => Pin::new(io).poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self, io => Pin::new(io).poll_shutdown(cx))
+        Either::Right(Either::Left(Box::new(Prefixed::new(unread, self))))
     }
 }

@@ -29,7 +29,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either as Body, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
@@ -632,7 +631,7 @@ impl Relay {
             let client = match client {
                 ClientSource::Ready(client) => client,
                 ClientSource::Hyper(on_upgrade) => match on_upgrade.await {
-                    Ok(upgraded) => ClientIo::Upgraded(TokioIo::new(upgraded)),
+                    Ok(upgraded) => super::client::upgraded(upgraded),
                     Err(e) => {
                         debug!(client = %done.client, error = %e, "client left before the upgrade completed");
                         return;
