@@ -85,6 +85,15 @@ impl Activated {
         Ok(activated)
     }
 
+    /// Sockets as a service manager would pass them, by listener name (embedding and tests).
+    pub fn from_listeners(sockets: impl IntoIterator<Item = (String, TcpListener)>) -> Activated {
+        let sockets: HashMap<_, _> = sockets.into_iter().collect();
+        Activated {
+            active: !sockets.is_empty(),
+            sockets,
+        }
+    }
+
     pub fn is_active(&self) -> bool {
         self.active
     }

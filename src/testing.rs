@@ -50,6 +50,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, ConfigError};
 use crate::gateway::{Gateway, PrepareError};
 use crate::server::{Server, StartError};
+use crate::systemd::Activated;
 use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,8 +93,25 @@ impl TestGateway {
         config: Config,
         metrics: Arc<Metrics>,
     ) -> Result<TestGateway, TestError> {
+        TestGateway::start_server(config, metrics, Activated::none()).await
+    }
+
+    /// As `from_config`, serving on listening sockets made elsewhere (socket activation):
+    /// each listener takes the socket of its name.
+    pub async fn with_sockets(
+        config: Config,
+        sockets: Activated,
+    ) -> Result<TestGateway, TestError> {
+        TestGateway::start_server(config, Arc::new(Metrics::new()), sockets).await
+    }
+
+    async fn start_server(
+        config: Config,
+        metrics: Arc<Metrics>,
+        sockets: Activated,
+    ) -> Result<TestGateway, TestError> {
         let gateway = Gateway::prepare(config)?;
-        let server = Server::start(gateway, metrics).await?;
+        let server = Server::start_with(gateway, metrics, sockets).await?;
         let addrs = server.local_addrs();
         let task = tokio::spawn(server.clone().run());
         Ok(TestGateway {

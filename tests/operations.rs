@@ -622,3 +622,41 @@ async fn reuse_port_lets_several_gateways_share_a_port() {
     first.stop().await;
     second.stop().await;
 }
+
+/// A connection the kernel completed in a passed socket's backlog before the gateway set the
+/// listener's options (socket activation: systemd listened first) gets them all the same:
+/// `ss` shows the keepalive timer on the gateway's end.
+#[tokio::test]
+async fn connections_queued_before_the_gateway_started_get_its_keepalive() {
+    let echo = tcp_echo().await;
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut queued = TcpStream::connect(addr).await.unwrap();
+    let client_port = queued.local_addr().unwrap().port();
+    let config = wsgate::config::Config::parse(
+        &format!(
+            "[gateway]\ntcp_keepalive = {{ idle = \"7s\", interval = \"3s\", probes = 4 }}\n\n[[listener]]\nname = \"main\"\nbind = \"{addr}\"\n\n[[route]]\npath = \"/\"\nupstream = \"tcp://{echo}\"\n"
+        ),
+        "test.toml",
+    )
+    .unwrap();
+    let sockets = wsgate::systemd::Activated::from_listeners([("main".to_string(), socket)]);
+    let gw = TestGateway::with_sockets(config, sockets).await.unwrap();
+    queued
+        .write_all(upgrade_request("/", "").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut queued).await.status, 101);
+    let filter = format!("( sport = :{} and dport = :{client_port} )", addr.port());
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &filter])
+        .output()
+        .expect("ss (iproute2)");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("timer:(keepalive"),
+        "the gateway's end of the queued connection has no keepalive: {listing:?}"
+    );
+    drop(queued);
+    gw.stop().await;
+}

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -581,11 +581,8 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
     let mut backoff = FIRST_BACKOFF;
     // The keepalive settings last put on the listening socket, which accepted sockets
     // inherit; a reload may change them.
-    let mut on_listener = None;
     let keepalive = ctx.server.gateway.load().config.gateway.tcp_keepalive;
-    if crate::sockets::prepare_listener(&listener, keepalive.as_ref()) {
-        on_listener = Some(keepalive);
-    }
+    let mut on_listener = settle(&listener, &ctx, keepalive);
     loop {
         let accepted = tokio::select! {
             // Stop first: a removed or draining listener accepts nothing more.
@@ -598,21 +595,16 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
                 backoff = FIRST_BACKOFF;
                 let keepalive = ctx.server.gateway.load().config.gateway.tcp_keepalive;
                 if on_listener != Some(keepalive) {
-                    // This connection was accepted with the old settings: set its own too.
+                    // Accepted with the old settings (a reload changed them), or where
+                    // accepted sockets do not inherit them: set its own.
                     crate::sockets::prepare(
                         &stream,
                         keepalive.as_ref(),
                         crate::sockets::Side::Client,
                     );
-                    if crate::sockets::prepare_listener(&listener, keepalive.as_ref()) {
-                        on_listener = Some(keepalive);
-                    }
+                    on_listener = settle(&listener, &ctx, keepalive);
                 }
-                // Boxed for the reason the relay task is (server/upgrade.rs): tokio copies a
-                // task's future whole, and hyper's connection state is large.
-                ctx.server
-                    .tracker
-                    .spawn(Box::pin(connection::serve(stream, peer, ctx.clone())));
+                spawn_connection(stream, peer, &ctx);
             }
             Err(e) => {
                 error!(addr = ?listener.local_addr().ok(), error = %e, retry_in = ?backoff, "accept failed");
@@ -624,4 +616,55 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
             }
         }
     }
+}
+
+/// Puts `keepalive` on the listening socket, then gives it to what already waits in the
+/// backlog, which was made from the listener as it was before: a socket systemd passed (it
+/// listened before this process existed), or a listener whose settings a reload changed.
+/// Returns the settings the listener now holds, `None` where accepted sockets do not
+/// inherit them.
+fn settle(
+    listener: &TcpListener,
+    ctx: &Arc<ListenerContext>,
+    keepalive: Option<crate::config::TcpKeepalive>,
+) -> Option<Option<crate::config::TcpKeepalive>> {
+    let on_listener =
+        crate::sockets::prepare_listener(listener, keepalive.as_ref()).then_some(keepalive);
+    if on_listener.is_some() {
+        accept_backlog(listener, ctx, keepalive.as_ref());
+    }
+    on_listener
+}
+
+/// Accepts every connection waiting in the backlog now, without waiting for readiness (a
+/// new registration reads as not ready until the first event), and gives each the current
+/// settings. Whatever arrives after this returns is made from the listener as it is now.
+/// An error other than an empty backlog is left to the accept loop, which meets it again.
+fn accept_backlog(
+    listener: &TcpListener,
+    ctx: &Arc<ListenerContext>,
+    keepalive: Option<&crate::config::TcpKeepalive>,
+) {
+    let socket = socket2::SockRef::from(listener);
+    while let Ok((accepted, addr)) = socket.accept() {
+        let Some(peer) = addr.as_socket() else {
+            continue;
+        };
+        if accepted.set_nonblocking(true).is_err() {
+            continue;
+        }
+        let Ok(stream) = TcpStream::from_std(accepted.into()) else {
+            continue;
+        };
+        crate::sockets::prepare(&stream, keepalive, crate::sockets::Side::Client);
+        spawn_connection(stream, peer, ctx);
+    }
+}
+
+fn spawn_connection(stream: TcpStream, peer: SocketAddr, ctx: &Arc<ListenerContext>) {
+    // Boxed for the reason the relay task is (server/upgrade.rs): tokio copies a task's
+    // future whole.
+    ctx.server
+        .tracker
+        .spawn(Box::pin(connection::serve(stream, peer, ctx.clone())));
 }
