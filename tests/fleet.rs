@@ -401,7 +401,11 @@ async fn jwt_from_query_cookie_header_and_subprotocol() {
         }
     }
 
-    // Refused: missing, expired, wrong issuer, wrong audience, bad signature.
+    // Refused: missing, expired, not yet valid, wrong issuer, wrong audience, bad signature.
+    let early = hs256(
+        key,
+        serde_json::json!({"sub": "a", "iss": "fleet", "aud": "vnc", "nbf": now() + 3600, "exp": now() + 7200}),
+    );
     let expired = hs256(
         key,
         serde_json::json!({"sub": "a", "iss": "fleet", "aud": "vnc", "exp": now() - 3600}),
@@ -421,6 +425,7 @@ async fn jwt_from_query_cookie_header_and_subprotocol() {
     for query in [
         "".to_string(),
         expired,
+        early,
         issuer,
         audience,
         forged,
@@ -448,7 +453,7 @@ async fn jwt_from_query_cookie_header_and_subprotocol() {
             &metrics,
             "wsgate_auth_failures_total{route=\"/\",reason=\"invalid\"}"
         ),
-        5.0
+        6.0
     );
     gw.stop().await;
 }
@@ -497,6 +502,19 @@ async fn jwt_from_a_jwks_and_a_claim_that_picks_the_target() {
     )
     .await;
     assert_eq!(unknown.status, 404);
+    // A valid token without the claim does not let the query pick the target.
+    let unclaimed = jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({"sub": "bob", "exp": now() + 600}),
+        &signing,
+    )
+    .unwrap();
+    let refused = raw_request(
+        gw.addr(),
+        &upgrade_request(&format!("/?token=vm-a&access_token={unclaimed}"), ""),
+    )
+    .await;
+    assert_eq!(refused.status, 401, "{refused:?}");
     gw.stop().await;
 }
 

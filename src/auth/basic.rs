@@ -1,6 +1,8 @@
 //! Basic auth against an htpasswd file of bcrypt entries (`htpasswd -B`). A bcrypt check
 //! costs milliseconds of CPU by design, so it runs on the blocking pool, not on a runtime
-//! worker that relays other connections.
+//! worker that relays other connections, and at most one per CPU at a time: a flood of
+//! guesses waits its turn instead of taking every blocking thread. An unknown user costs a
+//! check as well, so that the time of the answer does not tell which names exist.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,10 +71,18 @@ impl Users {
             .ok_or_else(|| AuthError::MissingPassword { realm: realm() })?;
         let hashes = self.hashes.clone();
         let name = user.clone();
-        let verified = tokio::task::spawn_blocking(move || {
-            hashes
-                .get(&name)
-                .is_some_and(|hash| bcrypt::verify(password, hash).unwrap_or(false))
+        let Ok(_turn) = checks().acquire().await else {
+            return Err(AuthError::WrongPassword { realm: realm() });
+        };
+        let verified = tokio::task::spawn_blocking(move || match hashes.get(&name) {
+            Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
+            None => {
+                // The same work against some entry's hash, and a refusal whatever it says.
+                if let Some(hash) = hashes.values().next() {
+                    let _ = bcrypt::verify(password, hash);
+                }
+                false
+            }
         })
         .await
         .unwrap_or(false);
@@ -84,4 +94,13 @@ impl Users {
             ..Default::default()
         })
     }
+}
+
+/// Turns for bcrypt checks, one per CPU, shared by every route.
+fn checks() -> &'static tokio::sync::Semaphore {
+    static CHECKS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    CHECKS.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tokio::sync::Semaphore::new(cpus)
+    })
 }

@@ -14,7 +14,8 @@ use crate::config::{CredentialSource, JwtAuth, JwtKeys};
 pub struct Verifier {
     settings: JwtAuth,
     keys: Keys,
-    algorithms: Vec<Algorithm>,
+    /// One set of checks per allowed algorithm, made once.
+    validations: Vec<(Algorithm, Validation)>,
 }
 
 enum Keys {
@@ -69,15 +70,16 @@ impl Verifier {
                 Keys::Set(keys)
             }
         };
-        let algorithms = settings
+        let validations = settings
             .algorithms
             .iter()
             .filter_map(|a| a.parse().ok())
+            .map(|algorithm| (algorithm, validation(settings, algorithm)))
             .collect();
         Ok(Verifier {
             settings: settings.clone(),
             keys,
-            algorithms,
+            validations,
         })
     }
 
@@ -85,22 +87,12 @@ impl Verifier {
         let (token, used_protocol) = self.find(request).ok_or(AuthError::MissingToken)?;
         let invalid = |e: jsonwebtoken::errors::Error| AuthError::InvalidToken(e.to_string());
         let head = jsonwebtoken::decode_header(&token).map_err(invalid)?;
-        if !self.algorithms.contains(&head.alg) {
+        let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == head.alg) else {
             return Err(AuthError::InvalidToken(format!(
                 "algorithm {:?} is not allowed",
                 head.alg
             )));
-        }
-        let mut validation = Validation::new(head.alg);
-        validation.leeway = self.settings.leeway.as_secs();
-        validation.required_spec_claims = HashSet::from(["exp".to_string()]);
-        match &self.settings.audience {
-            Some(audience) => validation.set_audience(&[audience]),
-            None => validation.validate_aud = false,
-        }
-        if let Some(issuer) = &self.settings.issuer {
-            validation.set_issuer(&[issuer]);
-        }
+        };
         let key = match &self.keys {
             Keys::Secret(key) => key,
             Keys::Set(keys) => keys
@@ -113,9 +105,7 @@ impl Verifier {
                 .ok_or_else(|| AuthError::InvalidToken("no key with its kid".into()))?,
         };
         let claims = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
-            &token,
-            key,
-            &validation,
+            &token, key, validation,
         )
         .map_err(invalid)?
         .claims;
@@ -125,9 +115,17 @@ impl Verifier {
                 .and_then(|v| v.as_str())
                 .map(str::to_string)
         };
+        // With `target_claim`, the token names the target: a token without it must not fall
+        // back to a target the client picks in the query or path.
+        let target = match self.settings.target_claim.as_deref() {
+            Some(claim) => Some(text(claim).ok_or_else(|| {
+                AuthError::InvalidToken(format!("the token has no `{claim}` claim (a string)"))
+            })?),
+            None => None,
+        };
         Ok(Authenticated {
             name: text("sub"),
-            target: self.settings.target_claim.as_deref().and_then(text),
+            target,
             headers: Vec::new(),
             used_protocol,
         })
@@ -175,4 +173,21 @@ impl Verifier {
         }
         None
     }
+}
+
+/// What every token must pass: `exp` present and not past, `nbf` not in the future (both
+/// within `leeway`), and `iss` and `aud` when the route names them.
+fn validation(settings: &JwtAuth, algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = settings.leeway.as_secs();
+    validation.validate_nbf = true;
+    validation.required_spec_claims = HashSet::from(["exp".to_string()]);
+    match &settings.audience {
+        Some(audience) => validation.set_audience(&[audience]),
+        None => validation.validate_aud = false,
+    }
+    if let Some(issuer) = &settings.issuer {
+        validation.set_issuer(&[issuer]);
+    }
+    validation
 }
