@@ -64,12 +64,22 @@ where
     let (mut relay_read, mut relay_write) = tokio::io::split(relay);
     let inflate = async {
         let mut frames = FrameReader::default();
-        // The message being inflated: its state, and how much it has produced.
-        let mut message: Option<(Decompress, u64)> = None;
+        // The message being inflated: its state, how much it has produced, and its opcode
+        // until a first frame of it went out (a first frame may inflate to nothing).
+        let mut message: Option<(Decompress, u64, Option<OpCode>)> = None;
         while let Some((head, mut payload)) =
             frames.next_within(&mut client_read, max_frame as u64).await
         {
-            let compressed = message.is_some() || (head.rsv1 && !head.opcode.is_control());
+            // Frames the layer must not judge go to the relay as they came, and its checks
+            // answer them as without the layer: unmasked frames (1002), RSV1 on a control or
+            // continuation frame (RFC 7692 §6.1: 1002), a new message inside one (1002).
+            // Control frames may come between the
+            // fragments of a compressed message and are never compressed themselves.
+            let raw = head.mask.is_none()
+                || head.opcode.is_control()
+                || (head.rsv1 && head.opcode == OpCode::Continuation)
+                || (message.is_some() && head.opcode != OpCode::Continuation);
+            let compressed = !raw && (message.is_some() || head.rsv1);
             if !compressed {
                 if write_frame(&mut relay_write, head, &payload).await.is_err() {
                     break;
@@ -79,12 +89,11 @@ where
             if let Some(key) = head.mask {
                 apply_mask(&mut payload, key, 0);
             }
-            let (state, produced) = message.get_or_insert_with(|| (Decompress::new(false), 0));
+            let (state, produced, opcode) =
+                message.get_or_insert_with(|| (Decompress::new(false), 0, Some(head.opcode)));
             if head.fin {
                 payload.extend_from_slice(&TAIL);
             }
-            // The first piece keeps the message's opcode; the rest continue it.
-            let mut first = head.opcode != OpCode::Continuation;
             let mut input = &payload[..];
             loop {
                 let mut out = Vec::with_capacity(PIECE);
@@ -92,18 +101,17 @@ where
                 let status = state.decompress_vec(input, &mut out, FlushDecompress::Sync);
                 input = &input[(state.total_in() - before) as usize..];
                 *produced += out.len() as u64;
-                let done = input.is_empty() && out.len() < PIECE;
+                // A sender may end a message with a final deflate block (RFC 7692 §7.2.3.3):
+                // then the stream ends before the tail appended above is read.
+                let ended = matches!(status, Ok(Status::StreamEnd));
+                let done = ended || (input.is_empty() && out.len() < PIECE);
                 let fin = head.fin && done;
                 // More than the limit: the relay answers 1009 when it sees one byte too
                 // many; nothing more is inflated.
                 let over = *produced > max_message_size as u64;
                 if (!out.is_empty() || fin) || over {
-                    let opcode = if first {
-                        head.opcode
-                    } else {
-                        OpCode::Continuation
-                    };
-                    first = false;
+                    // The message's first piece carries its opcode; the rest continue it.
+                    let opcode = opcode.take().unwrap_or(OpCode::Continuation);
                     // Masked, as the relay expects of a client.
                     let key: [u8; 4] = rand::random();
                     apply_mask(&mut out, key, 0);
@@ -117,7 +125,7 @@ where
                     let _ = relay_write.shutdown().await;
                     return;
                 }
-                if done || matches!(status, Ok(Status::StreamEnd)) {
+                if done {
                     break;
                 }
             }
@@ -175,7 +183,23 @@ where
         }
         let _ = client_write.shutdown().await;
     };
-    tokio::join!(inflate, deflate);
+    // The relay's end is the connection's end. When the relay finishes first, the client was
+    // sent its Close and then FIN: what it still sends is drained for a moment (lingering
+    // close) and the layer ends with it, instead of waiting on a client that stays silent.
+    let relay_finished = {
+        let mut inflate = std::pin::pin!(inflate);
+        let mut deflate = std::pin::pin!(deflate);
+        tokio::select! {
+            () = inflate.as_mut() => {
+                deflate.await;
+                false
+            }
+            () = deflate.as_mut() => true,
+        }
+    };
+    if relay_finished {
+        crate::relay::discard(&mut client_read).await;
+    }
 }
 
 /// Writes one frame; `payload` is unmasked and masked here when `head.mask` says so (toward

@@ -186,20 +186,8 @@ async fn compressed_frames_both_ways_and_a_bomb_meets_1009() {
     frame[0] |= 0x40;
     stream.write_all(&frame).await.unwrap();
     // The echo comes back compressed (RSV1), and inflates to what was sent.
-    let mut head = [0u8; 2];
-    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut head)
-        .await
-        .unwrap();
-    assert_eq!(head[0], 0x80 | 0x40 | 0x2, "fin, RSV1, binary");
-    let mut payload = vec![0u8; (head[1] & 0x7f) as usize];
-    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut payload)
-        .await
-        .unwrap();
-    payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
-    let mut inflated = Vec::with_capacity(1024);
-    flate2::Decompress::new(false)
-        .decompress_vec(&payload, &mut inflated, flate2::FlushDecompress::Sync)
-        .unwrap();
+    let (first, inflated) = read_deflated(&mut stream).await;
+    assert_eq!(first, 0x80 | 0x40 | 0x2, "fin, RSV1, binary");
     assert_eq!(inflated, message);
 
     // 10 MB of zeros in a few KB: closed with 1009 after at most the limit was produced.
@@ -215,6 +203,126 @@ async fn compressed_frames_both_ways_and_a_bomb_meets_1009() {
         "wsgate_bytes_total{route=\"/\",direction=\"client_to_upstream\"}",
     );
     assert!(produced <= (64 << 10) as f64 + 100.0, "{produced}");
+    gw.stop().await;
+}
+
+/// One short frame from the gateway: its first byte and its payload, inflated when RSV1
+/// says it is compressed.
+async fn read_deflated(stream: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    within("a compressed frame", async {
+        let mut head = [0u8; 2];
+        tokio::io::AsyncReadExt::read_exact(stream, &mut head)
+            .await
+            .unwrap();
+        assert!(head[1] & 0x7f < 126, "a short frame: {head:?}");
+        let mut payload = vec![0u8; (head[1] & 0x7f) as usize];
+        tokio::io::AsyncReadExt::read_exact(stream, &mut payload)
+            .await
+            .unwrap();
+        if head[0] & 0x40 == 0 {
+            return (head[0], payload);
+        }
+        payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut inflated = Vec::with_capacity(1024);
+        flate2::Decompress::new(false)
+            .decompress_vec(&payload, &mut inflated, flate2::FlushDecompress::Sync)
+            .unwrap();
+        (head[0], inflated)
+    })
+    .await
+}
+
+/// RFC 6455 §5.4: a Ping may come between the fragments of a message, also of a compressed
+/// one, and is not part of it: answered with its Pong, and the message arrives whole. A
+/// first fragment that inflates to nothing still gives the message its opcode.
+#[tokio::test]
+async fn a_ping_between_compressed_fragments_is_answered_and_the_message_kept() {
+    let echo = tcp_echo().await;
+    let gw = start_gateway(&simple_config(
+        &format!("tcp://{echo}"),
+        "compression = true
+ping_interval = \"off\"",
+    ))
+    .await;
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    let message = b"fragmented and compressed".to_vec();
+    // The first fragment is empty: it inflates to nothing.
+    let mut first = client_frame(false, 0x1, &[]);
+    first[0] |= 0x40;
+    stream.write_all(&first).await.unwrap();
+    stream
+        .write_all(&client_frame(true, 0x9, b"between"))
+        .await
+        .unwrap();
+    stream
+        .write_all(&client_frame(true, 0x0, &deflate(&message)))
+        .await
+        .unwrap();
+    // The Pong, and the tcp upstream's echo as compressed binary messages (a 1002 instead
+    // would mean the message lost its opcode or the Ping was taken into it).
+    let (mut pong, mut echoed) = (None, Vec::new());
+    while pong.is_none() || echoed.len() < message.len() {
+        let (first, payload) = read_deflated(&mut stream).await;
+        match first & 0x0f {
+            0xA => pong = Some(payload),
+            0x2 => echoed.extend(payload),
+            other => panic!("unexpected frame {first:#x} (opcode {other:#x}): {payload:?}"),
+        }
+    }
+    assert_eq!(echoed, message);
+    gw.stop().await;
+}
+
+/// Frames the layer must not judge reach the relay's checks as they came: an unmasked
+/// compressed frame, RSV1 on a continuation frame (RFC 7692 §6.1): 1002 each.
+#[tokio::test]
+async fn frames_the_layer_must_not_take_are_1002() {
+    let echo = tcp_echo().await;
+    let gw = start_gateway(&simple_config(
+        &format!("tcp://{echo}"),
+        "compression = true",
+    ))
+    .await;
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+
+    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    let mut unmasked = frame(true, 0x2, &deflate(b"no mask"), None);
+    unmasked[0] |= 0x40;
+    stream.write_all(&unmasked).await.unwrap();
+    assert_eq!(read_raw_close(&mut stream).await, 1002);
+
+    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    let deflated = deflate(b"two fragments");
+    let (one, two) = deflated.split_at(4);
+    let mut first = client_frame(false, 0x2, one);
+    first[0] |= 0x40;
+    let mut second = client_frame(true, 0x0, two);
+    second[0] |= 0x40;
+    stream.write_all(&first).await.unwrap();
+    stream.write_all(&second).await.unwrap();
+    assert_eq!(read_raw_close(&mut stream).await, 1002);
+    gw.stop().await;
+}
+
+/// SPEC §4: nothing outlives its connection. The upstream ends at once; the relay closes
+/// the client with 1000, and a client that never answers nor leaves does not keep the
+/// compression layer (and the connection's slots) alive.
+#[tokio::test]
+async fn a_silent_client_does_not_keep_the_compression_layer_alive() {
+    let upstream = tcp_upstream(|stream| async move { drop(stream) }).await;
+    let gw = TestGateway::builder()
+        .route_with("/", &format!("tcp://{upstream}"), "compression = true")
+        .gateway("close_timeout = \"500ms\"")
+        .start()
+        .await
+        .unwrap();
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    assert_eq!(read_raw_close(&mut stream).await, 1000);
+    // The client holds its socket open and sends nothing.
+    gw.wait_idle().await;
+    drop(stream);
     gw.stop().await;
 }
 

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PingConfig;
 pub(crate) use coalesce::Coalescing;
+pub(crate) use linger::discard;
 use linger::linger;
 pub(crate) use peer::close_payload;
 use peer::{Peer, PeerWriter};
