@@ -346,7 +346,7 @@ async fn the_log_line_names_the_client_a_balancer_reported() {
 async fn refused_tokens_are_logged_without_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.cfg");
-    std::fs::write(&tokens, "known: 127.0.0.1:9\n").unwrap();
+    std::fs::write(&tokens, "known: 127.0.0.1:9\nknown-sekrit: 127.0.0.1:9\n").unwrap();
     let secret = dir.path().join("hs.key");
     std::fs::write(&secret, "a-secret").unwrap();
     let config = dir.path().join("gateway.toml");
@@ -375,15 +375,25 @@ async fn refused_tokens_are_logged_without_the_token() {
             "{target}: {response:?}"
         );
     }
+    // On a path-token route no refusal shows the path: a known token whose target refuses
+    // (502, logged as a failure), a plain GET (426).
+    let refused = raw_request(addr, &upgrade_request("/p/known-sekrit", "")).await;
+    assert_eq!(refused.status, 502, "{refused:?}");
+    let plain = raw_request(
+        addr,
+        "GET /p/sekrit-in-a-get HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
+    assert_eq!(plain.status, 426, "{plain:?}");
     let lines = gw.lines.clone();
-    wait_until("three refusals logged", move || {
+    wait_until("five refusals logged", move || {
         lines
             .lock()
             .unwrap()
             .iter()
-            .filter(|l| l.contains("upgrade refused"))
+            .filter(|l| l.contains("upgrade refused") || l.contains("upgrade failed"))
             .count()
-            == 3
+            == 5
     })
     .await;
     let logged = gw.lines.lock().unwrap().join("\n");

@@ -21,6 +21,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
@@ -237,6 +238,7 @@ async fn answer<B>(req: &mut Request<B>, conn: &Arc<ConnectionContext>) -> Answe
         client,
         trusted_peer,
         started,
+        token_in_path: std::sync::atomic::AtomicBool::new(false),
     };
     match request.accept(req).await {
         Ok(answer) => answer,
@@ -246,8 +248,10 @@ async fn answer<B>(req: &mut Request<B>, conn: &Arc<ConnectionContext>) -> Answe
             let status = response.status().as_u16();
             server.metrics.rejected(status);
             if let Verdict::Log { suppressed } = server.rejection_log.check() {
-                // With token_from = "path" the path holds the token, which is never logged.
+                // Tokens are never logged: not a refused one, and on a route that takes its
+                // token from the path, no path at all, whatever the refusal.
                 let path = match &rejection {
+                    _ if request.token_in_path.load(Relaxed) => "(not logged: it holds a token)",
                     Rejection::Token(_) => "(not logged: it may hold a token)",
                     _ => req.uri().path(),
                 };
@@ -276,6 +280,9 @@ struct UpgradeRequest<'a> {
     /// The connection's peer is one of the listener's trusted proxies.
     trusted_peer: bool,
     started: Instant,
+    /// The route takes its token from the path (`token_from = "path"`), which the log
+    /// must then not show; known once the route is.
+    token_in_path: std::sync::atomic::AtomicBool,
 }
 
 impl UpgradeRequest<'_> {
@@ -293,6 +300,14 @@ impl UpgradeRequest<'_> {
             .route(self.listener.index, host, &path)
             .ok_or(Rejection::NoRoute)?;
         let route = target.config;
+        self.token_in_path.store(
+            target.tokens.is_some()
+                && route
+                    .targets
+                    .as_ref()
+                    .is_some_and(|t| t.from == TokenFrom::Path),
+            Relaxed,
+        );
         if let Some(root) = &route.web_root
             && !handshake::wants_upgrade(req)
         {
