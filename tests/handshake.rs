@@ -320,3 +320,42 @@ async fn a_refused_first_upgrade_is_answered_and_the_connection_closed() {
     assert!(rest.is_empty(), "{rest:?}");
     gw.stop().await;
 }
+
+/// A client that leaves while its upstream is still being reached cancels that work (as
+/// hyper did): the upstream's connection ends at once, not at `connect_timeout`.
+#[tokio::test]
+async fn a_client_that_leaves_during_its_handshake_cancels_the_upstreams() {
+    let (ended, mut ends) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = tcp_upstream(move |mut stream| {
+        let ended = ended.clone();
+        async move {
+            // Reads the handshake and never answers it; reports when it came and when the
+            // gateway lets go.
+            let _ = ended.send("open");
+            let mut sink = Vec::new();
+            let _ = stream.read_to_end(&mut sink).await;
+            let _ = ended.send("closed");
+        }
+    })
+    .await;
+    let gw = start_gateway(&simple_config(
+        &format!("ws://{upstream}"),
+        "connect_timeout = \"60s\"",
+    ))
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, upgrade_request("/", "").as_bytes())
+        .await
+        .unwrap();
+    // The gateway is at the upstream's handshake when the client goes.
+    assert_eq!(
+        within("the upstream is reached", ends.recv()).await,
+        Some("open")
+    );
+    drop(stream);
+    assert_eq!(
+        within("the upstream's connection ends", ends.recv()).await,
+        Some("closed")
+    );
+    gw.stop().await;
+}

@@ -101,6 +101,21 @@ fn parse(buf: &[u8]) -> Parsed {
     Parsed::Upgrade(request, len)
 }
 
+/// Returns when the client ends its side (EOF or an error) before it was answered; bytes it
+/// sends meanwhile are added to `rest`, up to `WATCH_MAX`, and then it is no longer read
+/// (its bytes wait in the kernel: backpressure).
+pub(super) async fn watch<S: AsyncRead + Unpin>(stream: &mut S, rest: &mut Vec<u8>) {
+    const WATCH_MAX: usize = 64 << 10;
+    while rest.len() < WATCH_MAX {
+        rest.reserve(1024);
+        match stream.read_buf(rest).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending().await
+}
+
 /// Writes a response whole: the 101, or a refusal with its short body (and `Date`, as hyper
 /// writes it). TLS streams are flushed so that the records leave.
 pub(super) async fn write_response<S: AsyncWrite + Unpin>(

@@ -173,12 +173,19 @@ pub(super) async fn handle_direct<S: ClientStream>(
     mut req: Request<()>,
     conn: Arc<ConnectionContext>,
     mut stream: S,
-    rest: Vec<u8>,
+    mut rest: Vec<u8>,
 ) {
     let peer = conn.peer;
-    // A statement of its own: as a match's scrutinee, the future would stay in this one's
-    // state (4.8 kB) beside the writes below.
-    let answered = answer(&mut req, &conn).await;
+    // While the checks and the upstream's handshake run, the client is watched as hyper
+    // watches it: one that leaves cancels them (and gives back its slots at once); what it
+    // sends meanwhile (frames in a hurry) is kept for the relay. Not a match's scrutinee:
+    // the future would stay in this one's state (4.8 kB) beside the writes below.
+    let answered = tokio::select! {
+        answered = answer(&mut req, &conn) => answered,
+        () = http1::watch(&mut stream, &mut rest) => {
+            return debug!(client = %peer, "client left during its handshake");
+        }
+    };
     match answered {
         Answer::Upgraded(response, relay) => {
             if let Err(e) = http1::write_response(&mut stream, &response).await {
