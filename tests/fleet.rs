@@ -658,6 +658,78 @@ async fn forward_auth_asks_a_service() {
 // ---------------------------------------------------------------------------------------
 // Line framing
 
+/// Both directions of a lines route flow at once: an upstream that echoes every line back
+/// (as `cat` does) and a client that sends megabytes while it reads. Neither direction may
+/// wait for the other (the adapter once stopped reading the upstream while it wrote to it,
+/// and both stalled for good).
+#[tokio::test]
+async fn a_lines_route_relays_both_ways_at_once() {
+    let upstream = tcp_upstream(|stream| async move {
+        let (mut read, mut write) = tokio::io::split(stream);
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+    })
+    .await;
+    let gw = start_gateway(&simple_config(
+        &format!("tcp://{upstream}"),
+        "framing = \"lines\"",
+    ))
+    .await;
+    let (mut sink, mut stream) = futures_util::StreamExt::split(connect(&gw.ws_url("/")).await);
+    const LINES: usize = 16384;
+    let line = "x".repeat(4000);
+    let sent = line.clone();
+    let writer = tokio::spawn(async move {
+        for _ in 0..LINES {
+            sink.send(Message::text(sent.clone())).await.unwrap();
+        }
+        sink
+    });
+    let mut echoed = 0;
+    within("16 MB echoed through the lines route", async {
+        while echoed < LINES {
+            match futures_util::StreamExt::next(&mut stream).await {
+                Some(Ok(Message::Text(text))) => {
+                    assert_eq!(text.as_str(), line);
+                    echoed += 1;
+                }
+                other => panic!("after {echoed} lines: {other:?}"),
+            }
+        }
+    })
+    .await;
+    drop(writer.await.unwrap());
+    gw.stop().await;
+}
+
+/// SPEC §4: an upstream that fails (here: a reset) is Close 1011 on a lines route too,
+/// after the lines it wrote before.
+#[tokio::test]
+async fn a_lines_upstream_that_resets_is_1011() {
+    let upstream = tcp_upstream(|mut stream| async move {
+        stream.write_all(b"last words\n").await.unwrap();
+        // Wait for the client's message, so that the line went out before the reset.
+        let mut buf = [0u8; 16];
+        let _ = stream.read(&mut buf).await;
+        socket2::SockRef::from(&stream)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(stream);
+    })
+    .await;
+    let gw = start_gateway(&simple_config(
+        &format!("tcp://{upstream}"),
+        "framing = \"lines\"",
+    ))
+    .await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    assert_eq!(next_data(&mut ws).await, Message::text("last words"));
+    ws.send(Message::text("bye")).await.unwrap();
+    let (data, close) = read_until_close(&mut ws).await;
+    assert!(data.is_empty(), "{data:?}");
+    assert_eq!(close.map(|c| c.0), Some(1011));
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn lines_become_text_messages_and_messages_become_lines() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

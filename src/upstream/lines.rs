@@ -7,7 +7,7 @@
 //! holds the other end, so limits, keepalive, close codes and half-close are the relay's as
 //! for any ws upstream: when the client closes, the upstream's write side is shut and what it
 //! still writes is delivered before the Close is answered; when the upstream ends, the rest
-//! of its last line goes out, then Close 1000.
+//! of its last line goes out, then Close 1000 (1011 when it failed: a reset).
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
@@ -26,100 +26,151 @@ pub async fn adapt(upstream: UpstreamStream, pipe: DuplexStream, max_message_siz
     }
 }
 
+/// What the half that reads the relay tells the half that writes to it.
+enum Control {
+    /// A Ping to answer.
+    Pong(Vec<u8>),
+    /// A Close from the relay: the client's, or its answer to the upstream's.
+    Close(Vec<u8>),
+}
+
+/// The two directions run on their own, so that neither waits for the other: the half that
+/// writes to the relay (upstream lines, Pongs, the Close) owns the pipe's write side; the
+/// half that reads the relay writes client messages upstream and hands it what it must
+/// answer.
 async fn adapt_io<S: AsyncRead + AsyncWrite + Unpin>(
     upstream: S,
     pipe: DuplexStream,
     max_message_size: usize,
 ) {
     let (mut up_read, mut up_write) = tokio::io::split(upstream);
-    let (mut pipe_read, pipe_write) = tokio::io::split(pipe);
-    let pipe_write = tokio::sync::Mutex::new(pipe_write);
-    // Lines → messages, until the upstream's end.
-    let to_client = async {
-        let mut buf = BytesMut::with_capacity(4096);
-        loop {
-            while let Some(end) = buf.iter().position(|&b| b == b'\n') {
-                let line = buf.split_to(end + 1);
-                if send_line(&pipe_write, &line[..end]).await.is_err() {
-                    return Some(());
-                }
+    let (mut pipe_read, mut pipe_write) = tokio::io::split(pipe);
+    let (control, mut controls) = tokio::sync::mpsc::channel::<Control>(4);
+    // Messages → lines, until the relay is gone.
+    let from_client = async move {
+        let mut frames = FrameReader::default();
+        let mut message = Vec::new();
+        let mut closed = false;
+        while let Some((head, mut payload)) = frames.next(&mut pipe_read).await {
+            if let Some(key) = head.mask {
+                apply_mask(&mut payload, key, 0);
             }
-            if buf.len() > max_message_size {
-                return None;
-            }
-            buf.reserve(4096);
-            match up_read.read_buf(&mut buf).await {
-                Ok(n) if n > 0 => {}
-                _ => {
-                    if !buf.is_empty() {
-                        let _ = send_line(&pipe_write, &buf).await;
+            match head.opcode {
+                OpCode::Ping => {
+                    if control.send(Control::Pong(payload)).await.is_err() {
+                        return;
                     }
-                    return Some(());
+                }
+                OpCode::Pong => {}
+                OpCode::Close => {
+                    // Nothing more goes upstream; what it still writes is delivered, then
+                    // the Close is answered (by the other half, once the upstream ended).
+                    closed = true;
+                    let _ = up_write.shutdown().await;
+                    if control.send(Control::Close(payload)).await.is_err() {
+                        return;
+                    }
+                }
+                _ if closed => {}
+                _ => {
+                    message.extend_from_slice(&payload);
+                    if head.fin {
+                        message.push(b'\n');
+                        if up_write.write_all(&message).await.is_err() {
+                            return;
+                        }
+                        message.clear();
+                    }
                 }
             }
         }
     };
-    tokio::pin!(to_client);
-    let mut frames = FrameReader::default();
-    let mut message = Vec::new();
-    // The client's Close, once it came; whether the upstream has ended and Close was sent.
-    let mut client_close: Option<Vec<u8>> = None;
-    let mut closed_by_upstream = false;
-    loop {
-        tokio::select! {
-            frame = frames.next(&mut pipe_read) => {
-                // The relay is gone (its close is over, or it was cut): so is the connection.
-                let Some((head, mut payload)) = frame else { return };
-                if let Some(key) = head.mask {
-                    apply_mask(&mut payload, key, 0);
+    // Lines → messages, until the upstream's end; then the Close.
+    let to_client = async move {
+        let mut buf = BytesMut::with_capacity(4096);
+        // How far `buf` is known to hold no `\n`: a long line is scanned once.
+        let mut scanned = 0;
+        let mut client_close: Option<Vec<u8>> = None;
+        let mut close_sent = false;
+        loop {
+            while let Some(at) = memchr::memchr(b'\n', &buf[scanned..]) {
+                let end = scanned + at;
+                scanned = 0;
+                if end > max_message_size {
+                    break;
                 }
-                match head.opcode {
-                    OpCode::Ping => {
-                        let _ = send(&pipe_write, OpCode::Pong, &payload).await;
-                    }
-                    OpCode::Pong => {}
-                    OpCode::Close if closed_by_upstream => break,
-                    OpCode::Close => {
-                        // Nothing more goes upstream; what it still writes is delivered,
-                        // then the Close is answered (below, when it has ended).
-                        let _ = up_write.shutdown().await;
-                        client_close = Some(payload);
-                    }
-                    _ if client_close.is_some() => {}
-                    _ => {
-                        message.extend_from_slice(&payload);
-                        if head.fin {
-                            message.push(b'\n');
-                            if up_write.write_all(&message).await.is_err() {
-                                return;
-                            }
-                            message.clear();
-                        }
-                    }
+                let line = buf.split_to(end + 1);
+                if send_line(&mut pipe_write, &line[..end]).await.is_err() {
+                    return;
                 }
             }
-            ended = &mut to_client, if !closed_by_upstream => {
-                closed_by_upstream = true;
-                let payload = match (ended, &client_close) {
-                    (None, _) => close_payload(1009, "line too long"),
-                    // Answer the client's Close with its own code.
-                    (Some(()), Some(payload)) => payload.clone(),
-                    (Some(()), None) => close_payload(1000, ""),
-                };
-                let _ = send(&pipe_write, OpCode::Close, &payload).await;
+            scanned = buf.len();
+            let ended = if close_sent {
+                None
+            } else if buf.len() > max_message_size
+                || memchr::memchr(b'\n', &buf).is_some_and(|end| end > max_message_size)
+            {
+                Some(close_payload(1009, "line too long"))
+            } else {
+                None
+            };
+            let ended = match ended {
+                Some(payload) => Some(payload),
+                None => {
+                    buf.reserve(4096);
+                    tokio::select! {
+                        read = up_read.read_buf(&mut buf), if !close_sent => match read {
+                            Ok(n) if n > 0 => None,
+                            // The upstream ended: the rest of its last line goes out; the
+                            // client's own Close is answered with its code.
+                            Ok(_) => {
+                                if !buf.is_empty() && send_line(&mut pipe_write, &buf).await.is_err() {
+                                    return;
+                                }
+                                buf.clear();
+                                Some(client_close.clone().unwrap_or_else(|| close_payload(1000, "")))
+                            }
+                            // SPEC §4: an upstream that fails is 1011.
+                            Err(_) => Some(close_payload(1011, "upstream failed")),
+                        },
+                        got = controls.recv() => match got {
+                            // The relay is gone: so is the connection.
+                            None => return,
+                            Some(Control::Pong(payload)) => {
+                                if send(&mut pipe_write, OpCode::Pong, &payload).await.is_err() {
+                                    return;
+                                }
+                                None
+                            }
+                            // The relay answered the upstream's Close: both are done.
+                            Some(Control::Close(_)) if close_sent => break,
+                            Some(Control::Close(payload)) => {
+                                client_close = Some(payload);
+                                None
+                            }
+                        },
+                    }
+                }
+            };
+            if let Some(payload) = ended {
+                close_sent = true;
+                if send(&mut pipe_write, OpCode::Close, &payload)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
                 if client_close.is_some() {
                     break;
                 }
             }
         }
-    }
-    let _ = pipe_write.lock().await.shutdown().await;
+        let _ = pipe_write.shutdown().await;
+    };
+    tokio::join!(from_client, to_client);
 }
 
-async fn send_line<W: AsyncWrite + Unpin>(
-    pipe: &tokio::sync::Mutex<W>,
-    line: &[u8],
-) -> std::io::Result<()> {
+async fn send_line<W: AsyncWrite + Unpin>(pipe: &mut W, line: &[u8]) -> std::io::Result<()> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let opcode = if std::str::from_utf8(line).is_ok() {
         OpCode::Text
@@ -131,13 +182,12 @@ async fn send_line<W: AsyncWrite + Unpin>(
 
 /// One unmasked frame, as a server sends it.
 async fn send<W: AsyncWrite + Unpin>(
-    pipe: &tokio::sync::Mutex<W>,
+    pipe: &mut W,
     opcode: OpCode,
     payload: &[u8],
 ) -> std::io::Result<()> {
     let mut head = [0u8; MAX_HEAD];
     let n = Head::new(true, opcode, None, payload.len()).encode(&mut head);
-    let mut pipe = pipe.lock().await;
     pipe.write_all(&head[..n]).await?;
     pipe.write_all(payload).await?;
     pipe.flush().await
