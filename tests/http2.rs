@@ -299,3 +299,48 @@ async fn a_silent_http2_client_is_cut_at_the_handshake_timeout() {
     .await;
     gw.stop().await;
 }
+
+/// A drain that begins while a WebSocket stream's upstream is still being reached waits for
+/// it: the stream gets its 200 and then Close 1001, as one that was open already (the
+/// connection was dropped under it before).
+#[tokio::test]
+async fn a_stream_in_its_handshake_when_the_drain_begins_gets_its_answer_and_1001() {
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let go = Arc::new(tokio::sync::Notify::new());
+    let release = go.clone();
+    let upstream = tcp_upstream(move |mut stream| {
+        let (arrived, go) = (arrived.clone(), go.clone());
+        async move {
+            let _ = arrived.send(());
+            go.notified().await;
+            accept_ws_handshake(&mut stream).await;
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut sink).await;
+        }
+    })
+    .await;
+    let gw = TestGateway::builder()
+        .self_signed()
+        .gateway("close_timeout = \"1s\"")
+        .route("/slow", &format!("ws://{upstream}"))
+        .start()
+        .await
+        .expect("start");
+    let (mut client, _) = h2_client(&gw, &[b"h2"]).await;
+    let (response, _send) = client
+        .send_request(connect_request(&gw, "/slow", "websocket", &[]), false)
+        .unwrap();
+    within("the upstream is reached", arrivals.recv())
+        .await
+        .unwrap();
+    gw.begin_shutdown();
+    release.notify_one();
+    let response = within("the 200", response)
+        .await
+        .expect("the stream is answered, not reset");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let (opcode, payload) = read_frame(&mut body, &mut BytesMut::new()).await;
+    assert_eq!((opcode, &payload[..2]), (0x8, &1001u16.to_be_bytes()[..]));
+    gw.stop().await;
+}

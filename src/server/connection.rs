@@ -41,8 +41,9 @@ pub(super) struct ConnectionContext {
     /// With `allow_faults`: a duplicate of the client socket's descriptor, taken by the
     /// fault layer to reset the connection (`reset_after`).
     pub socket: std::sync::Mutex<Option<OwnedFd>>,
-    /// Relays running on this connection (several on one HTTP/2 connection), and a wake-up
-    /// when the last one ends: the drain closes an HTTP/2 connection once it has none.
+    /// WebSocket streams of an HTTP/2 connection, from their request to their relay's end,
+    /// and a wake-up when the last one ends: the drain closes the connection once it has
+    /// none. (HTTP/1.1 relays are not counted: nothing waits for them here.)
     pub relays: std::sync::atomic::AtomicUsize,
     pub relays_done: tokio::sync::Notify,
 }

@@ -157,10 +157,17 @@ pub(super) async fn handle(
         // checked exactly as over HTTP/1.1.
         req.headers_mut().insert(header::HOST, host);
     }
+    // HTTP/2: the stream counts on its connection from its first moment, so that a drain
+    // that begins while the upstream is being reached waits for its answer and its 1001.
+    let on_connection =
+        (req.version() == http::Version::HTTP_2).then(|| RelayOnConnection::new(conn.clone()));
     Ok(match answer(&mut req, &conn).await {
         Answer::Served(response) => response,
         Answer::Upgraded(response, relay) => {
-            relay.spawn(ClientSource::Hyper(hyper::upgrade::on(&mut req)));
+            relay.spawn(
+                ClientSource::Hyper(hyper::upgrade::on(&mut req)),
+                on_connection,
+            );
             response.map(|b| Body::Left(Full::new(b)))
         }
         Answer::Refused(response) => response.map(|b| Body::Left(Full::new(b))),
@@ -193,7 +200,7 @@ pub(super) async fn handle_direct<S: ClientStream>(
                 debug!(client = %peer, error = %e, "client left before the upgrade completed");
                 return;
             }
-            relay.spawn(ClientSource::Ready(stream.into_client(rest)));
+            relay.spawn(ClientSource::Ready(stream.into_client(rest)), None);
         }
         Answer::Refused(response) => {
             // `Connection: close`, as every refusal says: written, then the end of the stream.
@@ -633,7 +640,8 @@ struct Relay {
 
 impl Relay {
     /// Starts the relay task, tracked so that shutdown waits for it.
-    fn spawn(self, client: ClientSource) {
+    /// `on_connection` counts it on an HTTP/2 connection (whose drain waits for its streams).
+    fn spawn(self, client: ClientSource, on_connection: Option<RelayOnConnection>) {
         let Relay {
             conn,
             done,
@@ -662,7 +670,7 @@ impl Relay {
             };
             let metrics = &server.metrics;
             let _active = metrics.relay_started(&done.listener, &done.route);
-            let _on_connection = RelayOnConnection::new(conn.clone());
+            let _on_connection = on_connection;
             // Made in a block of its own, so that nothing it was made of stays in the task's
             // state beside it while it runs.
             let relay = {
