@@ -97,7 +97,6 @@ pub fn check_request_line<B>(req: &Request<B>) -> Result<(), HandshakeError> {
     }
 }
 
-/// Validates a routed request as a WebSocket upgrade (RFC 6455 §4.2.1).
 /// Whether the request asks for a WebSocket at all (`Upgrade: websocket`, or an HTTP/2
 /// extended CONNECT); a plain GET under a `web_root` does not, and is answered with a file.
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
@@ -168,6 +167,7 @@ pub fn connect_accepted<B: Default>(protocol: Option<&str>) -> Response<B> {
     response
 }
 
+/// Validates a routed request as a WebSocket upgrade (RFC 6455 §4.2.1).
 pub fn validate<B>(req: &Request<B>) -> Result<UpgradeRequest, HandshakeError> {
     let headers = req.headers();
     if req.method() != Method::GET {

@@ -234,6 +234,7 @@ async fn serve(
         failed = true;
     }
     if failed {
+        wsgate::systemd::stopping();
         server.shutdown();
     } else {
         tracing::info!(

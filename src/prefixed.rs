@@ -1,5 +1,6 @@
 //! A stream with bytes already read from it put back in front: what followed a PROXY header
-//! in the same read, or what an upstream sent right behind its 101.
+//! in the same read, what an upstream sent right behind its 101, or a client's first request
+//! head (for hyper) and what came behind it (for the relay).
 
 use std::io;
 use std::pin::Pin;

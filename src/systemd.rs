@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {
     #[error(
-        "socket activation: socket {index} (named `{name}`) is not a TCP listening socket: {source}; pass ListenStream= sockets only"
+        "socket activation: socket {index} (named `{name}`) is not a TCP socket: {source}; pass ListenStream= sockets only (with Accept=no)"
     )]
     NotTcp {
         index: usize,
@@ -50,8 +50,8 @@ impl Activated {
     }
 
     /// Takes the sockets passed in `LISTEN_FDS` and their `LISTEN_FDNAMES`. Call it first
-    /// thing, before any thread exists: it unsets the variables (children must not take
-    /// them for theirs).
+    /// thing, before any thread exists: listenfd unsets `LISTEN_FDS` and `LISTEN_PID`, so a
+    /// child cannot take the sockets for its own (its `LISTEN_FDNAMES` then names none).
     pub fn from_env() -> Result<Activated, ActivationError> {
         let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
         let mut fds = listenfd::ListenFd::from_env();
@@ -194,10 +194,20 @@ pub async fn watchdog(interval: Duration) {
     let every = (interval / 2).max(Duration::from_millis(10));
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One line when pings start failing and one when they work again, not one per ping.
+    let mut failing = false;
     loop {
         ticks.tick().await;
-        if let Err(e) = send(&[NotifyState::Watchdog]) {
-            warn!(error = %e, "systemd watchdog ping not sent");
+        match send(&[NotifyState::Watchdog]) {
+            Err(e) if !failing => {
+                failing = true;
+                warn!(error = %e, "systemd watchdog pings are not sent");
+            }
+            Ok(()) if failing => {
+                failing = false;
+                warn!("systemd watchdog pings are sent again");
+            }
+            _ => {}
         }
     }
 }

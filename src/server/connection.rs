@@ -1,5 +1,6 @@
 //! One client connection before its upgrade: the PROXY header (listeners behind a load
-//! balancer), TLS, then HTTP/1.1 with hyper.
+//! balancer), TLS, then HTTP: the first HTTP/1.1 request read here (`http1`), anything
+//! else with hyper (HTTP/1.1 and HTTP/2).
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -319,6 +320,8 @@ async fn serve_http<S: ClientStream>(
     let ctx = ConnectionContext::new(who, listener, tls);
     let max_head = gateway.config.gateway.max_request_head_size;
     let first = tokio::select! {
+        // A whole head that came as the drain began is still answered.
+        biased;
         // A slowloris client that trickles its head is cut off at the deadline.
         head = tokio::time::timeout_at(deadline, read_head(&mut stream, max_head)) => head,
         // Draining: a connection that has not sent a whole request is closed.

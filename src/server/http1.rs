@@ -116,8 +116,9 @@ pub(super) async fn watch<S: AsyncRead + Unpin>(stream: &mut S, rest: &mut Vec<u
     std::future::pending().await
 }
 
-/// Writes a response whole: the 101, or a refusal with its short body (and `Date`, as hyper
-/// writes it). TLS streams are flushed so that the records leave.
+/// Writes a response whole: the 101, or a refusal with its short body, `Content-Length` and
+/// `Date` (RFC 9110 §6.6.1; a 101 may go without, and does: one clock read and format less
+/// per handshake). TLS streams are flushed so that the records leave.
 pub(super) async fn write_response<S: AsyncWrite + Unpin>(
     stream: &mut S,
     response: &Response<Bytes>,

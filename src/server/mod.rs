@@ -418,7 +418,6 @@ fn bind_activated(
     if !activated.is_active() {
         return Ok(bind_all(gateway, &[])?);
     }
-    let keepalive = gateway.config.gateway.tcp_keepalive;
     let mut bound = Vec::new();
     for l in &gateway.config.listeners {
         let Some(socket) = activated.take(&l.name)? else {
@@ -436,7 +435,7 @@ fn bind_activated(
         {
             warn!(listener = %l.name, bind = %l.bind, socket = %local, "the socket systemd passed is not at the listener's bind address; serving on the socket's");
         }
-        crate::sockets::prepare_listener(&socket, keepalive.as_ref());
+        // Its options are set (and what waits in its backlog given them) by the accept loop.
         let listener = TcpListener::from_std(socket).map_err(bind_error)?;
         bound.push((ListenerKey::of(l), listener));
     }
@@ -540,12 +539,9 @@ fn fingerprint(files: &[std::path::PathBuf]) -> u64 {
     for file in files {
         file.hash(&mut hasher);
         if file.is_dir() {
-            // A folder (of token files): its files' names and contents.
-            let mut entries: Vec<std::path::PathBuf> = std::fs::read_dir(file)
-                .map(|dir| dir.flatten().map(|e| e.path()).collect())
-                .unwrap_or_default();
-            entries.sort();
-            for entry in entries {
+            // A folder (of token files): its files' names and contents, as the table reads them.
+            let source = crate::config::TokenSource::Dir(file.clone());
+            for entry in crate::targets::files(&source).unwrap_or_default() {
                 entry.hash(&mut hasher);
                 if let Ok(bytes) = std::fs::read(&entry) {
                     bytes.hash(&mut hasher);
@@ -646,7 +642,12 @@ fn accept_backlog(
     keepalive: Option<&crate::config::TcpKeepalive>,
 ) {
     let socket = socket2::SockRef::from(listener);
-    while let Ok((accepted, addr)) = socket.accept() {
+    // At most one backlog's worth (sockets::listen's), so that a flood arriving meanwhile
+    // does not keep this loop from yielding; the rest inherits the settings anyway.
+    for _ in 0..1024 {
+        let Ok((accepted, addr)) = socket.accept() else {
+            return;
+        };
         let Some(peer) = addr.as_socket() else {
             continue;
         };

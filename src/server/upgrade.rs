@@ -110,8 +110,7 @@ impl Rejection {
             Rejection::Token(TokenRefused::Unresolved { .. }) => {
                 "the token's target is not reachable\n".into()
             }
-            Rejection::Auth(e @ AuthError::InvalidToken(_)) => {
-                let _ = e;
+            Rejection::Auth(AuthError::InvalidToken(_)) => {
                 "authentication failed: invalid token\n".into()
             }
             Rejection::Auth(AuthError::Unavailable(_)) => {
