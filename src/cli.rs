@@ -57,6 +57,13 @@ pub enum Command {
         #[arg(long = "name", value_name = "NAME", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
         names: Vec<String>,
     },
+    /// Replace a running wsgate with the binary now at its path, without refusing a
+    /// connection (sends SIGUSR2 to the PID in the file; exits 0 once the new process serves).
+    Upgrade {
+        /// The file the running wsgate was started with as --pid-file.
+        #[arg(long, value_name = "FILE")]
+        pid_file: PathBuf,
+    },
     /// Ask a running wsgate to re-read its configuration (sends SIGHUP to the PID in the file).
     Reload {
         /// The file the running wsgate was started with as --pid-file.

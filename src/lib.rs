@@ -67,6 +67,7 @@ pub mod devcert;
 mod faults;
 pub mod forwarded;
 pub mod gateway;
+pub mod handover;
 pub mod handshake;
 pub mod origin;
 pub mod prefixed;

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check { config }) => check(&config),
         Some(Command::Reload { pid_file }) => reload(&pid_file),
+        Some(Command::Upgrade { pid_file }) => upgrade(&pid_file),
         Some(Command::Cert { out, names }) => cert(&out, &names),
         None => match cli.config {
             Some(config) => run(
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
                     pid_file: cli.pid_file,
                     ready_file: cli.ready_file,
                     exit_on_eof: cli.exit_on_eof,
+                    invocation: wsgate::handover::Invocation::current().ok(),
                 },
             ),
             None => {
@@ -104,23 +106,31 @@ fn cert(out: &Path, names: &[String]) -> ExitCode {
     }
 }
 
+/// The process ID in a `--pid-file`, or why there is none.
+fn read_pid(pid_file: &Path) -> Result<i32, String> {
+    match std::fs::read_to_string(pid_file) {
+        Ok(text) => match text.trim().parse::<i32>() {
+            Ok(pid) if pid > 0 => Ok(pid),
+            _ => Err(format!(
+                "{}: does not hold a process ID",
+                pid_file.display()
+            )),
+        },
+        Err(e) => Err(format!(
+            "{}: cannot read: {e}; is wsgate running with --pid-file?",
+            pid_file.display()
+        )),
+    }
+}
+
 /// `wsgate reload`: SIGHUP to the process named in the PID file.
 fn reload(pid_file: &Path) -> ExitCode {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
-    let pid = match std::fs::read_to_string(pid_file) {
-        Ok(text) => match text.trim().parse::<i32>() {
-            Ok(pid) if pid > 0 => pid,
-            _ => {
-                eprintln!("{}: does not hold a process ID", pid_file.display());
-                return ExitCode::FAILURE;
-            }
-        },
+    let pid = match read_pid(pid_file) {
+        Ok(pid) => pid,
         Err(e) => {
-            eprintln!(
-                "{}: cannot read: {e}; is wsgate running with --pid-file?",
-                pid_file.display()
-            );
+            eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
@@ -138,12 +148,74 @@ fn reload(pid_file: &Path) -> ExitCode {
     }
 }
 
+/// `wsgate upgrade`: SIGUSR2 to the process named in the PID file, then the outcome it
+/// reports (`handover::report`): 0 once the new process serves, 1 with the reason.
+fn upgrade(pid_file: &Path) -> ExitCode {
+    match upgrade_and_wait(pid_file) {
+        Ok((old, new)) => {
+            println!(
+                "upgraded: pid {new} serves; pid {old} stopped accepting and drains its open connections (upgrade_drain_timeout)"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsgate upgrade: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn upgrade_and_wait(pid_file: &Path) -> Result<(i32, u32), String> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let pid = read_pid(pid_file)?;
+    let old = Pid::from_raw(pid);
+    let name = wsgate::handover::status_socket(pid as u32);
+    let socket = SocketAddr::from_abstract_name(name.as_bytes())
+        .and_then(|addr| UnixDatagram::bind_addr(&addr))
+        .map_err(|e| {
+            format!("cannot listen for the outcome: {e}; is another `wsgate upgrade` of pid {pid} running?")
+        })?;
+    let poll = std::time::Duration::from_millis(200);
+    socket
+        .set_read_timeout(Some(poll))
+        .map_err(|e| format!("cannot listen for the outcome: {e}"))?;
+    kill(old, Signal::SIGUSR2)
+        .map_err(|e| format!("cannot signal pid {pid} from {}: {e}", pid_file.display()))?;
+    // The new process gets START_TIMEOUT; the old one reports soon after.
+    let patience = wsgate::handover::START_TIMEOUT + std::time::Duration::from_secs(10);
+    let mut waited = std::time::Duration::ZERO;
+    let mut buf = [0u8; 1024];
+    loop {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let report = String::from_utf8_lossy(&buf[..n]);
+            return wsgate::handover::parse_report(&report).map(|new| (pid, new));
+        }
+        if kill(old, None).is_err() {
+            return Err(format!(
+                "pid {pid} exited during the upgrade; its log says why"
+            ));
+        }
+        waited += poll;
+        if waited >= patience {
+            return Err(format!(
+                "pid {pid} did not report within {patience:?}; its log says what happened"
+            ));
+        }
+    }
+}
+
 /// What `run` was asked for on the command line, beside the configuration.
 struct RunOptions {
     log_json: bool,
     pid_file: Option<PathBuf>,
     ready_file: Option<PathBuf>,
     exit_on_eof: bool,
+    /// What a binary upgrade starts again; `None` when the binary's path is unknown.
+    invocation: Option<wsgate::handover::Invocation>,
 }
 
 fn run(path: &Path, options: RunOptions) -> ExitCode {
@@ -252,9 +324,19 @@ async fn serve(
     let mut stdin_closed = options.exit_on_eof.then(wsgate::shutdown::stdin_closed);
     let running = server.clone().run();
     tokio::pin!(running);
+    // Set once a new binary serves on this process's sockets: when its drain ends.
+    let mut handed_over: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = &mut running => break,
+            () = server.idle(), if handed_over.is_some() && !server.is_draining() => {
+                tracing::info!("upgrade: every connection of this process has ended; exiting");
+                server.shutdown();
+            }
+            () = sleep_until(handed_over), if handed_over.is_some() && !server.is_draining() => {
+                tracing::info!(open = server.metrics().active_relays(), "upgrade_drain_timeout passed: closing this process's open connections with 1001");
+                server.shutdown();
+            }
             event = signals.next(), if !server.is_draining() => match event {
                 Event::Reload => {
                     tracing::info!(signal = "SIGHUP", config = %path.display(), "reloading configuration");
@@ -263,6 +345,24 @@ async fn serve(
                     // new one was refused.
                     let _ = server.reload_from(path).await;
                     wsgate::systemd::ready();
+                }
+                Event::Upgrade if handed_over.is_some() => {
+                    tracing::info!(signal = "SIGUSR2", "already handed over to a new process: ignored");
+                }
+                Event::Upgrade => {
+                    tracing::info!(signal = "SIGUSR2", "upgrade: starting the new binary with the listening sockets");
+                    let outcome = hand_over(&server, options.invocation.as_ref()).await;
+                    wsgate::handover::report(&outcome);
+                    match outcome {
+                        Ok(pid) => {
+                            let timeout = server.gateway().config.gateway.upgrade_drain_timeout;
+                            tracing::info!(new_pid = pid, open = server.metrics().active_relays(), "upgrade: the new process serves; this one stops accepting and lets its connections run for up to {timeout:?} (upgrade_drain_timeout)");
+                            wsgate::systemd::main_pid(pid);
+                            server.retire().await;
+                            handed_over = Some(tokio::time::Instant::now() + timeout);
+                        }
+                        Err(e) => tracing::error!("upgrade failed; this process keeps serving: {e}"),
+                    }
                 }
                 Event::Stop(name) => {
                     tracing::info!(signal = name, "shutting down: no new connections, closing open ones with 1001");
@@ -278,9 +378,11 @@ async fn serve(
             }
         }
     }
+    // After an upgrade the files are the new process's.
     for file in [&options.ready_file, &options.pid_file]
         .into_iter()
         .flatten()
+        .filter(|_| handed_over.is_none())
     {
         let _ = std::fs::remove_file(file);
     }
@@ -288,6 +390,30 @@ async fn serve(
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Starts the new binary with this process's listening sockets; its PID once it serves.
+async fn hand_over(
+    server: &Server,
+    invocation: Option<&wsgate::handover::Invocation>,
+) -> Result<u32, wsgate::handover::UpgradeError> {
+    use wsgate::handover::UpgradeError;
+    if server.is_draining() {
+        return Err(UpgradeError::Draining);
+    }
+    let invocation = invocation.ok_or_else(|| UpgradeError::Spawn {
+        binary: "the running binary".into(),
+        source: std::io::Error::other("its path was not readable at start-up (/proc/self/exe)"),
+    })?;
+    let sockets = server.listening_sockets().map_err(UpgradeError::Sockets)?;
+    wsgate::handover::start_new(invocation, sockets).await
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,7 +1,8 @@
-//! Process signals: SIGHUP reloads the configuration, SIGTERM and SIGINT start the drain;
-//! and `--exit-on-eof`, which treats the end of standard input as SIGTERM.
+//! Process signals: SIGHUP reloads the configuration, SIGTERM and SIGINT start the drain,
+//! SIGUSR2 replaces the binary (`handover`); and `--exit-on-eof`, which treats the end of
+//! standard input as SIGTERM.
 //!
-//! The three signals are blocked from the first line of `main` until the runtime's handlers
+//! The four signals are blocked from the first line of `main` until the runtime's handlers
 //! are installed ([`block`], [`Signals::install`]): one that arrives while the gateway starts
 //! waits, pending, instead of killing the process with its default action, and then stops it
 //! cleanly.
@@ -11,7 +12,12 @@ use std::io::Read as _;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use tokio::signal::unix::{SignalKind, signal};
 
-const HANDLED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
+const HANDLED: [Signal; 4] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGUSR2,
+];
 
 fn handled() -> SigSet {
     let mut set = SigSet::empty();
@@ -21,7 +27,7 @@ fn handled() -> SigSet {
     set
 }
 
-/// Holds SIGTERM, SIGINT and SIGHUP pending on this thread and the threads it starts.
+/// Holds SIGTERM, SIGINT, SIGHUP and SIGUSR2 pending on this thread and the threads it starts.
 /// Call before the runtime starts its workers, which inherit the mask.
 pub fn block() {
     let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled()), None);
@@ -31,15 +37,18 @@ pub fn block() {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     Reload,
+    /// SIGUSR2: start the binary anew and hand it the listening sockets.
+    Upgrade,
     /// SIGTERM or SIGINT, by name.
     Stop(&'static str),
 }
 
-/// The runtime's handlers of the three signals.
+/// The runtime's handlers of the four signals.
 pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -51,6 +60,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         };
         let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&handled()), None);
         Ok(signals)
@@ -61,6 +71,7 @@ impl Signals {
             _ = self.term.recv() => Event::Stop("SIGTERM"),
             _ = self.int.recv() => Event::Stop("SIGINT"),
             _ = self.hup.recv() => Event::Reload,
+            _ = self.usr2.recv() => Event::Upgrade,
         }
     }
 }

@@ -41,6 +41,10 @@ pub struct Activated {
     sockets: HashMap<String, TcpListener>,
     /// Whether sockets were passed at all: then every listener must have one.
     active: bool,
+    /// Passed by the process this one replaces (`handover`): its configuration may differ
+    /// from this one's, so a listener without a socket binds its own and a socket without a
+    /// listener is closed.
+    handed_over: bool,
 }
 
 impl Activated {
@@ -58,6 +62,7 @@ impl Activated {
         let mut activated = Activated {
             sockets: HashMap::new(),
             active: fds.len() > 0,
+            handed_over: std::env::var_os(crate::handover::NOTIFY_ENV).is_some(),
         };
         let mut names = names.split(':');
         for index in 0..fds.len() {
@@ -91,6 +96,7 @@ impl Activated {
         Activated {
             active: !sockets.is_empty(),
             sockets,
+            handed_over: false,
         }
     }
 
@@ -98,12 +104,22 @@ impl Activated {
         self.active
     }
 
+    /// Whether the sockets came from the process this one replaces.
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    /// The admin listener's socket, when one was passed (under [`crate::handover::ADMIN_SOCKET`]).
+    pub fn take_admin(&mut self) -> Option<TcpListener> {
+        self.sockets.remove(crate::handover::ADMIN_SOCKET)
+    }
+
     /// The socket passed for the listener `name`, if any. With socket activation on, a
     /// listener without one is an error.
     pub fn take(&mut self, name: &str) -> Result<Option<TcpListener>, ActivationError> {
         match self.sockets.remove(name) {
             Some(socket) => Ok(Some(socket)),
-            None if self.active => Err(ActivationError::NoSocket {
+            None if self.active && !self.handed_over => Err(ActivationError::NoSocket {
                 name: name.to_string(),
                 passed: self.passed(),
             }),
@@ -112,7 +128,14 @@ impl Activated {
     }
 
     /// After every listener took its socket: a socket left over names no listener.
-    pub fn check_all_taken(&self, listeners: &[&str]) -> Result<(), ActivationError> {
+    pub fn check_all_taken(&mut self, listeners: &[&str]) -> Result<(), ActivationError> {
+        if self.handed_over {
+            for name in self.sockets.keys() {
+                warn!(socket = %name, "the replaced process passed a socket for a listener this configuration does not have; closing it");
+            }
+            self.sockets.clear();
+            return Ok(());
+        }
         match self.sockets.keys().min() {
             Some(name) => Err(ActivationError::NoListener {
                 name: name.clone(),
@@ -138,11 +161,16 @@ impl Activated {
 /// than with `sd_notify::notify`, which sends on a blocking socket (and knows no abstract
 /// socket names).
 fn send(states: &[NotifyState]) -> std::io::Result<()> {
+    match std::env::var_os("NOTIFY_SOCKET") {
+        Some(path) => send_to(&path, states),
+        None => Ok(()),
+    }
+}
+
+/// Sends `states` to the datagram socket at `path` (`@` for an abstract name).
+fn send_to(path: &std::ffi::OsStr, states: &[NotifyState]) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::net::UnixDatagram;
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
-    };
     let socket = UnixDatagram::unbound()?;
     socket.set_nonblocking(true)?;
     match path.as_bytes().strip_prefix(b"@") {
@@ -151,7 +179,7 @@ fn send(states: &[NotifyState]) -> std::io::Result<()> {
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
             socket.connect_addr(&addr)?;
         }
-        None => socket.connect(&path)?,
+        None => socket.connect(path)?,
     }
     let message: String = states.iter().map(|s| format!("{s}\n")).collect();
     socket.send(message.as_bytes())?;
@@ -164,9 +192,24 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-/// Every listener serves.
+/// Every listener serves. The first time, the process this one replaces (if any) hears it
+/// too, and stops accepting.
 pub fn ready() {
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    static TOLD: std::sync::Once = std::sync::Once::new();
+    TOLD.call_once(|| {
+        if let Some(path) = std::env::var_os(crate::handover::NOTIFY_ENV)
+            && let Err(e) = send_to(&path, &[NotifyState::Ready])
+        {
+            warn!(error = %e, "the process this one replaces could not be told it serves; it keeps serving too");
+        }
+    });
+}
+
+/// The service's main process is now `pid` (the new process of a binary upgrade); systemd
+/// accepts this from the main process, which this one stops being.
+pub fn main_pid(pid: u32) {
+    notify(&[NotifyState::MainPid(pid)]);
 }
 
 /// A reload begins (`Type=notify-reload` also wants the monotonic time it began).
@@ -227,6 +270,7 @@ mod tests {
         Activated {
             sockets,
             active: true,
+            handed_over: false,
         }
     }
 

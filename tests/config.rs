@@ -235,6 +235,10 @@ fn readme_lists_the_defaults() {
     let secs = |d: std::time::Duration| format!("`\"{}s\"`", d.as_secs());
     let rows = [
         ("`shutdown_timeout`", secs(defaults::SHUTDOWN_TIMEOUT)),
+        (
+            "`upgrade_drain_timeout`",
+            secs(defaults::UPGRADE_DRAIN_TIMEOUT),
+        ),
         ("`handshake_timeout`", secs(defaults::HANDSHAKE_TIMEOUT)),
         ("`close_timeout`", secs(defaults::CLOSE_TIMEOUT)),
         ("`connect_timeout`", secs(defaults::CONNECT_TIMEOUT)),

@@ -32,9 +32,25 @@ impl Gateway {
         launcher: &str,
         extra_args: &[&str],
     ) -> Gateway {
-        let binary = env!("CARGO_BIN_EXE_wsgate");
+        Gateway::start_binary(
+            Path::new(env!("CARGO_BIN_EXE_wsgate")),
+            config,
+            shell_prefix,
+            launcher,
+            extra_args,
+        )
+    }
+
+    /// The same, with the wsgate binary at `binary`.
+    fn start_binary(
+        binary: &Path,
+        config: &Path,
+        shell_prefix: &str,
+        launcher: &str,
+        extra_args: &[&str],
+    ) -> Gateway {
         let mut args = vec![
-            binary.to_string(),
+            binary.display().to_string(),
             "--config".into(),
             config.display().to_string(),
         ];
@@ -97,9 +113,9 @@ impl Gateway {
             .unwrap()
     }
 
-    /// The address from the first `listening` line.
+    /// The address from the first listener's `listening` line.
     async fn addr(&self) -> String {
-        let line = self.wait_for_line("listening").await;
+        let line = self.wait_for_line("listening listener=").await;
         let after = line.split("addr=").nth(1).expect("addr field");
         after
             .trim_start_matches('"')
@@ -529,4 +545,245 @@ async fn socket_activation_serves_on_the_passed_socket_of_the_listeners_name() {
         "{line}"
     );
     assert_eq!(gw.exit_code().await, Some(1));
+}
+
+/// Puts `source` at `path` as a package manager installs a binary: written beside it, then
+/// renamed over it (the running process keeps its open file).
+fn install_binary(source: &Path, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let staged = path.with_extension("new");
+    std::fs::copy(source, &staged).unwrap();
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+/// `wsgate upgrade --pid-file`: its exit status and what it printed.
+async fn run_upgrade(binary: &Path, pid_file: &Path) -> (bool, String) {
+    let mut command = Command::new(binary);
+    command.args(["upgrade", "--pid-file", pid_file.to_str().unwrap()]);
+    let output = within(
+        "wsgate upgrade",
+        tokio::task::spawn_blocking(move || command.output()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+fn pid_in(pid_file: &Path) -> i32 {
+    std::fs::read_to_string(pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Whether `pid` still runs (a zombie has ended).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Handshakes one after another until `stop`, each with a message echoed; counts what
+/// succeeded and describes every failure (a refused, reset or unanswered handshake).
+async fn handshake_loop(
+    url: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (usize, Vec<String>) {
+    use futures_util::StreamExt;
+    let (mut done, mut failures) = (0, Vec::new());
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let attempt = async {
+            let stream = tokio::net::TcpStream::connect(
+                url.trim_start_matches("ws://").trim_end_matches('/'),
+            )
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+            let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), stream)
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            ws.send(Message::text("hello"))
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.as_str() == "hello" => {}
+                other => return Err(format!("echo: {other:?}")),
+            }
+            let _ = ws.close(None).await;
+            Ok::<(), String>(())
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(5), attempt).await {
+            Ok(Ok(())) => done += 1,
+            Ok(Err(e)) => failures.push(e),
+            Err(_) => failures.push("no answer within 5s".into()),
+        }
+    }
+    (done, failures)
+}
+
+/// The binary replaced twice under a loop of handshakes: none is refused or reset; a
+/// connection opened before each switch keeps relaying in its old process until
+/// `upgrade_drain_timeout`, then gets 1001; the PID file names the newest process. A new
+/// binary that cannot start leaves the old one serving, and `wsgate upgrade` says why.
+#[tokio::test]
+async fn upgrade_replaces_the_binary_without_refusing_a_handshake() {
+    let up = ws_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("wsgate");
+    install_binary(Path::new(env!("CARGO_BIN_EXE_wsgate")), &binary);
+    let config = dir.path().join("gateway.toml");
+    let pid_file = dir.path().join("wsgate.pid");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[admin]\nbind = \"127.0.0.1:0\"\n",
+            config_text(
+                &format!("ws://{}/", up.addr),
+                "upgrade_drain_timeout = \"3s\"\n"
+            )
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start_binary(
+        &binary,
+        &config,
+        "",
+        "",
+        &["--pid-file", pid_file.to_str().unwrap()],
+    );
+    let addr = gw.addr().await;
+    let admin = gw.wait_for_line("admin listening").await;
+    let admin: std::net::SocketAddr = admin
+        .split("addr=Some(")
+        .nth(1)
+        .and_then(|a| a.split(')').next())
+        .expect("admin address")
+        .parse()
+        .unwrap();
+    let first = gw.pid() as i32;
+    let url = format!("ws://{addr}/");
+    // The processes after the first are its children, not the test's: ended here if the
+    // test fails before it stops them.
+    struct Newest<'a>(&'a Path);
+    impl Drop for Newest<'_> {
+        fn drop(&mut self) {
+            if let Ok(text) = std::fs::read_to_string(self.0)
+                && let Ok(pid) = text.trim().parse::<i32>()
+                && pid as u32 != std::process::id()
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let _newest = Newest(&pid_file);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Four clients at once, so that handshakes are in flight at every moment of a switch.
+    let load: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(handshake_loop(url.clone(), stop.clone())))
+        .collect();
+
+    // A binary that cannot start: the old process keeps serving and the command says why.
+    std::fs::write(dir.path().join("broken"), "#!/bin/sh\nexit 3\n").unwrap();
+    install_binary(&dir.path().join("broken"), &binary);
+    let (ok, said) = run_upgrade(Path::new(env!("CARGO_BIN_EXE_wsgate")), &pid_file).await;
+    assert!(
+        !ok && said.contains("exited") && said.contains("before it was ready"),
+        "{said}"
+    );
+    gw.wait_for_line("upgrade failed; this process keeps serving")
+        .await;
+    assert_eq!(pid_in(&pid_file), first);
+
+    install_binary(Path::new(env!("CARGO_BIN_EXE_wsgate")), &binary);
+    let mut held = Vec::new();
+    let mut pids = vec![first];
+    for round in 0..2 {
+        let mut before = connect(&url).await;
+        before
+            .send(Message::text(format!("before {round}")))
+            .await
+            .unwrap();
+        next_data(&mut before).await;
+        let (ok, said) = run_upgrade(&binary, &pid_file).await;
+        assert!(ok && said.contains("upgraded"), "{said}");
+        let new = pid_in(&pid_file);
+        assert!(
+            !pids.contains(&new) && alive(new),
+            "a new process: {new}, {pids:?}"
+        );
+        // The old process still relays what it holds.
+        before
+            .send(Message::text(format!("still {round}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_data(&mut before).await,
+            Message::text(format!("still {round}"))
+        );
+        // And the admin listener moved with the others.
+        let (status, _) = admin_get(admin, "/readyz").await;
+        assert_eq!(status, 200);
+        pids.push(new);
+        held.push(before);
+    }
+    // Handshakes went on for a while after the second switch.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut done, mut failures) = (0, Vec::new());
+    for client in load {
+        let (ok, failed) = within("the handshake loop", client).await.unwrap();
+        done += ok;
+        failures.extend(failed);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} handshakes failed: {failures:?}",
+        failures.len(),
+        done + failures.len()
+    );
+    eprintln!("{done} handshakes during two upgrades, none failed");
+    assert!(done > 20, "only {done} handshakes");
+
+    // Each old process closes what it held with 1001 once upgrade_drain_timeout passed,
+    // and exits leaving the PID file to the newest.
+    for ws in &mut held {
+        let (_, close) = read_until_close(ws).await;
+        assert_eq!(close.map(|c| c.0), Some(1001));
+    }
+    assert_eq!(gw.exit_code().await, Some(0));
+    let second = pids[1];
+    wait_until("the second process exits", || !alive(second)).await;
+    let newest = pids[2];
+    assert_eq!(pid_in(&pid_file), newest);
+    let mut after = connect(&url).await;
+    after.send(Message::text("after")).await.unwrap();
+    assert_eq!(next_data(&mut after).await, Message::text("after"));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(newest),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (_, close) = read_until_close(&mut after).await;
+    assert_eq!(close.map(|c| c.0), Some(1001));
+    wait_until("the newest process exits", || !alive(newest)).await;
+    assert!(
+        !pid_file.exists(),
+        "the newest process removes the PID file at exit"
+    );
 }

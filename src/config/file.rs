@@ -19,6 +19,8 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct GatewaySection {
     pub shutdown_timeout: Option<Spanned<String>>,
+    pub upgrade_drain_timeout: Option<Spanned<String>>,
+    pub watch_config: Option<Spanned<bool>>,
     pub handshake_timeout: Option<Spanned<String>>,
     pub close_timeout: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<i64>>,

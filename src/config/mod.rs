@@ -23,6 +23,10 @@ pub mod defaults {
     use std::time::Duration;
 
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// After a binary upgrade, how long the old process's connections may run on before it
+    /// closes them with 1001: long enough for most sessions to end on their own, short
+    /// enough that repeated upgrades do not pile up generations (HAProxy's hard-stop-after).
+    pub const UPGRADE_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -95,6 +99,11 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub shutdown_timeout: Duration,
+    /// After handing its sockets to a new binary, how long the old process lets its
+    /// connections run before it closes them with 1001 (then `shutdown_timeout` as usual).
+    pub upgrade_drain_timeout: Duration,
+    /// Re-read the configuration file when it changes, as on SIGHUP.
+    pub watch_config: bool,
     pub handshake_timeout: Duration,
     pub close_timeout: Duration,
     /// Upgraded connections over all listeners; more get 503.
@@ -136,6 +145,8 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+            upgrade_drain_timeout: defaults::UPGRADE_DRAIN_TIMEOUT,
+            watch_config: false,
             handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
             close_timeout: defaults::CLOSE_TIMEOUT,
             max_connections: defaults::MAX_CONNECTIONS,

@@ -387,6 +387,11 @@ impl Validator<'_> {
                 &mut gateway.shutdown_timeout,
             );
             duration(
+                section.upgrade_drain_timeout,
+                "upgrade_drain_timeout",
+                &mut gateway.upgrade_drain_timeout,
+            );
+            duration(
                 section.handshake_timeout,
                 "handshake_timeout",
                 &mut gateway.handshake_timeout,
@@ -444,6 +449,7 @@ impl Validator<'_> {
             if let Some(value) = section.tcp_keepalive {
                 gateway.tcp_keepalive = self.tcp_keepalive(&value);
             }
+            gateway.watch_config = section.watch_config.is_some_and(|w| w.into_inner());
             gateway.allow_faults = section.allow_faults.is_some_and(|a| a.into_inner());
             self.allow_faults = gateway.allow_faults;
             if let Some(format) = section.log_format {

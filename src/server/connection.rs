@@ -247,7 +247,8 @@ async fn serve_h2<I>(
 ) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let shutdown = listener.server.shutdown.graceful.clone();
+    // Retiring (a binary upgrade, or the drain) ends the connection, not its WebSockets.
+    let shutdown = listener.server.retire.clone();
     let peer = who.peer;
     let ctx = ConnectionContext::new(who, listener, tls);
     let context = ctx.clone();
@@ -286,9 +287,10 @@ async fn serve_h2<I>(
             Ok(())
         }
         _ = shutdown.cancelled() => {
-            // GOAWAY: no new streams. The WebSocket streams are closed with 1001 by their
-            // relays; once none is left the connection ends (also one that is idle or never
-            // sent its preface, which hyper would otherwise wait for).
+            // GOAWAY: no new streams. The WebSocket streams run on until they end (after a
+            // binary upgrade) or are closed with 1001 by their relays (the drain); once none
+            // is left the connection ends (also one that is idle or never sent its preface,
+            // which hyper would otherwise wait for).
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 result = conn.as_mut() => result,
@@ -360,7 +362,7 @@ async fn serve_hyper<S: ClientStream>(
     gateway: &Gateway,
     deadline: Instant,
 ) {
-    let shutdown = ctx.listener.server.shutdown.graceful.clone();
+    let shutdown = ctx.listener.server.retire.clone();
     let peer = ctx.peer;
     let max_head = gateway.config.gateway.max_request_head_size;
     let io = TokioIo::new(stream);

@@ -13,6 +13,7 @@ mod upgrade;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -87,12 +88,16 @@ pub(crate) struct Inner {
     pub per_ip: Arc<limits::PerIp>,
     pub tracker: TaskTracker,
     pub shutdown: ShutdownSignals,
+    /// Cancelled when this process hands its sockets to a new one (binary upgrade), and with
+    /// the drain: listeners stop accepting and HTTP connections end after the request in
+    /// progress (HTTP/2 with GOAWAY); relays go on until the drain.
+    pub retire: CancellationToken,
     /// Rejected upgrades are logged at most this often (a flood must not fill the disk).
     pub rejection_log: LogLimiter,
     /// Fault state by route (`allow_faults`), kept across reloads.
     pub faults: crate::faults::Registry,
     listeners: Mutex<Vec<Running>>,
-    admin: Mutex<Option<SocketAddr>>,
+    admin: Mutex<Option<(SocketAddr, OwnedFd)>>,
     /// Stops the admin listener at the very end, after the drain (so `/readyz` shows it).
     admin_stop: CancellationToken,
     /// Serialises reloads: binding, swapping and stopping must not interleave.
@@ -104,6 +109,8 @@ struct Running {
     key: ListenerKey,
     local: SocketAddr,
     stop: CancellationToken,
+    /// The listening socket itself (a duplicate descriptor), to hand to a new binary.
+    socket: Option<OwnedFd>,
 }
 
 /// What the accept loop of one listener and its connections hold.
@@ -129,8 +136,20 @@ impl Server {
         mut activated: crate::systemd::Activated,
     ) -> Result<Server, StartError> {
         write_ca_files(&gateway)?;
+        // Before the listeners: a socket left after them is one no listener took.
+        let passed_admin = activated.take_admin();
         let bound = bind_activated(&gateway, &mut activated)?;
         let admin = match &gateway.config.admin {
+            Some(admin) if let Some(socket) = passed_admin => {
+                let bind_error = |source: io::Error| BindError {
+                    name: "admin".into(),
+                    addr: admin.bind,
+                    hint: "",
+                    source,
+                };
+                socket.set_nonblocking(true).map_err(bind_error)?;
+                Some(TcpListener::from_std(socket).map_err(bind_error)?)
+            }
             Some(admin) => {
                 Some(
                     TcpListener::bind(admin.bind)
@@ -147,6 +166,7 @@ impl Server {
         };
         let shutdown = ShutdownSignals::default();
         gateway.start_health_checks(&shutdown.graceful, &metrics);
+        let retire = shutdown.graceful.child_token();
         let inner = Arc::new(Inner {
             gateway: ArcSwap::from_pointee(gateway),
             metrics,
@@ -154,6 +174,7 @@ impl Server {
             per_ip: Arc::new(limits::PerIp::default()),
             tracker: TaskTracker::new(),
             shutdown,
+            retire,
             rejection_log: LogLimiter::new(20),
             faults: Default::default(),
             listeners: Mutex::new(Vec::new()),
@@ -165,8 +186,10 @@ impl Server {
         if let Some(listener) = admin {
             let addr = listener.local_addr().ok();
             info!(addr = ?addr, "admin listening: /metrics /healthz /readyz");
-            if let Ok(mut slot) = server.inner.admin.lock() {
-                *slot = addr;
+            if let (Some(addr), Ok(socket)) = (addr, listener.as_fd().try_clone_to_owned())
+                && let Ok(mut slot) = server.inner.admin.lock()
+            {
+                *slot = Some((addr, socket));
             }
             tokio::spawn(crate::admin::serve(
                 listener,
@@ -209,7 +232,11 @@ impl Server {
 
     /// The admin listener's local address, when `[admin]` is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.inner.admin.lock().ok().and_then(|a| *a)
+        self.inner
+            .admin
+            .lock()
+            .ok()
+            .and_then(|a| a.as_ref().map(|(addr, _)| *addr))
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -229,6 +256,48 @@ impl Server {
 
     pub fn is_draining(&self) -> bool {
         self.inner.shutdown.graceful.is_cancelled()
+    }
+
+    /// The listening sockets (duplicates), named as a new binary takes them: each listener
+    /// by its name, the admin listener as [`crate::handover::ADMIN_SOCKET`].
+    pub fn listening_sockets(&self) -> io::Result<Vec<(String, OwnedFd)>> {
+        let gateway = self.inner.gateway.load();
+        let mut sockets = Vec::new();
+        for running in self.lock_listeners().iter() {
+            if let (Some(listener), Some(socket)) =
+                (gateway.listener(&running.key), &running.socket)
+            {
+                sockets.push((listener.config.name.clone(), socket.try_clone()?));
+            }
+        }
+        if let Ok(admin) = self.inner.admin.lock()
+            && let Some((_, socket)) = admin.as_ref()
+        {
+            sockets.push((
+                crate::handover::ADMIN_SOCKET.to_string(),
+                socket.try_clone()?,
+            ));
+        }
+        Ok(sockets)
+    }
+
+    /// A new binary serves on this process's sockets: stop accepting (on the admin listener
+    /// too) and let HTTP connections end; relays run on until [`Server::shutdown`]. Reloads
+    /// are ignored from here on.
+    pub async fn retire(&self) {
+        let _serial = self.inner.reload_lock.lock().await;
+        self.inner.retire.cancel();
+        self.inner.admin_stop.cancel();
+        self.inner.tracker.close();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.inner.retire.is_cancelled()
+    }
+
+    /// Resolves once no connection is left (after [`Server::retire`]).
+    pub async fn idle(&self) {
+        self.inner.tracker.wait().await
     }
 
     /// Re-reads a configuration file and applies it (see [`Server::reload`]); the failure
@@ -266,6 +335,10 @@ impl Server {
         let _serial = self.inner.reload_lock.lock().await;
         if self.is_draining() {
             info!("draining: configuration reload ignored");
+            return Ok(false);
+        }
+        if self.is_retired() {
+            info!("handed over to a new process: configuration reload ignored");
             return Ok(false);
         }
         if let Some(expected) = expected
@@ -372,14 +445,22 @@ impl Server {
                 continue;
             };
             info!(listener = %this.config.name, addr = %local, tls = this.acceptor.is_some(), "listening");
-            let stop = self.inner.shutdown.graceful.child_token();
+            let stop = self.inner.retire.child_token();
+            // Only an upgrade needs it; without it (out of descriptors) the new binary binds
+            // its own, which fails unless `reuse_port` is on, and the upgrade says so.
+            let socket = listener.as_fd().try_clone_to_owned().ok();
             let ctx = Arc::new(ListenerContext {
                 key: key.clone(),
                 server: self.inner.clone(),
                 active: Arc::new(AtomicUsize::new(0)),
                 stop: stop.clone(),
             });
-            self.lock_listeners().push(Running { key, local, stop });
+            self.lock_listeners().push(Running {
+                key,
+                local,
+                stop,
+                socket,
+            });
             self.inner.tracker.spawn(accept_loop(listener, ctx));
         }
     }
@@ -409,8 +490,9 @@ fn write_ca_files(gateway: &Gateway) -> Result<(), StartError> {
     Ok(())
 }
 
-/// At start: each listener takes the socket systemd passed for its name, or binds its own
-/// when there is no socket activation.
+/// At start: each listener takes the socket systemd (or the process this one replaces)
+/// passed for its name, or binds its own when there is no socket activation. A replaced
+/// process's socket serves only a listener still at its address; the others bind.
 fn bind_activated(
     gateway: &Gateway,
     activated: &mut crate::systemd::Activated,
@@ -423,6 +505,13 @@ fn bind_activated(
         let Some(socket) = activated.take(&l.name)? else {
             continue;
         };
+        if activated.is_handed_over()
+            && let Ok(local) = socket.local_addr()
+            && !same_address(local, l.bind)
+        {
+            info!(listener = %l.name, bind = %l.bind, was = %local, "the listener moved: binding its new address");
+            continue;
+        }
         let bind_error = |source: io::Error| BindError {
             name: l.name.clone(),
             addr: l.bind,
@@ -430,7 +519,8 @@ fn bind_activated(
             source,
         };
         socket.set_nonblocking(true).map_err(bind_error)?;
-        if let Ok(local) = socket.local_addr()
+        if !activated.is_handed_over()
+            && let Ok(local) = socket.local_addr()
             && local != l.bind
         {
             warn!(listener = %l.name, bind = %l.bind, socket = %local, "the socket systemd passed is not at the listener's bind address; serving on the socket's");
@@ -446,7 +536,16 @@ fn bind_activated(
         .map(|l| l.name.as_str())
         .collect();
     activated.check_all_taken(&names)?;
+    if activated.is_handed_over() {
+        let taken: Vec<ListenerKey> = bound.iter().map(|(key, _)| key.clone()).collect();
+        bound.extend(bind_all(gateway, &taken)?);
+    }
     Ok(bound)
+}
+
+/// Whether a socket bound at `local` is what `bind` asks for (port 0: any port).
+fn same_address(local: SocketAddr, bind: SocketAddr) -> bool {
+    local.ip() == bind.ip() && (bind.port() == 0 || local.port() == bind.port())
 }
 
 /// Binds the listeners of `gateway` that are not in `keep`, in order; all or nothing.
