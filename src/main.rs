@@ -321,6 +321,7 @@ async fn serve(
             tokio::spawn(wsgate::systemd::watchdog(interval));
         }
     }
+    tokio::spawn(server.clone().watch_config(path.to_path_buf()));
     let mut stdin_closed = options.exit_on_eof.then(wsgate::shutdown::stdin_closed);
     let running = server.clone().run();
     tokio::pin!(running);

@@ -787,3 +787,54 @@ async fn upgrade_replaces_the_binary_without_refusing_a_handshake() {
         "the newest process removes the PID file at exit"
     );
 }
+
+/// `watch_config = true`: a ConfigMap-style update (the file is a symlink into a data folder
+/// whose link is swapped) is applied without a signal; a broken one is refused and the
+/// running configuration stays.
+#[tokio::test]
+async fn watch_config_applies_a_changed_file_without_a_signal() {
+    let (up1, up2) = (ws_echo().await, ws_echo().await);
+    let dir = tempfile::tempdir().unwrap();
+    let text = |up: &WsUpstream| {
+        config_text(
+            &format!("ws://{}/", up.addr),
+            "watch_config = true\ncertificate_check_interval = \"50ms\"\n",
+        )
+    };
+    // As the kubelet lays out a mounted ConfigMap.
+    let swap = |version: &str, content: &str| {
+        let data = dir.path().join(version);
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("gateway.toml"), content).unwrap();
+        let staged = dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(version, &staged).unwrap();
+        std::fs::rename(&staged, dir.path().join("..data")).unwrap();
+    };
+    swap("v1", &text(&up1));
+    let config = dir.path().join("gateway.toml");
+    std::os::unix::fs::symlink("..data/gateway.toml", &config).unwrap();
+    let gw = Gateway::start(&config, "", &[]);
+    let url = format!("ws://{}/", gw.addr().await);
+    let mut ws = connect(&url).await;
+    ws.send(Message::text("one")).await.unwrap();
+    next_data(&mut ws).await;
+    assert_eq!(up1.seen.lock().unwrap().paths.len(), 1);
+
+    swap("v2", &text(&up2));
+    gw.wait_for_line("configuration reloaded").await;
+    let mut ws2 = connect(&url).await;
+    ws2.send(Message::text("two")).await.unwrap();
+    next_data(&mut ws2).await;
+    assert_eq!(up2.seen.lock().unwrap().paths.len(), 1);
+
+    swap("v3", "[[route]]\npath = 5\n");
+    gw.wait_for_line("reload refused").await;
+    let mut ws3 = connect(&url).await;
+    ws3.send(Message::text("three")).await.unwrap();
+    next_data(&mut ws3).await;
+    assert_eq!(up2.seen.lock().unwrap().paths.len(), 2);
+    // The first connection never noticed.
+    ws.send(Message::text("still")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("still"));
+    assert_eq!(gw.count("configuration file changed"), 2);
+}

@@ -617,6 +617,40 @@ async fn watch_certificates(server: Server) {
     }
 }
 
+impl Server {
+    /// `[gateway] watch_config`: re-reads the configuration file at `path` when its content
+    /// changes, as on SIGHUP (checked every `certificate_check_interval`, read through
+    /// symlinks, so a Kubernetes ConfigMap's swap of its data folder counts). Runs for the
+    /// process's life; the key is read at each check, so a reload may turn it on or off.
+    pub async fn watch_config(self, path: std::path::PathBuf) {
+        let files = vec![path.clone()];
+        let mut last = fingerprint(&files);
+        loop {
+            let interval = self.gateway().config.gateway.certificate_check_interval;
+            tokio::select! {
+                _ = self.inner.retire.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let read = files.clone();
+            let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&read)).await else {
+                continue;
+            };
+            if now == last {
+                continue;
+            }
+            last = now;
+            if !self.gateway().config.gateway.watch_config {
+                continue;
+            }
+            info!(config = %path.display(), "configuration file changed (watch_config): reloading");
+            crate::systemd::reloading();
+            // Serving either way: the new configuration, or the old one if it was refused.
+            let _ = self.reload_from(&path).await;
+            crate::systemd::ready();
+        }
+    }
+}
+
 /// Reads and checks a configuration file and loads its certificates on the blocking pool:
 /// file reads and key parsing must not stall a runtime worker's connections. The one path
 /// for SIGHUP reloads; the certificate watcher prepares the configuration in force the
