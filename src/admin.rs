@@ -81,7 +81,10 @@ fn respond(req: &Request<Incoming>, server: &Inner) -> Response<Full<Bytes>> {
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if server.shutdown.graceful.is_cancelled() => {
+        "/readyz"
+            if server.shutdown.graceful.is_cancelled()
+                || server.unready.load(std::sync::atomic::Ordering::Relaxed) =>
+        {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
         "/readyz" => text(StatusCode::OK, "ready\n"),

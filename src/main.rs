@@ -327,11 +327,17 @@ async fn serve(
     tokio::pin!(running);
     // Set once a new binary serves on this process's sockets: when its drain ends.
     let mut handed_over: Option<tokio::time::Instant> = None;
+    // Set by a stop with drain_delay: when the drain begins.
+    let mut drain_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = &mut running => break,
             () = server.idle(), if handed_over.is_some() && !server.is_draining() => {
                 tracing::info!("upgrade: every connection of this process has ended; exiting");
+                server.shutdown();
+            }
+            () = sleep_until(drain_at), if drain_at.is_some() && !server.is_draining() => {
+                tracing::info!("drain_delay passed: no new connections, closing open ones with 1001");
                 server.shutdown();
             }
             () = sleep_until(handed_over), if handed_over.is_some() && !server.is_draining() => {
@@ -366,9 +372,17 @@ async fn serve(
                     }
                 }
                 Event::Stop(name) => {
-                    tracing::info!(signal = name, "shutting down: no new connections, closing open ones with 1001");
+                    let delay = server.gateway().config.gateway.drain_delay;
                     wsgate::systemd::stopping();
-                    server.shutdown();
+                    // A second signal does not wait for the first one's delay.
+                    if delay.is_zero() || drain_at.is_some() {
+                        tracing::info!(signal = name, "shutting down: no new connections, closing open ones with 1001");
+                        server.shutdown();
+                    } else {
+                        tracing::info!(signal = name, "stopping: /readyz says 503; new connections are still served for {delay:?} (drain_delay), then the drain");
+                        server.unready();
+                        drain_at = Some(tokio::time::Instant::now() + delay);
+                    }
                 }
             },
             _ = wait_closed(&mut stdin_closed), if stdin_closed.is_some() && !server.is_draining() => {

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn deploy(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(path)
 }
 
 /// The YAML documents of `file`, as JSON (PyYAML comes with kubernetes-validate).
@@ -117,10 +119,7 @@ fn the_configmaps_configuration_is_valid_and_the_drain_fits_the_grace_period() {
             .any(|p| p["name"] == "admin" && p["containerPort"] == admin_port),
         "the admin port the probes use is the configuration's"
     );
-    assert_eq!(
-        container["securityContext"]["readOnlyRootFilesystem"],
-        true
-    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     // The configuration's certificate paths are where the Secret is mounted.
     let listener = &parsed.listeners[0];

@@ -3,157 +3,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use futures_util::SinkExt;
+use support::child::Gateway;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A wsgate child process whose stderr is collected; killed if the test ends early.
-struct Gateway {
-    child: Option<Child>,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Gateway {
-    fn start(config: &Path, shell_prefix: &str, extra_args: &[&str]) -> Gateway {
-        Gateway::start_under(config, shell_prefix, "", extra_args)
-    }
-
-    /// Started by `launcher` (a program that execs the gateway, like
-    /// `systemd-socket-activate`), with `shell_prefix` before the `exec`.
-    fn start_under(
-        config: &Path,
-        shell_prefix: &str,
-        launcher: &str,
-        extra_args: &[&str],
-    ) -> Gateway {
-        Gateway::start_binary(
-            Path::new(env!("CARGO_BIN_EXE_wsgate")),
-            config,
-            shell_prefix,
-            launcher,
-            extra_args,
-        )
-    }
-
-    /// The same, with the wsgate binary at `binary`.
-    fn start_binary(
-        binary: &Path,
-        config: &Path,
-        shell_prefix: &str,
-        launcher: &str,
-        extra_args: &[&str],
-    ) -> Gateway {
-        let mut args = vec![
-            binary.display().to_string(),
-            "--config".into(),
-            config.display().to_string(),
-        ];
-        args.extend(extra_args.iter().map(|s| s.to_string()));
-        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "{shell_prefix} exec {launcher} {}",
-                quoted.join(" ")
-            ))
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start wsgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Gateway {
-            child: Some(child),
-            lines,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    async fn wait_for_line(&self, needle: &str) -> String {
-        let lines = self.lines.clone();
-        let needle_owned = needle.to_string();
-        wait_until(&format!("log line with {needle:?}"), move || {
-            lines
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains(&needle_owned))
-        })
-        .await;
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.contains(needle))
-            .cloned()
-            .unwrap()
-    }
-
-    /// The address from the first listener's `listening` line.
-    async fn addr(&self) -> String {
-        let line = self.wait_for_line("listening listener=").await;
-        let after = line.split("addr=").nth(1).expect("addr field");
-        after
-            .trim_start_matches('"')
-            .split(|c: char| c == '"' || c.is_whitespace() || c == ',')
-            .next()
-            .unwrap()
-            .to_string()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    async fn exit_code(mut self) -> Option<i32> {
-        let mut child = self.child.take().unwrap();
-        within(
-            "wsgate exits",
-            tokio::task::spawn_blocking(move || child.wait()),
-        )
-        .await
-        .unwrap()
-        .unwrap()
-        .code()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn config_text(upstream: &str, gateway_extra: &str) -> String {
     format!(
@@ -837,4 +695,51 @@ async fn watch_config_applies_a_changed_file_without_a_signal() {
     ws.send(Message::text("still")).await.unwrap();
     assert_eq!(next_data(&mut ws).await, Message::text("still"));
     assert_eq!(gw.count("configuration file changed"), 2);
+}
+
+/// `drain_delay`: after SIGTERM `/readyz` says 503 at once while new handshakes are still
+/// served; the drain (1001) begins when the delay has passed, or at a second signal.
+#[tokio::test]
+async fn drain_delay_turns_readyz_off_before_the_drain() {
+    let up = ws_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[admin]\nbind = \"127.0.0.1:0\"\n",
+            config_text(&format!("ws://{}/", up.addr), "drain_delay = \"1h\"\n")
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&config, "", &[]);
+    let url = format!("ws://{}/", gw.addr().await);
+    let admin = gw.wait_for_line("admin listening").await;
+    let admin: std::net::SocketAddr = admin
+        .split("addr=Some(")
+        .nth(1)
+        .and_then(|a| a.split(')').next())
+        .expect("admin address")
+        .parse()
+        .unwrap();
+    let mut before = connect(&url).await;
+    assert_eq!(admin_get(admin, "/readyz").await.0, 200);
+
+    gw.signal("TERM");
+    gw.wait_for_line("drain_delay").await;
+    assert_eq!(admin_get(admin, "/readyz").await.0, 503);
+    // Still served: a new handshake, and the connection from before.
+    let mut during = connect(&url).await;
+    during.send(Message::text("during")).await.unwrap();
+    assert_eq!(next_data(&mut during).await, Message::text("during"));
+    before.send(Message::text("before")).await.unwrap();
+    assert_eq!(next_data(&mut before).await, Message::text("before"));
+
+    // A second signal does not wait out the hour.
+    gw.signal("TERM");
+    for ws in [&mut before, &mut during] {
+        let (_, close) = read_until_close(ws).await;
+        assert_eq!(close.map(|c| c.0), Some(1001));
+    }
+    assert_eq!(gw.exit_code().await, Some(0));
 }

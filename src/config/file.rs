@@ -20,6 +20,7 @@ pub struct FileConfig {
 pub struct GatewaySection {
     pub shutdown_timeout: Option<Spanned<String>>,
     pub upgrade_drain_timeout: Option<Spanned<String>>,
+    pub drain_delay: Option<Spanned<String>>,
     pub watch_config: Option<Spanned<bool>>,
     pub handshake_timeout: Option<Spanned<String>>,
     pub close_timeout: Option<Spanned<String>>,

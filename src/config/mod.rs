@@ -102,6 +102,9 @@ pub struct GatewayConfig {
     /// After handing its sockets to a new binary, how long the old process lets its
     /// connections run before it closes them with 1001 (then `shutdown_timeout` as usual).
     pub upgrade_drain_timeout: Duration,
+    /// After SIGTERM, how long `/readyz` says 503 while everything is still served, before
+    /// the drain (HAProxy's `grace`): a balancer's health check notices first.
+    pub drain_delay: Duration,
     /// Re-read the configuration file when it changes, as on SIGHUP.
     pub watch_config: bool,
     pub handshake_timeout: Duration,
@@ -146,6 +149,7 @@ impl Default for GatewayConfig {
         Self {
             shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
             upgrade_drain_timeout: defaults::UPGRADE_DRAIN_TIMEOUT,
+            drain_delay: Duration::ZERO,
             watch_config: false,
             handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
             close_timeout: defaults::CLOSE_TIMEOUT,

@@ -391,6 +391,7 @@ impl Validator<'_> {
                 "upgrade_drain_timeout",
                 &mut gateway.upgrade_drain_timeout,
             );
+            duration(section.drain_delay, "drain_delay", &mut gateway.drain_delay);
             duration(
                 section.handshake_timeout,
                 "handshake_timeout",

@@ -92,6 +92,8 @@ pub(crate) struct Inner {
     /// the drain: listeners stop accepting and HTTP connections end after the request in
     /// progress (HTTP/2 with GOAWAY); relays go on until the drain.
     pub retire: CancellationToken,
+    /// `/readyz` says 503 from here on (a stop's `drain_delay`), while everything is served.
+    pub unready: std::sync::atomic::AtomicBool,
     /// Rejected upgrades are logged at most this often (a flood must not fill the disk).
     pub rejection_log: LogLimiter,
     /// Fault state by route (`allow_faults`), kept across reloads.
@@ -175,6 +177,7 @@ impl Server {
             tracker: TaskTracker::new(),
             shutdown,
             retire,
+            unready: std::sync::atomic::AtomicBool::new(false),
             rejection_log: LogLimiter::new(20),
             faults: Default::default(),
             listeners: Mutex::new(Vec::new()),
@@ -289,6 +292,20 @@ impl Server {
         self.inner.retire.cancel();
         self.inner.admin_stop.cancel();
         self.inner.tracker.close();
+    }
+
+    /// The first step of a stop with `drain_delay`: `/readyz` answers 503, so that
+    /// balancers stop choosing this process, while it goes on accepting and serving.
+    pub fn unready(&self) {
+        self.inner
+            .unready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_unready(&self) -> bool {
+        self.inner
+            .unready
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn is_retired(&self) -> bool {

@@ -3,6 +3,7 @@
 //! raw frames for what a well-behaved client would never send, and rcgen certificates.
 #![allow(dead_code)]
 
+pub mod child;
 pub mod netns;
 
 use std::future::Future;
