@@ -24,6 +24,9 @@
 //!   pooled read buffers; close codes, half-close, limits.
 //! - [`tls`], [`shutdown`], [`telemetry`], [`sockets`]: TLS settings, signals, logs and
 //!   counters, TCP options.
+//! - [`systemd`], [`handover`]: running under a supervisor: readiness and watchdog
+//!   notifications, socket activation, and the binary upgrade that hands the listening
+//!   sockets to a new process.
 //! - [`testing`], [`ready`], [`devcert`], `faults`: wsgate as a test fixture: the in-process
 //!   `TestGateway`, `--ready-file`, certificates (`wsgate cert`, `self_signed` listeners) and
 //!   faults on purpose (`allow_faults`: a frame layer between the client and the relay).

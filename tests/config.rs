@@ -164,6 +164,24 @@ fn config_errors_name_file_line_column_and_key() {
             ":6:16: ",
             "route[0].idle_timeout",
         ),
+        (
+            "upgrade.toml",
+            "[gateway]\nupgrade_drain_timeout = \"soon\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nupstream = \"tcp://127.0.0.1:1\"\n",
+            ":2:25: ",
+            "gateway.upgrade_drain_timeout",
+        ),
+        (
+            "delay.toml",
+            "[gateway]\ndrain_delay = \"later\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nupstream = \"tcp://127.0.0.1:1\"\n",
+            ":2:15: ",
+            "gateway.drain_delay",
+        ),
+        (
+            "watch.toml",
+            "[gateway]\nwatch_config = \"yes\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\nupstream = \"tcp://127.0.0.1:1\"\n",
+            ":2:16: ",
+            "watch_config",
+        ),
     ];
     for (name, text, position, key) in cases {
         let path = write_config(dir.path(), name, text);
