@@ -655,6 +655,36 @@ async fn forward_auth_asks_a_service() {
     gw.stop().await;
 }
 
+/// The auth service hears who the client is from the gateway alone: forwarded headers the
+/// client wrote (it is no trusted proxy) are not passed on as if they were the gateway's.
+#[tokio::test]
+async fn forward_auth_does_not_pass_on_forwarded_headers_the_client_wrote() {
+    let (service, mut asked) = recording_upstream().await;
+    let gw = start_gateway(&format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/desk\"\nupstream = \"ws://127.0.0.1:9\"\n\
+         auth = {{ forward = {{ url = \"http://{service}/check\", timeout = \"300ms\" }} }}\n"
+    ))
+    .await;
+    let forged = "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\
+                  X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Port: 443\r\n";
+    let answer = raw_request(gw.addr(), &upgrade_request("/desk", forged)).await;
+    assert_eq!(answer.status, 503, "the service never answers: {answer:?}");
+    let head = within("the auth request", asked.recv()).await.unwrap();
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(
+        !head.contains("6.6.6.6") && !head.contains("evil"),
+        "{head}"
+    );
+    assert!(
+        !head.contains("x-forwarded-port") && !head.contains("\r\nforwarded:"),
+        "{head}"
+    );
+    assert!(head.contains("x-forwarded-for: 127.0.0.1\r\n"), "{head}");
+    assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
+    assert!(head.contains("x-forwarded-host: localhost\r\n"), "{head}");
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Line framing
 

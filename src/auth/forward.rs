@@ -1,6 +1,6 @@
 //! Forward auth (nginx's `auth_request`, Traefik's ForwardAuth): the handshake's headers go to
-//! an HTTP service in a GET, with `X-Forwarded-Method`, `-Uri`, `-Host` and `-For` saying what
-//! was asked. 2xx lets the client in (and named response headers go into the upstream
+//! an HTTP service in a GET, with `X-Forwarded-Method`, `-Uri`, `-Host`, `-Proto` and `-For`
+//! saying what was asked (the client's own forwarding headers are not passed on). 2xx lets the client in (and named response headers go into the upstream
 //! handshake), 401 and 403 are answered to the client as they came, anything else, a timeout
 //! or an error is 503. One HTTP/1.1 exchange per check, with hyper's client.
 
@@ -31,6 +31,15 @@ const NOT_SENT: &[&str] = &[
     "te",
     "trailer",
 ];
+
+/// Forwarding headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`) as the client wrote them:
+/// not passed on, as Traefik's ForwardAuth does unless told to trust them. The service hears
+/// the gateway's own `X-Forwarded-*`, whose client is the real one (`request.client`, from
+/// trusted proxies only); the client's could name anyone.
+fn is_forwarding(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
+}
 
 impl Service {
     pub fn new(settings: &ForwardAuth) -> Service {
@@ -75,7 +84,7 @@ impl Service {
             .map_err(|e| unavailable("request", &e))?;
         let headers = ask.headers_mut();
         for (name, value) in request.headers {
-            if !NOT_SENT.contains(&name.as_str()) {
+            if !NOT_SENT.contains(&name.as_str()) && !is_forwarding(name) {
                 headers.append(name.clone(), value.clone());
             }
         }
@@ -91,13 +100,20 @@ impl Service {
             "x-forwarded-uri",
             request.uri.path_and_query().map_or("/", |p| p.as_str()),
         );
+        // HTTP/2 has no Host header: its :authority is in the URI.
         if let Some(host) = request
             .headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri.authority().map(|a| a.as_str()))
         {
             set(headers, "x-forwarded-host", host);
         }
+        set(
+            headers,
+            "x-forwarded-proto",
+            if request.tls { "https" } else { "http" },
+        );
         set(headers, "x-forwarded-for", &request.client.ip.to_string());
         let answer = sender
             .send_request(ask)

@@ -102,6 +102,8 @@ pub struct Credentials<'a> {
     pub uri: &'a Uri,
     pub protocols: &'a [String],
     pub client: ClientAddr,
+    /// The client came over TLS (wss://).
+    pub tls: bool,
 }
 
 /// A route's authentication, ready to check requests.

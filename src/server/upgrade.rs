@@ -495,6 +495,7 @@ impl UpgradeRequest<'_> {
             uri: req.uri(),
             protocols,
             client: self.client,
+            tls: self.conn.tls.is_some(),
         };
         auth.check(&credentials).await.map_err(|e| {
             let metrics = &self.conn.listener.server.metrics;
