@@ -344,3 +344,63 @@ async fn a_stream_in_its_handshake_when_the_drain_begins_gets_its_answer_and_100
     assert_eq!((opcode, &payload[..2]), (0x8, &1001u16.to_be_bytes()[..]));
     gw.stop().await;
 }
+
+/// The refusals SPEC §4 gives an HTTP/1.1 upgrade, over HTTP/2 as a stream's status: no
+/// route 404, missing credentials 401 with the challenge, the connection budget 503 with
+/// `Retry-After`, an upstream that refuses 502; the connection serves on after each.
+#[tokio::test]
+async fn http2_refusals_are_the_http1_ones() {
+    init_logs();
+    let upstream = ws_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(
+        &users,
+        "alice:$2y$04$abcdefghijklmnopqrstuuJ2u4QgYxO/XQwGvSbY/7zc5gpmQ6y4.\n",
+    )
+    .unwrap();
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = refused.local_addr().unwrap();
+    drop(refused);
+    let gw = TestGateway::builder()
+        .self_signed()
+        .gateway("close_timeout = \"1s\"\nmax_connections = 1")
+        .route("/ws", &format!("ws://{}", upstream.addr))
+        .route("/down", &format!("tcp://{down}"))
+        .route_with(
+            "/private",
+            &format!("ws://{}", upstream.addr),
+            &format!(
+                "auth = {{ basic = {{ htpasswd = \"{}\" }} }}",
+                users.display()
+            ),
+        )
+        .start()
+        .await
+        .expect("start");
+    let (client, _) = h2_client(&gw, &[b"h2"]).await;
+    let answer = |request: Request<()>| {
+        let mut client = client.clone();
+        async move {
+            let (response, send) = client.send_request(request, false).unwrap();
+            (within("an answer", response).await.unwrap(), send)
+        }
+    };
+    let (response, _) = answer(connect_request(&gw, "/nowhere", "websocket", &[])).await;
+    assert_eq!(response.status(), 404);
+    let (response, _) = answer(connect_request(&gw, "/private", "websocket", &[])).await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        "Basic realm=\"wsgate\", charset=\"UTF-8\""
+    );
+    let (response, _) = answer(connect_request(&gw, "/down", "websocket", &[])).await;
+    assert_eq!(response.status(), 502);
+    // One WebSocket stream takes the budget of one; the next stream is 503.
+    let (open, _held) = answer(connect_request(&gw, "/ws", "websocket", &[])).await;
+    assert_eq!(open.status(), 200);
+    let (response, _) = answer(connect_request(&gw, "/ws", "websocket", &[])).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    gw.stop().await;
+}
