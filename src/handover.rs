@@ -59,6 +59,17 @@ pub enum UpgradeError {
     Draining,
 }
 
+/// A listener name as an entry of `LISTEN_FDNAMES`, whose separator is ':' (listener names
+/// default to their address): '%' and ':' percent-encoded.
+fn escape_name(name: &str) -> String {
+    name.replace('%', "%25").replace(':', "%3A")
+}
+
+/// The listener name an entry of `LISTEN_FDNAMES` stands for (see [`escape_name`]).
+pub fn unescape_name(entry: &str) -> String {
+    entry.replace("%3A", ":").replace("%25", "%")
+}
+
 /// How this process was started: what an upgrade runs again.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -89,7 +100,7 @@ pub async fn start_new(
     sockets: Vec<(String, OwnedFd)>,
 ) -> Result<u32, UpgradeError> {
     let (ready, name) = ready_socket().map_err(UpgradeError::Sockets)?;
-    let names: Vec<&str> = sockets.iter().map(|(n, _)| n.as_str()).collect();
+    let names: Vec<String> = sockets.iter().map(|(n, _)| escape_name(n)).collect();
     let mut command = tokio::process::Command::new(&invocation.binary);
     command
         .args(&invocation.args)
@@ -119,7 +130,7 @@ pub async fn start_new(
     loop {
         tokio::select! {
             received = ready.recv(&mut buf) => {
-                let Ok(n) = received else { continue };
+                let n = received.map_err(UpgradeError::Sockets)?;
                 let message = String::from_utf8_lossy(&buf[..n]);
                 if message.lines().any(|l| l == "READY=1") {
                     return Ok(pid);
@@ -202,6 +213,15 @@ pub fn parse_report(message: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listener_names_survive_the_separator() {
+        for name in ["main", "127.0.0.1:8080", "[::1]:443", "100%:odd%3A"] {
+            let entry = escape_name(name);
+            assert!(!entry.contains(':'), "{entry}");
+            assert_eq!(unescape_name(&entry), name);
+        }
+    }
 
     #[test]
     fn a_report_reads_back_as_sent() {

@@ -68,11 +68,14 @@ impl Activated {
         for index in 0..fds.len() {
             // A socket is named by FileDescriptorName= or after its .socket unit; "unknown"
             // when the variable is missing.
-            let name = names
-                .next()
-                .filter(|n| !n.is_empty())
-                .unwrap_or("unknown")
-                .to_string();
+            let name = names.next().filter(|n| !n.is_empty()).unwrap_or("unknown");
+            // A listener's name may hold ':' (by default it is its address); the replaced
+            // process escaped it (systemd's names cannot hold one).
+            let name = if activated.handed_over {
+                crate::handover::unescape_name(name)
+            } else {
+                name.to_string()
+            };
             match fds.take_tcp_listener(index) {
                 Ok(Some(listener)) => {
                     activated.sockets.insert(name, listener);

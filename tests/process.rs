@@ -505,7 +505,8 @@ async fn upgrade_replaces_the_binary_without_refusing_a_handshake() {
     std::fs::write(
         &config,
         format!(
-            "{}\n[admin]\nbind = \"127.0.0.1:0\"\n",
+            // A second listener without a name: it is named by its address, ':' and all.
+            "{}\n[admin]\nbind = \"127.0.0.1:0\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n",
             config_text(
                 &format!("ws://{}/", up.addr),
                 "upgrade_drain_timeout = \"3s\"\n"
@@ -531,6 +532,13 @@ async fn upgrade_replaces_the_binary_without_refusing_a_handshake() {
         .unwrap();
     let first = gw.pid() as i32;
     let url = format!("ws://{addr}/");
+    let unnamed = gw.wait_for_line("listening listener=127.0.0.1:0").await;
+    let unnamed = unnamed
+        .split("addr=")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .expect("the second listener's address")
+        .to_string();
     // The processes after the first are its children, not the test's: ended here if the
     // test fails before it stops them.
     struct Newest<'a>(&'a Path);
@@ -631,6 +639,11 @@ async fn upgrade_replaces_the_binary_without_refusing_a_handshake() {
     let mut after = connect(&url).await;
     after.send(Message::text("after")).await.unwrap();
     assert_eq!(next_data(&mut after).await, Message::text("after"));
+    // The unnamed listener kept its socket through both switches.
+    let mut other = connect(&format!("ws://{unnamed}/")).await;
+    other.send(Message::text("other")).await.unwrap();
+    assert_eq!(next_data(&mut other).await, Message::text("other"));
+    drop(other);
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(newest),
