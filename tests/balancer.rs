@@ -205,14 +205,6 @@ async fn handshake_loop(url: String, load: Arc<Load>) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn haproxy_moves_clients_off_a_stopping_wsgate() {
     let (upstream, seen) = recording_echo().await;

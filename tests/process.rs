@@ -338,15 +338,6 @@ async fn systemd_hears_ready_reloading_stopping_and_watchdog_pings() {
     assert_eq!(gw.exit_code().await, Some(0));
 }
 
-/// A free loopback port for a launcher that binds it itself.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Socket activation with systemd's own tool: the listener named like the socket serves on
 /// it (also the connection that was waiting when the gateway started), and a socket of
 /// another name stops the start with a line that names both and the fix.
@@ -522,14 +513,7 @@ async fn upgrade_replaces_the_binary_without_refusing_a_handshake() {
         &["--pid-file", pid_file.to_str().unwrap()],
     );
     let addr = gw.addr().await;
-    let admin = gw.wait_for_line("admin listening").await;
-    let admin: std::net::SocketAddr = admin
-        .split("addr=Some(")
-        .nth(1)
-        .and_then(|a| a.split(')').next())
-        .expect("admin address")
-        .parse()
-        .unwrap();
+    let admin = gw.admin_addr().await;
     let first = gw.pid() as i32;
     let url = format!("ws://{addr}/");
     let unnamed = gw.wait_for_line("listening listener=127.0.0.1:0").await;
@@ -727,14 +711,7 @@ async fn drain_delay_turns_readyz_off_before_the_drain() {
     .unwrap();
     let gw = Gateway::start(&config, "", &[]);
     let url = format!("ws://{}/", gw.addr().await);
-    let admin = gw.wait_for_line("admin listening").await;
-    let admin: std::net::SocketAddr = admin
-        .split("addr=Some(")
-        .nth(1)
-        .and_then(|a| a.split(')').next())
-        .expect("admin address")
-        .parse()
-        .unwrap();
+    let admin = gw.admin_addr().await;
     let mut before = connect(&url).await;
     assert_eq!(admin_get(admin, "/readyz").await.0, 200);
 

@@ -597,22 +597,19 @@ fn bind_all(
 /// fails to load, is logged, and is tried again when the files change once more.
 async fn watch_certificates(server: Server) {
     let mut last = fingerprint(&server.gateway().watched_files());
+    let stop = server.inner.shutdown.graceful.clone();
     loop {
-        let interval = server.gateway().config.gateway.certificate_check_interval;
-        tokio::select! {
-            _ = server.inner.shutdown.graceful.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let gateway = server.gateway();
-        // File reads and key parsing block: keep them off the runtime's worker threads.
-        let files = gateway.watched_files();
-        let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&files)).await else {
-            continue;
+        // The configuration in force when the files are read, whose files they are.
+        let mut gateway = server.gateway();
+        let files = || {
+            gateway = server.gateway();
+            gateway.watched_files()
         };
-        if now == last {
-            continue;
+        match next_check(&server, &stop, files, &mut last).await {
+            None => return,
+            Some(false) => continue,
+            Some(true) => {}
         }
-        last = now;
         let config = gateway.config.clone();
         let old = gateway.clone();
         let Ok(prepared) =
@@ -642,20 +639,13 @@ impl Server {
     pub async fn watch_config(self, path: std::path::PathBuf) {
         let files = vec![path.clone()];
         let mut last = fingerprint(&files);
+        let stop = self.inner.retire.clone();
         loop {
-            let interval = self.gateway().config.gateway.certificate_check_interval;
-            tokio::select! {
-                _ = self.inner.retire.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+            match next_check(&self, &stop, || files.clone(), &mut last).await {
+                None => return,
+                Some(false) => continue,
+                Some(true) => {}
             }
-            let read = files.clone();
-            let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&read)).await else {
-                continue;
-            };
-            if now == last {
-                continue;
-            }
-            last = now;
             if !self.gateway().config.gateway.watch_config {
                 continue;
             }
@@ -666,6 +656,29 @@ impl Server {
             crate::systemd::ready();
         }
     }
+}
+
+/// The watchers' one step: waits `certificate_check_interval`, then reads and hashes the
+/// files `files()` names then, off the runtime's worker threads (reads block). Whether they
+/// changed since `last` (which becomes what was read); `None` once `stop` is cancelled.
+async fn next_check(
+    server: &Server,
+    stop: &CancellationToken,
+    files: impl FnOnce() -> Vec<std::path::PathBuf>,
+    last: &mut u64,
+) -> Option<bool> {
+    let interval = server.gateway().config.gateway.certificate_check_interval;
+    tokio::select! {
+        _ = stop.cancelled() => return None,
+        _ = tokio::time::sleep(interval) => {}
+    }
+    let files = files();
+    let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&files)).await else {
+        return Some(false);
+    };
+    let changed = now != *last;
+    *last = now;
+    Some(changed)
 }
 
 /// Reads and checks a configuration file and loads its certificates on the blocking pool:

@@ -127,6 +127,17 @@ impl Gateway {
         assert!(status.success());
     }
 
+    /// The admin listener's address, from its `admin listening` line.
+    pub async fn admin_addr(&self) -> std::net::SocketAddr {
+        let line = self.wait_for_line("admin listening").await;
+        line.split("addr=Some(")
+            .nth(1)
+            .and_then(|a| a.split(')').next())
+            .expect("admin address")
+            .parse()
+            .unwrap()
+    }
+
     pub async fn exit_code(mut self) -> Option<i32> {
         let mut child = self.child.take().unwrap();
         within(

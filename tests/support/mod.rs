@@ -36,6 +36,15 @@ pub fn init_logs() {
         .try_init();
 }
 
+/// A port nothing listens on now (for a program that must be told its port in advance).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Fails the test when `future` does not finish within `DEADLINE`.
 pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     match tokio::time::timeout(DEADLINE, future).await {
