@@ -18,6 +18,9 @@ pub(super) enum Reframe {
     Frames { mask: bool },
     /// The payload bytes only (tcp and unix upstreams).
     Payload,
+    /// The payload bytes, and compressed messages (permessage-deflate terminated by the
+    /// gateway) stopped at for the pump to inflate (tcp and unix routes with `compression`).
+    Inflated,
 }
 
 /// Where a run of data pieces stopped.
@@ -25,6 +28,13 @@ pub(super) enum Stop {
     /// A control frame, whole; the data before it is in the output, its payload is
     /// `frames.decoder.control(&head)`.
     Control(Head),
+    /// A piece of a compressed message (`Reframe::Inflated`), unmasked and checked as a
+    /// frame but not counted, at `buf[range]`; `fin` when it ends its message. The data
+    /// before it is in the output.
+    Compressed {
+        range: std::ops::Range<usize>,
+        fin: bool,
+    },
     /// The read is used up.
     End,
     /// The side read from broke the protocol. `cut` when the offending frame is partly out
@@ -75,6 +85,17 @@ impl Forward {
             };
             let fin = end && head.fin;
             let payload = &mut buf[range.clone()];
+            if self.reframe == Reframe::Inflated && self.frames.message.compressed().is_some() {
+                // Its text, its size and its count are the inflated message's: the pump's.
+                if let Some(key) = head.mask {
+                    apply_mask(payload, key, offset);
+                }
+                if deliver {
+                    return Stop::Compressed { range, fin };
+                }
+                count(range.len(), fin);
+                continue;
+            }
             let checked = match (self.reframe, head.mask) {
                 // Re-masked in one pass, the peer's key and ours combined; text must be
                 // checked unmasked, so it takes two.
@@ -112,7 +133,7 @@ impl Forward {
                 continue;
             }
             match self.reframe {
-                Reframe::Payload => out.push(buf, &[], range),
+                Reframe::Payload | Reframe::Inflated => out.push(buf, &[], range),
                 Reframe::Frames { mask } => {
                     // The header travels with the frame's first piece.
                     let mut h = [0u8; MAX_HEAD];

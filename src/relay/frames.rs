@@ -106,6 +106,8 @@ pub struct MessageCheck {
     text: bool,
     /// `Some` when text is checked (RFC 6455 §8.1).
     utf8: Option<Utf8Stream>,
+    /// The message is compressed (RSV1 on its first frame): `Some(true)` for text.
+    compressed: Option<bool>,
 }
 
 impl MessageCheck {
@@ -116,6 +118,7 @@ impl MessageCheck {
             size: 0,
             text: false,
             utf8: validate_utf8.then(Utf8Stream::default),
+            compressed: None,
         }
     }
 
@@ -148,6 +151,7 @@ impl MessageCheck {
         if head.opcode != OpCode::Continuation {
             // A compressed message's text is checked by whoever inflates it.
             self.text = opcode == OpCode::Text && !head.rsv1;
+            self.compressed = head.rsv1.then_some(opcode == OpCode::Text);
         }
         self.current = if head.fin { None } else { Some(opcode) };
         Ok(())
@@ -157,6 +161,12 @@ impl MessageCheck {
     /// be passed to [`MessageCheck::payload`] unmasked.
     pub fn checks_text(&self) -> bool {
         self.text && self.utf8.is_some()
+    }
+
+    /// The message being received is compressed (permessage-deflate): `Some(true)` when it
+    /// is text, whose UTF-8 is then checked by whoever inflates it.
+    pub fn compressed(&self) -> Option<bool> {
+        self.compressed
     }
 
     /// Checks a piece of payload, unmasked; `last` when it ends the message.

@@ -39,7 +39,7 @@ pub(super) async fn linger<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 /// The reading half of a lingering close, for a peer whose write side is already shut down:
 /// what it still sends is read and thrown away until its EOF, a quiet moment, `LINGER` or
 /// `LINGER_BYTES`.
-pub(crate) async fn discard<R: AsyncRead + Unpin>(reader: &mut R) {
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R) {
     let _ = tokio::time::timeout(LINGER, async {
         let mut chunk = buffers::Chunk::take();
         let mut drained = 0;

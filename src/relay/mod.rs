@@ -39,7 +39,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PingConfig;
 pub(crate) use coalesce::Coalescing;
-pub(crate) use linger::discard;
 use linger::linger;
 pub(crate) use peer::close_payload;
 use peer::{Peer, PeerWriter};
@@ -57,7 +56,9 @@ pub struct RelaySettings {
     pub close_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub ping: Option<PingConfig>,
-    /// permessage-deflate negotiated end to end (ws upstreams): compressed frames pass.
+    /// permessage-deflate negotiated: end to end with ws upstreams (compressed frames pass
+    /// unchanged), terminated by the stream relay for tcp and unix upstreams (it inflates
+    /// the client's messages and deflates its own).
     pub compressed: bool,
 }
 
@@ -118,8 +119,9 @@ mod tests {
     /// reads lent pinned instead of moved, arguments turned into state before the future
     /// starts, the writer lock taken without a wait future when free. Keepalive pings (on by
     /// default) keep their one timer inline, and the two shutdown stages share one wait:
-    /// 2,680 bytes for ws, 2,672 for tcp, in debug and release builds alike (nightly
-    /// `-Zprint-type-sizes`). What remains is mostly the two pumps (about 580 bytes each, a
+    /// 2,688 bytes for ws, 2,624 for tcp (whose Pong moves into its boxed write, and whose
+    /// permessage-deflate, when on, holds zlib state in a box only while a message is
+    /// inflated), in debug and release builds alike (nightly `-Zprint-type-sizes`). What remains is mostly the two pumps (about 580 bytes each, a
     /// third of it padding between the locals of different waits) and the timers (640).
     #[tokio::test]
     async fn relay_state_stays_small() {
@@ -155,6 +157,6 @@ mod tests {
         );
         let (ws, stream) = (std::mem::size_of_val(&ws), std::mem::size_of_val(&stream));
         eprintln!("relay state per connection: ws {ws} bytes, stream {stream} bytes");
-        assert!(ws <= 2688 && stream <= 2688, "ws {ws}, stream {stream}");
+        assert!(ws <= 2688 && stream <= 2632, "ws {ws}, stream {stream}");
     }
 }

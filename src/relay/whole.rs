@@ -1,6 +1,6 @@
 //! Whole frames, for the in-process peers that act on messages rather than stream them (the
-//! line adapter, compression): each frame is read whole, so these are for frames whose size
-//! the relay has already bounded, or that are bounded by the caller's `max`.
+//! line adapter): each frame is read whole, so these are for frames whose size the relay has
+//! already bounded.
 
 use bytes::BytesMut;
 use tokio::io::AsyncRead;
@@ -16,7 +16,7 @@ pub(crate) struct FrameReader {
 impl FrameReader {
     /// The next frame and its payload (still masked as it came); `None` at the end, on a
     /// malformed header or a frame longer than `max`.
-    pub async fn next_within<R: AsyncRead + Unpin>(
+    async fn next_within<R: AsyncRead + Unpin>(
         &mut self,
         io: &mut R,
         max: u64,
@@ -47,12 +47,6 @@ impl FrameReader {
                 _ => return None,
             }
         }
-    }
-
-    /// What was read but not returned: after `None`, the start of a frame that was over the
-    /// bound or malformed (for a relay to judge), or of one the end cut short.
-    pub fn pending(&self) -> &[u8] {
-        &self.buf
     }
 
     /// As `next_within`, with no bound of its own.

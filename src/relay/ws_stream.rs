@@ -18,6 +18,7 @@ use super::frames::{self, Incoming};
 use super::{
     Coalescing, Peer, RelaySettings, ShutdownSignals, Side, State, Summary, drive, read_or_flush,
 };
+use crate::compression::{InflateError, Inflating};
 use crate::telemetry::metrics::Flow;
 use crate::upstream::{UpstreamReader, UpstreamStream, UpstreamWriter};
 
@@ -48,7 +49,13 @@ where
             let pumps = async {
                 tokio::join!(
                     client_to_upstream(&mut client_rx, upstream_tx, &client, &state, &settings),
-                    upstream_to_client(upstream_rx, &client, &state, &shutdown),
+                    upstream_to_client(
+                        upstream_rx,
+                        &client,
+                        &state,
+                        &shutdown,
+                        settings.compressed
+                    ),
                 );
                 client.settle().await;
             };
@@ -127,15 +134,24 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
     settings: &RelaySettings,
 ) -> Exit {
+    // With compression the gateway terminates permessage-deflate: RSV1 is allowed, and
+    // compressed messages are stopped at to be inflated.
     let frames = Incoming::new(
         true,
         true,
-        false,
+        settings.compressed,
         settings.max_frame_size,
         settings.max_message_size,
     );
-    let mut forward = Forward::new(frames, Reframe::Payload);
+    let reframe = if settings.compressed {
+        Reframe::Inflated
+    } else {
+        Reframe::Payload
+    };
+    let mut forward = Forward::new(frames, reframe);
     let mut upstream_open = true;
+    // The compressed message being inflated, if any: zlib's state exists only meanwhile.
+    let mut inflating: Option<Box<Inflating>> = None;
     loop {
         let read = std::pin::pin!(buffers::read(client_rx));
         let flushed = read_or_flush!(
@@ -156,84 +172,173 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
         }
         state.client_frame_seen();
         let mut pos = chunk.data_start();
-        let mut out = Output::default();
-        // The latest Ping of this read: one Pong answers them all (RFC 6455 §5.5.3 allows
-        // answering only the most recent), so a ping flood costs one write per read.
-        let mut ping: Option<([u8; MAX_CONTROL], usize)> = None;
-        // What to do once the data before it is written. Control frames stay here, so the
-        // data of the whole read goes upstream in one write.
-        let mut then = loop {
-            let count = |len, fin| state.count_from_client(len, fin);
-            let head = match forward.data(&mut chunk, &mut pos, &mut out, upstream_open, count) {
-                Stop::End => break None,
-                Stop::Violated(f, _) => break Some(Exit::Protocol(f)),
-                Stop::Control(head) => head,
-            };
-            let payload = forward.frames.decoder.control(&head);
-            match head.opcode {
-                OpCode::Close => {
-                    client.close_read();
-                    break Some(match frames::check_close(payload) {
-                        Err(f) => Exit::Protocol(f),
-                        Ok(_) if client.close_sent() => Exit::Answered,
-                        Ok(code) => {
-                            client.remember_close(payload);
-                            state.record(
-                                Side::Client,
-                                Some(code.unwrap_or(frames::NO_STATUS)),
-                                None,
-                            );
-                            Exit::Closed
+        // The read's frames, up to its end or a compressed piece, which waits for the data
+        // before it and is then inflated; the read goes on after it.
+        loop {
+            let next = {
+                let mut out = Output::default();
+                // The latest Ping of this run: one Pong answers them all (RFC 6455 §5.5.3
+                // allows answering only the most recent), so a ping flood costs one write
+                // per read.
+                let mut ping: Option<([u8; MAX_CONTROL], usize)> = None;
+                // What to do once the data before it is written. Control frames stay here,
+                // so the data of the whole read goes upstream in one write.
+                let mut next = loop {
+                    let count = |len, fin| state.count_from_client(len, fin);
+                    let head =
+                        match forward.data(&mut chunk, &mut pos, &mut out, upstream_open, count) {
+                            Stop::End => break Next::Read,
+                            Stop::Violated(f, _) => break Next::Exit(Exit::Protocol(f)),
+                            Stop::Compressed { range, fin } => break Next::Inflate(range, fin),
+                            Stop::Control(head) => head,
+                        };
+                    let payload = forward.frames.decoder.control(&head);
+                    match head.opcode {
+                        OpCode::Close => {
+                            client.close_read();
+                            break Next::Exit(match frames::check_close(payload) {
+                                Err(f) => Exit::Protocol(f),
+                                Ok(_) if client.close_sent() => Exit::Answered,
+                                Ok(code) => {
+                                    client.remember_close(payload);
+                                    state.record(
+                                        Side::Client,
+                                        Some(code.unwrap_or(frames::NO_STATUS)),
+                                        None,
+                                    );
+                                    Exit::Closed
+                                }
+                            });
                         }
-                    });
+                        OpCode::Ping => {
+                            let mut copy = [0u8; MAX_CONTROL];
+                            copy[..payload.len()].copy_from_slice(payload);
+                            ping = Some((copy, payload.len()));
+                        }
+                        // Pongs only show liveness (recorded above).
+                        _ => {}
+                    }
+                };
+                // The Ping's payload moves into the boxed write: kept here across the wait,
+                // its 125 bytes would be part of every held connection's state.
+                if let Some((payload, len)) = ping
+                    && let Err(e) =
+                        Box::pin(
+                            async move { client.send_now(OpCode::Pong, &payload[..len]).await },
+                        )
+                        .await
+                    && !matches!(next, Next::Exit(_))
+                {
+                    next = Next::Exit(Exit::Vanished(format!("write to client failed: {e}")));
                 }
-                OpCode::Ping => {
-                    let mut copy = [0u8; MAX_CONTROL];
-                    copy[..payload.len()].copy_from_slice(payload);
-                    ping = Some((copy, payload.len()));
+                let data = out.take();
+                if !data.is_empty() {
+                    let written = {
+                        let _backlog = state.writing_upstream();
+                        upstream.write_all(&chunk[data]).await
+                    };
+                    if let Err(e) = written {
+                        // The upstream is broken; its reader will see the same. Tell the
+                        // client and keep reading until it answers the Close.
+                        upstream_open = false;
+                        Box::pin(upstream_failed(client, state, e)).await;
+                    }
                 }
-                // Pongs only show liveness (recorded above).
-                _ => {}
-            }
-        };
-        if let Some((payload, len)) = ping
-            && let Err(e) = Box::pin(client.send_now(OpCode::Pong, &payload[..len])).await
-            && then.is_none()
-        {
-            then = Some(Exit::Vanished(format!("write to client failed: {e}")));
-        }
-        let data = out.take();
-        if !data.is_empty() {
-            let written = {
-                let _backlog = state.writing_upstream();
-                upstream.write_all(&chunk[data]).await
+                next
             };
-            if let Err(e) = written {
-                // The upstream is broken; its reader will see the same. Tell the client and
-                // keep reading until it answers the Close.
-                upstream_open = false;
-                Box::pin(upstream_failed(client, state, e)).await;
+            match next {
+                Next::Read => break,
+                Next::Inflate(range, fin) => {
+                    let text = forward.frames.message.compressed() == Some(true);
+                    // Boxed: only connections with compression ever wait here.
+                    let inflated = Box::pin(inflate(
+                        upstream,
+                        client,
+                        state,
+                        &chunk[range],
+                        (fin, text),
+                        &mut inflating,
+                        settings.max_message_size,
+                    ))
+                    .await;
+                    match inflated {
+                        Inflated::Passed => {}
+                        Inflated::UpstreamFailed => upstream_open = false,
+                        Inflated::Refused(f) => return Exit::Protocol(f),
+                    }
+                }
+                Next::Exit(Exit::Closed) => {
+                    // Half-close: the upstream reads EOF, and may still answer before
+                    // closing.
+                    let _ = upstream.shutdown().await;
+                    return Exit::Closed;
+                }
+                Next::Exit(exit) => return exit,
             }
         }
-        match then {
-            None => {}
-            Some(Exit::Closed) => {
-                // Half-close: the upstream reads EOF, and may still answer before closing.
-                let _ = upstream.shutdown().await;
-                return Exit::Closed;
-            }
-            Some(exit) => return exit,
+    }
+}
+
+/// Where a run through a read's frames stopped.
+enum Next {
+    /// The read is used up.
+    Read,
+    /// At a piece of a compressed message (`buf[range]`; true when it ends the message).
+    Inflate(std::ops::Range<usize>, bool),
+    Exit(Exit),
+}
+
+/// What became of a piece of a compressed message.
+enum Inflated {
+    Passed,
+    /// Writing to the upstream failed; the client has been told.
+    UpstreamFailed,
+    /// The client broke the protocol (not deflate, not UTF-8, too big once inflated).
+    Refused(frames::Failure),
+}
+
+/// Writes what `piece` inflates to upstream, counted as the client's; `fin` ends the message
+/// (and drops its zlib state), `text` says what it is.
+async fn inflate<C: AsyncRead + AsyncWrite + Unpin>(
+    upstream: &mut Coalescing<UpstreamWriter>,
+    client: &ClientPeer<'_, C>,
+    state: &State,
+    piece: &[u8],
+    (fin, text): (bool, bool),
+    inflating: &mut Option<Box<Inflating>>,
+    max_message_size: usize,
+) -> Inflated {
+    let message = inflating.get_or_insert_with(|| Inflating::new(text));
+    let before = message.written();
+    let result = {
+        let _backlog = state.writing_upstream();
+        message.piece(piece, fin, max_message_size, upstream).await
+    };
+    // What went upstream counts, also of a message that failed on the way.
+    let written = (message.written() - before) as usize;
+    state.count_from_client(written, fin && result.is_ok());
+    if fin {
+        *inflating = None;
+    }
+    match result {
+        Ok(()) => Inflated::Passed,
+        Err(InflateError::Protocol(f)) => Inflated::Refused(f),
+        Err(InflateError::Write(e)) => {
+            upstream_failed(client, state, e).await;
+            Inflated::UpstreamFailed
         }
     }
 }
 
 /// Upstream → client: each read becomes one binary message, its header written into the
-/// headroom in front of the data so that frame and payload go out in one write.
+/// headroom in front of the data so that frame and payload go out in one write (with
+/// `deflate`, the message is compressed first: permessage-deflate terminated here).
 async fn upstream_to_client<C: AsyncWrite + Unpin>(
     upstream: UpstreamReader,
     client: &ClientPeer<'_, C>,
     state: &State,
     shutdown: &ShutdownSignals,
+    deflate: bool,
 ) {
     loop {
         // Wait for data holding no buffer: an idle connection costs no read memory.
@@ -241,7 +346,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             _ = shutdown.graceful.cancelled(), if !state.closing.is_fired() => {
-                return Box::pin(drain_and_close(&upstream, client, state)).await;
+                return Box::pin(drain_and_close(&upstream, client, state, deflate)).await;
             }
             ready = upstream.readable() => {
                 if let Err(e) = ready {
@@ -255,13 +360,13 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
         loop {
             if shutdown.graceful.is_cancelled() && !state.closing.is_fired() {
                 // A source that never pauses must not delay the drain.
-                return Box::pin(drain_and_close(&upstream, client, state)).await;
+                return Box::pin(drain_and_close(&upstream, client, state, deflate)).await;
             }
             match upstream.try_read(chunk.space()) {
                 Ok(0) => return Box::pin(upstream_finished(client, state)).await,
                 Ok(n) => {
                     chunk.filled(n);
-                    if !forward(&mut chunk, client, state).await {
+                    if !forward(&mut chunk, client, state, deflate).await {
                         return;
                     }
                 }
@@ -311,15 +416,42 @@ async fn forward<C: AsyncWrite + Unpin>(
     chunk: &mut Chunk,
     client: &ClientPeer<'_, C>,
     state: &State,
+    deflate: bool,
 ) -> bool {
     let data = chunk.data_start()..chunk.data_end();
     let len = data.len();
+    if deflate {
+        return Box::pin(send(client, state, &compressed_message(&chunk[data]), len)).await;
+    }
     let mut head = [0u8; MAX_HEAD];
     let n = Head::new(true, OpCode::Binary, None, len).encode(&mut head);
     let mut out = Output::default();
     out.push(chunk, &head[..n], data);
     let frame = out.take();
-    match client.lock().await.write_frames(&chunk[frame]).await {
+    send(client, state, &chunk[frame], len).await
+}
+
+/// One binary message of `data`, deflated (RSV1 set on its frame).
+fn compressed_message(data: &[u8]) -> Vec<u8> {
+    let body = crate::compression::deflate(data);
+    let mut head = Head::new(true, OpCode::Binary, None, body.len());
+    head.rsv1 = true;
+    let mut bytes = [0u8; MAX_HEAD];
+    let n = head.encode(&mut bytes);
+    let mut frame = Vec::with_capacity(n + body.len());
+    frame.extend_from_slice(&bytes[..n]);
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Writes one message's frame, which carries `len` bytes of the upstream's data.
+async fn send<C: AsyncWrite + Unpin>(
+    client: &ClientPeer<'_, C>,
+    state: &State,
+    frame: &[u8],
+    len: usize,
+) -> bool {
+    match client.lock().await.write_frames(frame).await {
         Ok(true) => {
             state.count_to_client(len, true);
             true
@@ -341,6 +473,7 @@ async fn drain_and_close<C: AsyncWrite + Unpin>(
     upstream: &UpstreamReader,
     client: &ClientPeer<'_, C>,
     state: &State,
+    deflate: bool,
 ) {
     // At most this much: an upstream that never pauses must not hold the drain open until
     // shutdown_timeout cuts the connection without a Close.
@@ -352,7 +485,7 @@ async fn drain_and_close<C: AsyncWrite + Unpin>(
     {
         chunk.filled(n);
         drained += n;
-        if n == 0 || !forward(&mut chunk, client, state).await {
+        if n == 0 || !forward(&mut chunk, client, state, deflate).await {
             break;
         }
     }

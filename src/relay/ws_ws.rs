@@ -181,7 +181,8 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
             // Once the other side was sent a Close, RFC 6455 §5.5.1 allows no more data to it.
             let deliver = !w.close_sent();
             let head = match forward.data(&mut chunk, &mut pos, &mut out, deliver, count) {
-                Stop::End => break None,
+                // (`Compressed` is the stream relay's: it comes only with `Reframe::Inflated`.)
+                Stop::End | Stop::Compressed { .. } => break None,
                 Stop::Violated(f, cut) => break Some(Then::Violated(f, cut)),
                 Stop::Control(head) => head,
             };

@@ -13,8 +13,7 @@
 //! 8. the connection budgets (gateway, listener, client IP): 503;
 //! 9. the token target (`targets`): 404, 403 outside `allowed_targets`;
 //! 10. the upstream, connected and (ws) handshaken before the client hears anything: 502/504;
-//! 11. the 101 (HTTP/2: 200), and the relay task, behind the compression and fault layers
-//!     when they apply.
+//! 11. the 101 (HTTP/2: 200), and the relay task, behind the fault layer when it applies.
 //!
 //! Every failure becomes exactly one HTTP answer here (SPEC §3) and at most one log line
 //! (rate-limited).
@@ -584,13 +583,15 @@ impl UpgradeRequest<'_> {
             close_timeout: self.gateway.config.gateway.close_timeout,
             idle_timeout: route.idle_timeout,
             ping: route.ping,
-            compressed: matches!(
-                connected,
-                Connected::WebSocket {
-                    extensions: Some(_),
-                    ..
-                }
-            ),
+            // The gateway's own (tcp and unix routes), or the upstream's (ws routes).
+            compressed: compress
+                || matches!(
+                    connected,
+                    Connected::WebSocket {
+                        extensions: Some(_),
+                        ..
+                    }
+                ),
         };
         let done = Finished {
             client: self.client,
@@ -616,7 +617,6 @@ impl UpgradeRequest<'_> {
             // Unpacked only after the upgrade: captured as they are, they would stay in the
             // task's state for the connection's life next to the relay made of them.
             parts: Box::new((settings, connected)),
-            compress,
         }
     }
 }
@@ -635,7 +635,6 @@ struct Relay {
     done: Finished,
     injection: Option<Box<faults::Injection>>,
     parts: Box<(RelaySettings, Connected)>,
-    compress: bool,
 }
 
 impl Relay {
@@ -647,7 +646,6 @@ impl Relay {
             done,
             injection,
             parts,
-            compress,
         } = self;
         let server = conn.listener.server.clone();
         // Not inside the connection's span: a span lives in the subscriber's registry for as
@@ -677,8 +675,8 @@ impl Relay {
                 let flow = metrics.flow(&done.route);
                 let shutdown = server.shutdown.clone();
                 let (settings, connected) = *parts;
-                match (injection, compress) {
-                    (None, false) => Either::Left(match connected {
+                match injection {
+                    None => Either::Left(match connected {
                         Connected::Stream(stream) => Either::Left(relay::relay_stream(
                             client, stream, settings, shutdown, flow,
                         )),
@@ -686,14 +684,8 @@ impl Relay {
                             Either::Right(relay::relay_ws(client, ws, settings, shutdown, flow))
                         }
                     }),
-                    (injection, compress) => Either::Right(Box::pin(layered(
-                        client,
-                        connected,
-                        settings,
-                        shutdown,
-                        flow,
-                        injection.map(|i| *i),
-                        compress,
+                    Some(injection) => Either::Right(Box::pin(faulted(
+                        client, connected, settings, shutdown, flow, *injection,
                     ))),
                 }
             };
@@ -737,24 +729,21 @@ impl UpgradeRequest<'_> {
     }
 }
 
-/// The relay behind layers between it and the client: the compression layer (tcp routes
-/// with `compression`) next to the client, the fault layer (`allow_faults`) next to the
-/// relay. Each layer sits on an in-memory pipe, and the relay's client is the last pipe's end.
-async fn layered<C>(
+/// The relay behind the fault layer (`allow_faults`), which sits on an in-memory pipe: the
+/// relay's client is the pipe's end.
+async fn faulted<C>(
     client: C,
     connected: Connected,
     settings: RelaySettings,
     shutdown: crate::relay::ShutdownSignals,
     flow: crate::telemetry::metrics::Flow,
-    injection: Option<faults::Injection>,
-    compress: bool,
+    injection: faults::Injection,
 ) -> Summary
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     // Room for a few frames in flight; the pipe applies backpressure beyond it.
     const PIPE: usize = 64 << 10;
-    let (max_message, max_frame) = (settings.max_message_size, settings.max_frame_size);
     let (relay_end, layer_end) = tokio::io::duplex(PIPE);
     let relay = match connected {
         Connected::Stream(stream) => Either::Left(relay::relay_stream(
@@ -764,27 +753,8 @@ where
             Either::Right(relay::relay_ws(relay_end, ws, settings, shutdown, flow))
         }
     };
-    let (mut summary, outcome) = match (injection, compress) {
-        (Some(injection), false) => {
-            tokio::join!(relay, faults::interpose(client, layer_end, injection))
-        }
-        (None, _) => {
-            let (summary, ()) = tokio::join!(
-                relay,
-                crate::compression::terminate(client, layer_end, max_message, max_frame)
-            );
-            (summary, faults::Outcome::Passed)
-        }
-        (Some(injection), true) => {
-            let (plain, compressed_end) = tokio::io::duplex(PIPE);
-            let (summary, outcome, ()) = tokio::join!(
-                relay,
-                faults::interpose(plain, layer_end, injection),
-                crate::compression::terminate(client, compressed_end, max_message, max_frame)
-            );
-            (summary, outcome)
-        }
-    };
+    let (mut summary, outcome) =
+        tokio::join!(relay, faults::interpose(client, layer_end, injection));
     if let Some(detail) = outcome.detail() {
         summary.closed_by = crate::relay::Side::Gateway;
         summary.close_code = match outcome {
