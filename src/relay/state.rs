@@ -4,7 +4,6 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::RelaySettings;
@@ -194,17 +193,19 @@ impl Drop for BacklogGuard<'_> {
 
 /// A one-way flag that can be awaited, kept inline in the connection's state: unlike a
 /// `CancellationToken` it allocates nothing (each token is a shared node on the heap, and
-/// every held connection had two).
+/// every held connection had two). It has one waiter (`drive`), so a single waker slot
+/// serves, and the wait is a pointer: a `Notify` wait is a 64-byte list node, and a held
+/// connection waits on two of these.
 #[derive(Default)]
 pub(super) struct Signal {
     fired: AtomicBool,
-    notify: Notify,
+    waker: atomic_waker::AtomicWaker,
 }
 
 impl Signal {
     pub(super) fn fire(&self) {
         if !self.fired.swap(true, Ordering::AcqRel) {
-            self.notify.notify_waiters();
+            self.waker.wake();
         }
     }
 
@@ -212,13 +213,19 @@ impl Signal {
         self.fired.load(Ordering::Acquire)
     }
 
-    pub(super) async fn fired(&self) {
-        // Registered before the flag is read: `notify_waiters` reaches every `Notified`
-        // created before it, polled or not, so a `fire` in between is not missed.
-        let notified = self.notify.notified();
-        if self.is_fired() {
-            return;
-        }
-        notified.await
+    /// Resolves once fired. One waiter at a time: a second one would take the first's slot.
+    pub(super) fn fired(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.is_fired() {
+                return std::task::Poll::Ready(());
+            }
+            // Registered before the flag is read again, so a `fire` in between is not missed.
+            self.waker.register(cx.waker());
+            if self.is_fired() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 }
