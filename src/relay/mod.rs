@@ -122,8 +122,9 @@ mod tests {
     /// close and abort signals wait on a waker slot (a `Notify` wait took 64 bytes each):
     /// 2,528 bytes for ws, 2,464 for tcp (whose Pong moves into its boxed write, and whose
     /// permessage-deflate, when on, holds zlib state in a box only while a message is
-    /// inflated), in debug and release builds alike (nightly `-Zprint-type-sizes`). What remains is mostly the two pumps (about 580 bytes each, a
-    /// third of it padding between the locals of different waits) and the timers (640).
+    /// inflated), in debug and release builds alike (nightly `-Zprint-type-sizes`). What
+    /// remains is mostly the two pumps (about 580 bytes each, a third of it padding between
+    /// the locals of different waits) and the timers (about 480).
     #[tokio::test]
     async fn relay_state_stays_small() {
         let settings = RelaySettings {
