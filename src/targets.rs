@@ -97,33 +97,49 @@ impl TokenTable {
     }
 
     /// Resolves the token's target and checks it against `allowed` (empty allows any); the
-    /// address to connect to.
+    /// address to connect to. The lookup gets `within` (the route's `connect_timeout`): the
+    /// system resolver's own retries can take much longer, and the client waits meanwhile.
     pub async fn resolve(
         &self,
         token: &str,
         allowed: &[TargetRule],
+        within: std::time::Duration,
     ) -> Result<SocketAddr, TokenRefused> {
         let (host, port) = self.get(token).ok_or(TokenRefused::Unknown)?;
         let target = crate::config::authority(host, port);
-        let addr = match host.parse::<std::net::IpAddr>() {
-            Ok(ip) => SocketAddr::new(ip, port),
-            Err(_) => tokio::net::lookup_host((host, port))
-                .await
-                .map_err(|e| TokenRefused::Unresolved {
-                    target: target.clone(),
-                    reason: e.to_string(),
-                })?
-                .next()
-                .ok_or_else(|| TokenRefused::Unresolved {
-                    target: target.clone(),
-                    reason: "no address".into(),
-                })?,
+        let unresolved = |reason: String| TokenRefused::Unresolved {
+            target: target.clone(),
+            reason,
         };
-        if !allowed.is_empty() && !allowed.iter().any(|rule| rule.allows(addr)) {
-            return Err(TokenRefused::NotAllowed { target, addr });
+        let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => {
+                match tokio::time::timeout(within, tokio::net::lookup_host((host, port))).await {
+                    Ok(Ok(addrs)) => addrs.collect(),
+                    Ok(Err(e)) => return Err(unresolved(e.to_string())),
+                    Err(_) => return Err(unresolved("no answer within connect_timeout".into())),
+                }
+            }
+        };
+        match (pick(&addrs, allowed), addrs.first()) {
+            (Some(addr), _) => Ok(addr),
+            (None, Some(&addr)) => Err(TokenRefused::NotAllowed {
+                target: target.clone(),
+                addr,
+            }),
+            (None, None) => Err(unresolved("no address".into())),
         }
-        Ok(addr)
     }
+}
+
+/// The first of a name's addresses that `allowed` allows (empty allows any). A name with an
+/// address outside the rules and one inside (IPv6 first, say) is dialled at the one inside:
+/// the rules say where the gateway may connect, not which names it may look up.
+fn pick(addrs: &[SocketAddr], allowed: &[TargetRule]) -> Option<SocketAddr> {
+    addrs
+        .iter()
+        .copied()
+        .find(|&addr| allowed.is_empty() || allowed.iter().any(|rule| rule.allows(addr)))
 }
 
 /// The files a source names: the file, or the folder's regular files in name order.
@@ -164,6 +180,23 @@ fn parse_line(line: &str) -> Option<(&str, &str, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_allowed_address_of_a_name_is_dialled() {
+        let v6: SocketAddr = "[::1]:5900".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:5900".parse().unwrap();
+        let rules = crate::config::Config::parse(
+            "[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntargets = { file = \"t\" }\nallowed_targets = [\"127.0.0.1/32\"]\n",
+            "t.toml",
+        )
+        .unwrap()
+        .routes[0]
+            .allowed_targets
+            .clone();
+        assert_eq!(pick(&[v6, v4], &rules), Some(v4));
+        assert_eq!(pick(&[v6], &rules), None);
+        assert_eq!(pick(&[v6, v4], &[]), Some(v6));
+    }
 
     #[test]
     fn lines_as_websockify_reads_them() {

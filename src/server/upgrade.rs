@@ -529,7 +529,9 @@ impl UpgradeRequest<'_> {
             },
         };
         let token = token.ok_or(TokenRefused::Missing)?;
-        let addr = tokens.resolve(&token, &route.allowed_targets).await?;
+        let addr = tokens
+            .resolve(&token, &route.allowed_targets, route.connect_timeout)
+            .await?;
         let mut single = route.clone();
         single.upstreams = vec![Target {
             upstream: Upstream::Tcp {
