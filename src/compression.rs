@@ -16,6 +16,7 @@
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::relay::buffers;
 use crate::relay::frames::{self, Failure, Utf8Stream};
 
 /// What the gateway answers to an acceptable offer.
@@ -26,8 +27,9 @@ pub const RESPONSE: &str =
 /// which the sender removes and the receiver puts back.
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// Inflated output is written on in pieces of at most this size: a message that inflates to
-/// megabytes needs no more memory than this, and the upstream's backpressure paces it.
+/// Deflated output grows by this much at a time. (Inflated output is written on a pooled read
+/// buffer at a time: a message that inflates to megabytes needs no more memory than that,
+/// and the upstream's backpressure paces it.)
 const PIECE: usize = 16 << 10;
 
 /// Whether one of the client's offers can be accepted: permessage-deflate with parameters
@@ -97,26 +99,29 @@ impl Inflating {
         out: &mut W,
     ) -> Result<(), InflateError> {
         let mut tail: &[u8] = if fin { &TAIL } else { &[] };
-        let mut produced = Vec::new();
+        // Inflated into one of the relay's pooled read buffers, a piece at a time.
+        let mut chunk = buffers::Chunk::take();
         loop {
             if input.is_empty() {
                 // The tail that the sender removed goes in last (RFC 7692 §7.2.2).
                 input = std::mem::take(&mut tail);
             }
-            produced.clear();
-            produced.reserve(PIECE);
-            let before = self.zlib.total_in();
+            let space = chunk.space();
+            let (before_in, before_out) = (self.zlib.total_in(), self.zlib.total_out());
             let status = self
                 .zlib
-                .decompress_vec(input, &mut produced, FlushDecompress::Sync)
+                .decompress(input, space, FlushDecompress::Sync)
                 .map_err(|_| {
                     InflateError::Protocol(Failure {
                         code: frames::INVALID_PAYLOAD,
                         reason: "compressed data is not valid deflate",
                     })
                 })?;
-            input = &input[(self.zlib.total_in() - before) as usize..];
-            self.produced += produced.len() as u64;
+            input = &input[(self.zlib.total_in() - before_in) as usize..];
+            let n = (self.zlib.total_out() - before_out) as usize;
+            let full = n == space.len();
+            let produced = &space[..n];
+            self.produced += n as u64;
             if self.produced > max_message_size as u64 {
                 return Err(InflateError::Protocol(Failure {
                     code: frames::TOO_BIG,
@@ -124,24 +129,18 @@ impl Inflating {
                 }));
             }
             if let Some(utf8) = self.utf8.as_mut()
-                && !utf8.feed(&produced, false)
+                && !utf8.feed(produced, false)
             {
-                return Err(InflateError::Protocol(Failure {
-                    code: frames::INVALID_PAYLOAD,
-                    reason: "text is not valid UTF-8",
-                }));
+                return Err(InflateError::Protocol(frames::NOT_UTF8));
             }
-            if !produced.is_empty() {
-                out.write_all(&produced)
-                    .await
-                    .map_err(InflateError::Write)?;
-                self.written += produced.len() as u64;
+            if n > 0 {
+                out.write_all(produced).await.map_err(InflateError::Write)?;
+                self.written += n as u64;
             }
             // A sender may end a message with a final deflate block (RFC 7692 §7.2.3.3):
             // then the stream ends before the tail is read. Output that filled the buffer
             // may have more behind it.
             let ended = matches!(status, Status::StreamEnd);
-            let full = produced.len() == produced.capacity();
             if ended || (input.is_empty() && tail.is_empty() && !full) {
                 break;
             }
@@ -150,10 +149,7 @@ impl Inflating {
             && let Some(utf8) = self.utf8.as_mut()
             && !utf8.feed(&[], true)
         {
-            return Err(InflateError::Protocol(Failure {
-                code: frames::INVALID_PAYLOAD,
-                reason: "text is not valid UTF-8",
-            }));
+            return Err(InflateError::Protocol(frames::NOT_UTF8));
         }
         Ok(())
     }
@@ -165,10 +161,12 @@ impl Inflating {
 }
 
 /// One message's data compressed on its own (no context takeover), without the tail the
-/// receiver puts back: the payload of a frame with RSV1 set.
-pub(crate) fn deflate(data: &[u8]) -> Vec<u8> {
+/// receiver puts back: the payload of a frame with RSV1 set, after `headroom` zeroed bytes
+/// left for the frame's header (so that the frame goes out of this one buffer).
+pub(crate) fn deflate(data: &[u8], headroom: usize) -> Vec<u8> {
     let mut zlib = Compress::new(Compression::fast(), false);
-    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    let mut out = Vec::with_capacity(headroom + data.len() / 2 + 64);
+    out.resize(headroom, 0);
     let mut input = data;
     loop {
         out.reserve(PIECE);
@@ -212,18 +210,18 @@ mod tests {
         let text: Vec<u8> = (0..100_000u32)
             .flat_map(|i| (i % 251).to_le_bytes())
             .collect();
-        let deflated = deflate(&text);
+        let deflated = deflate(&text, 0);
         assert!(deflated.len() < text.len() / 2, "{}", deflated.len());
         assert_eq!(
             inflate(&deflated, text.len()).await.as_deref(),
             Ok(&text[..])
         );
-        assert_eq!(inflate(&deflate(b""), 0).await.as_deref(), Ok(&b""[..]));
+        assert_eq!(inflate(&deflate(b"", 0), 0).await.as_deref(), Ok(&b""[..]));
     }
 
     #[tokio::test]
     async fn no_more_than_the_limit_is_produced() {
-        let zeros = deflate(&vec![0u8; 1 << 20]);
+        let zeros = deflate(&vec![0u8; 1 << 20], 0);
         let mut out = Vec::new();
         let mut message = Inflating::new(false);
         let r = message.piece(&zeros, true, 40_000, &mut out).await;

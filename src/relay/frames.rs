@@ -28,6 +28,9 @@ pub const NORMAL: u16 = 1000;
 /// Logged for a Close frame that carried no code (RFC 6455 §7.4.1); never sent.
 pub const NO_STATUS: u16 = 1005;
 
+/// Text that is not UTF-8 (RFC 6455 §8.1), seen in passing or once inflated.
+pub const NOT_UTF8: Failure = failure(INVALID_PAYLOAD, "text is not valid UTF-8");
+
 const fn failure(code: u16, reason: &'static str) -> Failure {
     Failure { code, reason }
 }
@@ -174,7 +177,7 @@ impl MessageCheck {
         if let (true, Some(utf8)) = (self.text, self.utf8.as_mut())
             && !utf8.feed(piece, last)
         {
-            return Err(failure(INVALID_PAYLOAD, "text is not valid UTF-8"));
+            return Err(NOT_UTF8);
         }
         Ok(())
     }

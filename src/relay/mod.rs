@@ -19,7 +19,7 @@
 //! - `abort` ends the connection at once (peer vanished, protocol error);
 //! - the timers ([`timers`]) and, at the end, the lingering close ([`linger`]).
 
-mod buffers;
+pub(crate) mod buffers;
 mod coalesce;
 pub mod codec;
 mod forward;

@@ -421,7 +421,8 @@ async fn forward<C: AsyncWrite + Unpin>(
     let data = chunk.data_start()..chunk.data_end();
     let len = data.len();
     if deflate {
-        return Box::pin(send(client, state, &compressed_message(&chunk[data]), len)).await;
+        let (frame, start) = compressed_message(&chunk[data]);
+        return Box::pin(send(client, state, &frame[start..], len)).await;
     }
     let mut head = [0u8; MAX_HEAD];
     let n = Head::new(true, OpCode::Binary, None, len).encode(&mut head);
@@ -431,17 +432,17 @@ async fn forward<C: AsyncWrite + Unpin>(
     send(client, state, &chunk[frame], len).await
 }
 
-/// One binary message of `data`, deflated (RSV1 set on its frame).
-fn compressed_message(data: &[u8]) -> Vec<u8> {
-    let body = crate::compression::deflate(data);
-    let mut head = Head::new(true, OpCode::Binary, None, body.len());
+/// One binary message of `data`, deflated (RSV1 set on its frame): the frame is
+/// `buffer[start..]`, its header written in front of the compressed bytes.
+fn compressed_message(data: &[u8]) -> (Vec<u8>, usize) {
+    let mut frame = crate::compression::deflate(data, MAX_HEAD);
+    let mut head = Head::new(true, OpCode::Binary, None, frame.len() - MAX_HEAD);
     head.rsv1 = true;
     let mut bytes = [0u8; MAX_HEAD];
     let n = head.encode(&mut bytes);
-    let mut frame = Vec::with_capacity(n + body.len());
-    frame.extend_from_slice(&bytes[..n]);
-    frame.extend_from_slice(&body);
-    frame
+    let start = MAX_HEAD - n;
+    frame[start..MAX_HEAD].copy_from_slice(&bytes[..n]);
+    (frame, start)
 }
 
 /// Writes one message's frame, which carries `len` bytes of the upstream's data.
