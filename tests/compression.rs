@@ -13,6 +13,31 @@ use std::process::{Child, Command, Stdio};
 use support::*;
 use tokio::io::AsyncWriteExt;
 
+/// The header a client offers permessage-deflate with.
+const OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+
+/// A gateway whose route `/` goes to a tcp echo with `compression = true` and `extra`.
+async fn compressing_gateway(extra: &str) -> TestGateway {
+    let echo = tcp_echo().await;
+    let keys = format!("compression = true\n{extra}");
+    start_gateway(&simple_config(&format!("tcp://{echo}"), &keys)).await
+}
+
+/// A client frame with RSV1 set: a compressed message's first frame.
+fn compressed_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = client_frame(fin, opcode, payload);
+    frame[0] |= 0x40;
+    frame
+}
+
+/// The bytes the gateway passed on to the upstream of route `/`.
+fn bytes_to_upstream(gw: &TestGateway) -> f64 {
+    metric(
+        &gw.metrics().encode(),
+        "wsgate_bytes_total{route=\"/\",direction=\"client_to_upstream\"}",
+    )
+}
+
 fn peers() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers")
 }
@@ -100,11 +125,7 @@ async fn permessage_deflate_is_negotiated_end_to_end() {
     assert!(extensions.starts_with("permessage-deflate"), "{result}");
     assert_eq!(result["text_exact"], true, "{result}");
     assert_eq!(result["binary_exact"], true, "{result}");
-    let metrics = gw.metrics().encode();
-    let wire = metric(
-        &metrics,
-        "wsgate_bytes_total{route=\"/\",direction=\"client_to_upstream\"}",
-    );
+    let wire = bytes_to_upstream(&gw);
     assert!(
         wire > 0.0 && wire < 4096.0,
         "compressed on the wire: {wire} bytes"
@@ -123,8 +144,7 @@ async fn rsv1_without_negotiation_is_a_protocol_error() {
         "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
     )
     .await;
-    let mut frame = client_frame(true, 0x1, b"x");
-    frame[0] |= 0x40; // RSV1
+    let frame = compressed_frame(true, 0x1, b"x");
     stream.write_all(&frame).await.unwrap();
     assert_eq!(read_raw_close(&mut stream).await, 1002);
     gw.stop().await;
@@ -135,12 +155,7 @@ async fn tcp_routes_terminate_permessage_deflate() {
     if !have_websockets() {
         return;
     }
-    let echo = tcp_echo().await;
-    let gw = start_gateway(&simple_config(
-        &format!("tcp://{echo}"),
-        "compression = true",
-    ))
-    .await;
+    let gw = compressing_gateway("").await;
     let result = python_client(&gw.ws_url("/")).await;
     assert_eq!(
         result["extensions"],
@@ -150,11 +165,7 @@ async fn tcp_routes_terminate_permessage_deflate() {
     assert_eq!(result["text_exact"], true, "{result}");
     assert_eq!(result["binary_exact"], true, "{result}");
     // The upstream got the inflated bytes: as much as the client sent, uncompressed.
-    let metrics = gw.metrics().encode();
-    let plain = metric(
-        &metrics,
-        "wsgate_bytes_total{route=\"/\",direction=\"client_to_upstream\"}",
-    );
+    let plain = bytes_to_upstream(&gw);
     assert!(plain >= 24_000.0 + 16_384.0, "{plain}");
     gw.stop().await;
 }
@@ -173,17 +184,11 @@ fn deflate(data: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn compressed_frames_both_ways_and_a_bomb_meets_1009() {
-    let echo = tcp_echo().await;
-    let gw = start_gateway(&simple_config(
-        &format!("tcp://{echo}"),
-        "compression = true\nmax_message_size = \"64KiB\"",
-    ))
-    .await;
+    let gw = compressing_gateway("max_message_size = \"64KiB\"").await;
     let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
     let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
     let message = b"hello hello hello hello".to_vec();
-    let mut frame = client_frame(true, 0x2, &deflate(&message));
-    frame[0] |= 0x40;
+    let frame = compressed_frame(true, 0x2, &deflate(&message));
     stream.write_all(&frame).await.unwrap();
     // The echo comes back compressed (RSV1), and inflates to what was sent.
     let (first, inflated) = read_deflated(&mut stream).await;
@@ -193,15 +198,10 @@ async fn compressed_frames_both_ways_and_a_bomb_meets_1009() {
     // 10 MB of zeros in a few KB: closed with 1009 after at most the limit was produced.
     let bomb = deflate(&vec![0u8; 10 << 20]);
     assert!(bomb.len() < 64 << 10, "{}", bomb.len());
-    let mut frame = client_frame(true, 0x2, &bomb);
-    frame[0] |= 0x40;
+    let frame = compressed_frame(true, 0x2, &bomb);
     stream.write_all(&frame).await.unwrap();
     assert_eq!(read_raw_close(&mut stream).await, 1009);
-    let metrics = gw.metrics().encode();
-    let produced = metric(
-        &metrics,
-        "wsgate_bytes_total{route=\"/\",direction=\"client_to_upstream\"}",
-    );
+    let produced = bytes_to_upstream(&gw);
     // What the bomb inflated to before the limit went upstream, and counts.
     assert!(
         (32_768.0..=65_536.0 + 100.0).contains(&produced),
@@ -214,29 +214,20 @@ async fn compressed_frames_both_ways_and_a_bomb_meets_1009() {
 /// deflate is refused the same way; neither reaches the upstream.
 #[tokio::test]
 async fn compressed_text_that_is_not_utf8_and_data_that_is_not_deflate_are_1007() {
-    let echo = tcp_echo().await;
-    let gw = start_gateway(&simple_config(
-        &format!("tcp://{echo}"),
-        "compression = true",
-    ))
-    .await;
-    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    let gw = compressing_gateway("").await;
     let cases: [(&str, Vec<u8>); 2] = [
         ("text that is not UTF-8", deflate(b"caf\xc3\x28 au lait")),
         ("not deflate", vec![0xff; 16]),
     ];
     for (what, payload) in cases {
-        let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
-        let mut frame = client_frame(true, 0x1, &payload);
-        frame[0] |= 0x40;
-        stream.write_all(&frame).await.unwrap();
+        let mut stream = raw_upgrade_with(gw.addr(), "/", OFFER).await;
+        stream
+            .write_all(&compressed_frame(true, 0x1, &payload))
+            .await
+            .unwrap();
         assert_eq!(read_raw_close(&mut stream).await, 1007, "{what}");
     }
-    let metrics = gw.metrics().encode();
-    let passed = metric(
-        &metrics,
-        "wsgate_bytes_total{route=\"/\",direction=\"client_to_upstream\"}",
-    );
+    let passed = bytes_to_upstream(&gw);
     assert_eq!(passed, 0.0);
     gw.stop().await;
 }
@@ -272,20 +263,14 @@ async fn read_deflated(stream: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
 /// first fragment that inflates to nothing still gives the message its opcode.
 #[tokio::test]
 async fn a_ping_between_compressed_fragments_is_answered_and_the_message_kept() {
-    let echo = tcp_echo().await;
-    let gw = start_gateway(&simple_config(
-        &format!("tcp://{echo}"),
-        "compression = true
-ping_interval = \"off\"",
-    ))
-    .await;
-    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
-    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    let gw = compressing_gateway("ping_interval = \"off\"").await;
+    let mut stream = raw_upgrade_with(gw.addr(), "/", OFFER).await;
     let message = b"fragmented and compressed".to_vec();
     // The first fragment is empty: it inflates to nothing.
-    let mut first = client_frame(false, 0x1, &[]);
-    first[0] |= 0x40;
-    stream.write_all(&first).await.unwrap();
+    stream
+        .write_all(&compressed_frame(false, 0x1, &[]))
+        .await
+        .unwrap();
     stream
         .write_all(&client_frame(true, 0x9, b"between"))
         .await
@@ -313,27 +298,18 @@ ping_interval = \"off\"",
 /// compressed frame, RSV1 on a continuation frame (RFC 7692 §6.1): 1002 each.
 #[tokio::test]
 async fn misplaced_rsv1_and_unmasked_frames_with_compression_are_1002() {
-    let echo = tcp_echo().await;
-    let gw = start_gateway(&simple_config(
-        &format!("tcp://{echo}"),
-        "compression = true",
-    ))
-    .await;
-    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
-
-    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    let gw = compressing_gateway("").await;
+    let mut stream = raw_upgrade_with(gw.addr(), "/", OFFER).await;
     let mut unmasked = frame(true, 0x2, &deflate(b"no mask"), None);
     unmasked[0] |= 0x40;
     stream.write_all(&unmasked).await.unwrap();
     assert_eq!(read_raw_close(&mut stream).await, 1002);
 
-    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    let mut stream = raw_upgrade_with(gw.addr(), "/", OFFER).await;
     let deflated = deflate(b"two fragments");
     let (one, two) = deflated.split_at(4);
-    let mut first = client_frame(false, 0x2, one);
-    first[0] |= 0x40;
-    let mut second = client_frame(true, 0x0, two);
-    second[0] |= 0x40;
+    let first = compressed_frame(false, 0x2, one);
+    let second = compressed_frame(true, 0x0, two);
     stream.write_all(&first).await.unwrap();
     stream.write_all(&second).await.unwrap();
     assert_eq!(read_raw_close(&mut stream).await, 1002);
@@ -352,8 +328,7 @@ async fn a_silent_client_does_not_keep_a_compressed_connection_alive() {
         .start()
         .await
         .unwrap();
-    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
-    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    let mut stream = raw_upgrade_with(gw.addr(), "/", OFFER).await;
     assert_eq!(read_raw_close(&mut stream).await, 1000);
     // The client holds its socket open and sends nothing.
     gw.wait_idle().await;
@@ -417,14 +392,8 @@ async fn node_ws_with_compression_through_ws_and_tcp_routes() {
 
 #[tokio::test]
 async fn an_oversized_compressed_route_frame_is_1009() {
-    let echo = tcp_echo().await;
-    let gw = start_gateway(&simple_config(
-        &format!("tcp://{echo}"),
-        "compression = true\nmax_frame_size = \"1KiB\"",
-    ))
-    .await;
-    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
-    let mut stream = raw_upgrade_with(gw.addr(), "/", offer).await;
+    let gw = compressing_gateway("max_frame_size = \"1KiB\"").await;
+    let mut stream = raw_upgrade_with(gw.addr(), "/", OFFER).await;
     // The header of a 64 KiB frame, and a little of its payload: the relay's limit answers.
     let frame = client_frame(true, 0x2, &vec![7u8; 64 << 10]);
     stream.write_all(&frame[..200]).await.unwrap();
