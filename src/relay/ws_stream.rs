@@ -37,20 +37,28 @@ where
     // Built before the future starts: an async fn keeps its arguments in its state for its
     // whole life next to what is made of them, and a held connection's memory is mostly
     // that state.
-    let (client_rx, client_tx) = tokio::io::split(client);
+    // The pumps borrow the halves from the future's captures rather than taking them: moved
+    // into a pump, each would take room twice in the connection's state (the capture's
+    // place is not reused).
+    let (mut client_rx, client_tx) = tokio::io::split(client);
     let state = State::new(&settings, flow);
     let (upstream_rx, upstream_tx) = upstream.into_split();
-    let upstream_tx = Coalescing::new(upstream_tx);
+    let mut upstream_tx = Coalescing::new(upstream_tx);
     async move {
-        let mut client_rx = client_rx;
         // Made here, not before: it borrows `state`.
         let client = Peer::new(client_tx, false, &state);
         {
             let pumps = async {
                 tokio::join!(
-                    client_to_upstream(&mut client_rx, upstream_tx, &client, &state, &settings),
+                    client_to_upstream(
+                        &mut client_rx,
+                        &mut upstream_tx,
+                        &client,
+                        &state,
+                        &settings
+                    ),
                     upstream_to_client(
-                        upstream_rx,
+                        &upstream_rx,
                         &client,
                         &state,
                         &shutdown,
@@ -83,12 +91,12 @@ enum Exit {
 
 async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
     client_rx: &mut ReadHalf<C>,
-    mut upstream: Coalescing<UpstreamWriter>,
+    upstream: &mut Coalescing<UpstreamWriter>,
     client: &ClientPeer<'_, C>,
     state: &State,
     settings: &RelaySettings,
 ) {
-    let exit = forward_client(client_rx, &mut upstream, client, state, settings).await;
+    let exit = forward_client(client_rx, upstream, client, state, settings).await;
     if !matches!(exit, Exit::Closed) {
         // Deliver what the client sent before it left (it may still sit in the batch), but
         // do not wait longer than a close may take: the upstream might not be reading.
@@ -334,7 +342,7 @@ async fn inflate<C: AsyncRead + AsyncWrite + Unpin>(
 /// headroom in front of the data so that frame and payload go out in one write (with
 /// `deflate`, the message is compressed first: permessage-deflate terminated here).
 async fn upstream_to_client<C: AsyncWrite + Unpin>(
-    upstream: UpstreamReader,
+    upstream: &UpstreamReader,
     client: &ClientPeer<'_, C>,
     state: &State,
     shutdown: &ShutdownSignals,
@@ -346,7 +354,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             _ = shutdown.graceful.cancelled(), if !state.closing.is_fired() => {
-                return Box::pin(drain_and_close(&upstream, client, state, deflate)).await;
+                return Box::pin(drain_and_close(upstream, client, state, deflate)).await;
             }
             ready = upstream.readable() => {
                 if let Err(e) = ready {
@@ -360,7 +368,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
         loop {
             if shutdown.graceful.is_cancelled() && !state.closing.is_fired() {
                 // A source that never pauses must not delay the drain.
-                return Box::pin(drain_and_close(&upstream, client, state, deflate)).await;
+                return Box::pin(drain_and_close(upstream, client, state, deflate)).await;
             }
             match upstream.try_read(chunk.space()) {
                 Ok(0) => return Box::pin(upstream_finished(client, state)).await,

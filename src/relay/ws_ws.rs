@@ -41,11 +41,12 @@ where
 {
     // Built before the future starts, as in relay_stream: arguments of an async fn stay in
     // its state next to what is made of them.
-    let (client_rx, client_tx) = tokio::io::split(client);
-    let (upstream_rx, upstream_tx) = tokio::io::split(upstream);
+    // The pumps borrow the read halves from the future's captures (rebound inside, each
+    // would take room twice in the connection's state).
+    let (mut client_rx, client_tx) = tokio::io::split(client);
+    let (mut upstream_rx, upstream_tx) = tokio::io::split(upstream);
     let state = State::new(&settings, flow);
     async move {
-        let (mut client_rx, mut upstream_rx) = (client_rx, upstream_rx);
         // Made here, not before: they borrow `state`.
         let client = Peer::new(client_tx, false, &state);
         let upstream = Peer::new(upstream_tx, true, &state);
