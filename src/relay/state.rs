@@ -49,6 +49,10 @@ pub(super) struct State {
     pub(super) closing: Signal,
     /// Fires when the connection must end now.
     pub(super) abort: Signal,
+    /// Fires when graceful shutdown reaches a relay that closes by itself (the stream relay
+    /// drains what the upstream sent first): a per-connection flag, so that its pump does
+    /// not wait on the server-wide token at every read.
+    pub(super) drain: Signal,
     pub(super) bytes_from_client: AtomicU64,
     pub(super) bytes_to_client: AtomicU64,
     pub(super) messages_from_client: AtomicU64,
@@ -77,6 +81,7 @@ impl State {
             closing: Signal::default(),
             // A forced shutdown aborts too: `drive` waits for either.
             abort: Signal::default(),
+            drain: Signal::default(),
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
             messages_from_client: AtomicU64::new(0),

@@ -26,8 +26,8 @@ pub(super) fn is_keepalive_pong(payload: &[u8]) -> bool {
 ///
 /// Idle timeout and graceful shutdown send Close 1001 to the client; its answer completes
 /// the close (and, for ws upstreams, is passed on, so the upstream closes after the client).
-/// Without `close_on_shutdown` a pump handles shutdown itself (the stream relay, which first
-/// drains what the upstream already sent).
+/// Without `close_on_shutdown` a pump handles shutdown itself when `state.drain` fires (the
+/// stream relay, which first drains what the upstream already sent).
 pub(super) async fn drive<W: AsyncWrite + Unpin>(
     state: &State,
     settings: &RelaySettings,
@@ -61,7 +61,9 @@ pub(super) async fn drive<W: AsyncWrite + Unpin>(
     // Force only ever follows graceful (`Server::run`), so one wait watches both in turn.
     let shutdown_wait = async {
         shutdown.graceful.cancelled().await;
-        if close_on_shutdown {
+        if !close_on_shutdown {
+            state.drain.fire();
+        } else {
             Box::pin(async {
                 tokio::select! {
                     _ = client.going_away(state, "gateway shutting down") => {}

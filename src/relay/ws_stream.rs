@@ -57,13 +57,7 @@ where
                         &state,
                         &settings
                     ),
-                    upstream_to_client(
-                        &upstream_rx,
-                        &client,
-                        &state,
-                        &shutdown,
-                        settings.compressed
-                    ),
+                    upstream_to_client(&upstream_rx, &client, &state, settings.compressed),
                 );
                 client.settle().await;
             };
@@ -345,7 +339,6 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
     upstream: &UpstreamReader,
     client: &ClientPeer<'_, C>,
     state: &State,
-    shutdown: &ShutdownSignals,
     deflate: bool,
 ) {
     loop {
@@ -353,7 +346,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
         // (An abort needs no branch here: `drive` ends the whole relay on it.)
         tokio::select! {
             biased;
-            _ = shutdown.graceful.cancelled(), if !state.closing.is_fired() => {
+            _ = state.drain.fired(), if !state.closing.is_fired() => {
                 return Box::pin(drain_and_close(upstream, client, state, deflate)).await;
             }
             ready = upstream.readable() => {
@@ -366,7 +359,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
         // back before waiting again.
         let mut chunk = Chunk::take();
         loop {
-            if shutdown.graceful.is_cancelled() && !state.closing.is_fired() {
+            if state.drain.is_fired() && !state.closing.is_fired() {
                 // A source that never pauses must not delay the drain.
                 return Box::pin(drain_and_close(upstream, client, state, deflate)).await;
             }
