@@ -220,17 +220,20 @@ impl Signal {
 
     /// Resolves once fired. One waiter at a time: a second one would take the first's slot.
     pub(super) fn fired(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(|cx| {
-            if self.is_fired() {
-                return std::task::Poll::Ready(());
-            }
-            // Registered before the flag is read again, so a `fire` in between is not missed.
-            self.waker.register(cx.waker());
-            if self.is_fired() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
+        std::future::poll_fn(|cx| self.poll_fired(cx))
+    }
+
+    /// `fired` as a poll, for hand-written futures.
+    pub(super) fn poll_fired(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.is_fired() {
+            return std::task::Poll::Ready(());
+        }
+        // Registered before the flag is read again, so a `fire` in between is not missed.
+        self.waker.register(cx.waker());
+        if self.is_fired() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 }

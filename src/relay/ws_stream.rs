@@ -32,7 +32,7 @@ pub fn relay_stream<C>(
     flow: Flow,
 ) -> impl Future<Output = Summary>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + Send,
 {
     // Built before the future starts: an async fn keeps its arguments in its state for its
     // whole life next to what is made of them, and a held connection's memory is mostly

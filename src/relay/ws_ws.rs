@@ -36,7 +36,7 @@ pub fn relay_ws<C, U>(
     flow: Flow,
 ) -> impl Future<Output = Summary>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + Send,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     // Built before the future starts, as in relay_stream: arguments of an async fn stay in
