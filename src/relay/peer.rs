@@ -106,7 +106,7 @@ impl<'s, W: AsyncWrite + Unpin> Peer<'s, W> {
     /// Sends a Close frame with this payload, once. False when one was already sent or the
     /// write failed.
     pub(super) async fn close_with(&self, payload: &[u8]) -> bool {
-        self.state.closing.fire();
+        self.state.closing().fire();
         self.lock().await.close_with(payload).await
     }
 
@@ -232,7 +232,7 @@ impl<W: AsyncWrite + Unpin> PeerWriter<'_, W> {
 
     /// Sends a Close frame with this payload, once, and flushes.
     pub(super) async fn close_with(&mut self, payload: &[u8]) -> bool {
-        self.peer.state.closing.fire();
+        self.peer.state.closing().fire();
         if self.peer.close_sent.swap(true, Ordering::AcqRel) {
             return false;
         }

@@ -2,7 +2,7 @@
 //! timers' clocks, and the summary for the log line.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use tokio::time::Instant;
 
@@ -45,14 +45,8 @@ pub struct Summary {
 /// What the two pumps of one connection share.
 pub(super) struct State {
     pub(super) first_close: OnceLock<(Side, Option<u16>, Option<String>)>,
-    /// Fires at the first Close frame in either direction: the close deadline starts.
-    pub(super) closing: Signal,
-    /// Fires when the connection must end now.
-    pub(super) abort: Signal,
-    /// Fires when graceful shutdown reaches a relay that closes by itself (the stream relay
-    /// drains what the upstream sent first): a per-connection flag, so that its pump does
-    /// not wait on the server-wide token at every read.
-    pub(super) drain: Signal,
+    /// `closing`, `abort` and `drain` (see their methods).
+    signals: Signals,
     pub(super) bytes_from_client: AtomicU64,
     pub(super) bytes_to_client: AtomicU64,
     pub(super) messages_from_client: AtomicU64,
@@ -78,10 +72,7 @@ impl State {
     pub(super) fn new(settings: &RelaySettings, flow: Flow) -> Self {
         Self {
             first_close: OnceLock::new(),
-            closing: Signal::default(),
-            // A forced shutdown aborts too: `drive` waits for either.
-            abort: Signal::default(),
-            drain: Signal::default(),
+            signals: Signals::default(),
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
             messages_from_client: AtomicU64::new(0),
@@ -96,15 +87,32 @@ impl State {
         }
     }
 
+    /// Fires at the first Close frame in either direction: the close deadline starts.
+    pub(super) fn closing(&self) -> Signal<'_> {
+        Signal(&self.signals, CLOSING)
+    }
+
+    /// Fires when the connection must end now.
+    pub(super) fn abort(&self) -> Signal<'_> {
+        Signal(&self.signals, ABORT)
+    }
+
+    /// Fires when graceful shutdown reaches a relay that closes by itself (the stream relay
+    /// drains what the upstream sent first): a per-connection flag, so that its pump does
+    /// not wait on the server-wide token at every read.
+    pub(super) fn drain(&self) -> Signal<'_> {
+        Signal(&self.signals, DRAIN)
+    }
+
     /// Records who ended the connection; only the first record counts.
     pub(super) fn record(&self, side: Side, code: Option<u16>, detail: Option<String>) {
         let _ = self.first_close.set((side, code, detail));
-        self.closing.fire();
+        self.closing().fire();
     }
 
     pub(super) fn fail(&self, side: Side, code: Option<u16>, detail: String) {
         self.record(side, code, Some(detail));
-        self.abort.fire();
+        self.abort().fire();
     }
 
     /// Marks the client pump as writing toward the upstream until the guard is dropped.
@@ -196,40 +204,48 @@ impl Drop for BacklogGuard<'_> {
     }
 }
 
-/// A one-way flag that can be awaited, kept inline in the connection's state: unlike a
-/// `CancellationToken` it allocates nothing (each token is a shared node on the heap, and
-/// every held connection had two). It has one waiter (`drive`), so a single waker slot
-/// serves, and the wait is a pointer: a `Notify` wait is a 64-byte list node, and a held
-/// connection waits on two of these.
+const CLOSING: u8 = 1;
+const ABORT: u8 = 2;
+const DRAIN: u8 = 4;
+
+/// One-way flags that can be awaited, kept inline in the connection's state: unlike a
+/// `CancellationToken` they allocate nothing (each token is a shared node on the heap), and
+/// a wait is a pointer (a `Notify` wait is a 64-byte list node). Everything that waits on
+/// them runs in the connection's one task, polled with its one waker, and every poll of that
+/// task polls every waiter again: one waker slot serves all three flags.
 #[derive(Default)]
-pub(super) struct Signal {
-    fired: AtomicBool,
+struct Signals {
+    fired: AtomicU8,
     waker: atomic_waker::AtomicWaker,
 }
 
-impl Signal {
-    pub(super) fn fire(&self) {
-        if !self.fired.swap(true, Ordering::AcqRel) {
-            self.waker.wake();
+/// One of the [`Signals`].
+#[derive(Clone, Copy)]
+pub(super) struct Signal<'a>(&'a Signals, u8);
+
+impl<'a> Signal<'a> {
+    pub(super) fn fire(self) {
+        if self.0.fired.fetch_or(self.1, Ordering::AcqRel) & self.1 == 0 {
+            self.0.waker.wake();
         }
     }
 
-    pub(super) fn is_fired(&self) -> bool {
-        self.fired.load(Ordering::Acquire)
+    pub(super) fn is_fired(self) -> bool {
+        self.0.fired.load(Ordering::Acquire) & self.1 != 0
     }
 
-    /// Resolves once fired. One waiter at a time: a second one would take the first's slot.
-    pub(super) fn fired(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(|cx| self.poll_fired(cx))
+    /// Resolves once fired. Only from the connection's task (see [`Signals`]).
+    pub(super) fn fired(self) -> impl Future<Output = ()> + 'a {
+        std::future::poll_fn(move |cx| self.poll_fired(cx))
     }
 
     /// `fired` as a poll, for hand-written futures.
-    pub(super) fn poll_fired(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+    pub(super) fn poll_fired(self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         if self.is_fired() {
             return std::task::Poll::Ready(());
         }
         // Registered before the flag is read again, so a `fire` in between is not missed.
-        self.waker.register(cx.waker());
+        self.0.waker.register(cx.waker());
         if self.is_fired() {
             std::task::Poll::Ready(())
         } else {

@@ -107,13 +107,13 @@ where
             return write.as_mut().poll(cx);
         }
         let (state, client) = (*this.state, *this.client);
-        if state.abort.poll_fired(cx).is_ready() || this.pumps.as_mut().poll(cx).is_ready() {
+        if state.abort().poll_fired(cx).is_ready() || this.pumps.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
         // Until nothing changes: each step may arm a deadline or start a write that must
         // then be polled to register its waker.
         loop {
-            if state.abort.is_fired() {
+            if state.abort().is_fired() {
                 return Poll::Ready(());
             }
             if this.stage.as_mut().poll(cx).is_ready() {
@@ -124,7 +124,7 @@ where
                 *this.graceful_passed = true;
                 this.stage.set(this.shutdown.force.cancelled());
                 if !*this.close_on_shutdown {
-                    state.drain.fire();
+                    state.drain().fire();
                 } else if this.going_away.is_none() {
                     *this.going_away =
                         Some(Box::pin(client.going_away(state, "gateway shutting down")));
@@ -138,7 +138,7 @@ where
             {
                 *this.going_away = None;
             }
-            if this.clocks.close_open() && state.closing.poll_fired(cx).is_ready() {
+            if this.clocks.close_open() && state.closing().poll_fired(cx).is_ready() {
                 this.clocks
                     .start_close_deadline(state, this.settings.close_timeout);
             }
@@ -337,7 +337,7 @@ impl Clocks {
             match self.keepalive {
                 // Once closing, close_timeout bounds the rest; a pong may never come (a
                 // client that has sent its Close is no longer read).
-                Keepalive::Waiting(at) if at <= now && state.closing.is_fired() => {
+                Keepalive::Waiting(at) if at <= now && state.closing().is_fired() => {
                     self.keepalive = Keepalive::Off;
                 }
                 Keepalive::Waiting(at) if at <= now => {

@@ -105,7 +105,7 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
         Exit::Answered => {
             // The handshake is complete once our Close is out.
             client.settle().await;
-            state.abort.fire();
+            state.abort().fire();
         }
         Exit::Vanished(detail) => state.fail(Side::Client, None, detail),
         Exit::Protocol(f) => {
@@ -346,7 +346,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
         // (An abort needs no branch here: `drive` ends the whole relay on it.)
         tokio::select! {
             biased;
-            _ = state.drain.fired(), if !state.closing.is_fired() => {
+            _ = state.drain().fired(), if !state.closing().is_fired() => {
                 return Box::pin(drain_and_close(upstream, client, state, deflate)).await;
             }
             ready = upstream.readable() => {
@@ -359,7 +359,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
         // back before waiting again.
         let mut chunk = Chunk::take();
         loop {
-            if state.drain.is_fired() && !state.closing.is_fired() {
+            if state.drain().is_fired() && !state.closing().is_fired() {
                 // A source that never pauses must not delay the drain.
                 return Box::pin(drain_and_close(upstream, client, state, deflate)).await;
             }

@@ -273,7 +273,7 @@ async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         Direction::ClientToUpstream => {
             state.record(Side::Client, None, Some(detail));
             to.close(frames::GOING_AWAY, "client went away").await;
-            state.abort.fire();
+            state.abort().fire();
         }
         Direction::UpstreamToClient => {
             if from.close_sent() || to.close_sent() {
@@ -281,7 +281,7 @@ async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                 // answering: answer the client ourselves and finish.
                 to.close_with(&to.close_reply()).await;
                 state.record(Side::Upstream, None, Some(detail));
-                state.abort.fire();
+                state.abort().fire();
             } else {
                 // SPEC §4: upstream death mid-stream is 1011 to the client, whose answer the
                 // other pump still reads (close_timeout bounds the wait).
@@ -343,11 +343,11 @@ async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
         // without one, and nothing more is waited for.
         to.abandon();
         from.close_with(&from.close_reply()).await;
-        return state.abort.fire();
+        return state.abort().fire();
     }
     if !to.close(code, reason).await && to.close_sent() && from.close_sent() {
         // Both sides were closed already: nothing left to wait for.
-        state.abort.fire();
+        state.abort().fire();
     }
 }
 
@@ -367,7 +367,7 @@ async fn broken<F: AsyncWrite + Unpin>(
                 state.record(Side::Upstream, Some(frames::INTERNAL_ERROR), Some(detail));
             }
             // Keep nothing else open: the client's answer is not worth waiting for here.
-            state.abort.fire();
+            state.abort().fire();
         }
         Direction::UpstreamToClient => {
             from.close(frames::GOING_AWAY, "client went away").await;
