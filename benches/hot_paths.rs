@@ -132,7 +132,7 @@ fn relay(c: &mut Criterion) {
         let relay = relay_stream(
             gateway,
             tcp,
-            settings(),
+            std::sync::Arc::new(settings()),
             ShutdownSignals::default(),
             Flow::default(),
         );
@@ -155,7 +155,7 @@ fn relay(c: &mut Criterion) {
         let relay = relay_ws(
             gateway,
             upstream,
-            settings(),
+            std::sync::Arc::new(settings()),
             ShutdownSignals::default(),
             Flow::default(),
         );

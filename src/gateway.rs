@@ -12,8 +12,11 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::config::{Config, ListenerConfig, RouteConfig, Upstream};
 use crate::devcert::Ephemeral;
+use crate::relay::RelaySettings;
 use crate::routing::Router;
 use crate::targets::TokenTable;
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::Flow;
 use crate::tls::{self, TlsError};
 use crate::upstream::{self, Pool};
 
@@ -52,6 +55,37 @@ struct PreparedRoute {
     /// configuration by [`Gateway::inherit_pools`]. Connections keep the lease on the pool
     /// they were opened from.
     pool: Arc<Pool>,
+    relay: RouteRelay,
+}
+
+/// What every relay of a route shares, made once per configuration: its limits and timers
+/// and its flow counters. A held connection keeps pointers to them, not copies (about 100
+/// bytes of each connection's state), and its start makes neither.
+pub struct RouteRelay {
+    /// Without and with the gateway's own permessage-deflate (or the upstream's, passed
+    /// through on ws routes).
+    settings: [Arc<RelaySettings>; 2],
+    flow: std::sync::OnceLock<Flow>,
+}
+
+impl RouteRelay {
+    pub fn new(route: &RouteConfig, close_timeout: std::time::Duration) -> Self {
+        let settings =
+            |compressed| Arc::new(RelaySettings::of_route(route, close_timeout, compressed));
+        Self {
+            settings: [settings(false), settings(true)],
+            flow: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn settings(&self, compressed: bool) -> Arc<RelaySettings> {
+        self.settings[usize::from(compressed)].clone()
+    }
+
+    /// The route's flow counters (`route` is its path), looked up in `metrics` once.
+    pub fn flow(&self, metrics: &Metrics, route: &str) -> Flow {
+        self.flow.get_or_init(|| metrics.flow(route)).clone()
+    }
 }
 
 /// A listener of this configuration, resolved once per request.
@@ -69,6 +103,7 @@ pub struct RouteTarget<'a> {
     pub config: &'a RouteConfig,
     pub tls: Option<&'a TlsConnector>,
     pub pool: &'a Arc<Pool>,
+    pub relay: &'a RouteRelay,
     pub auth: Option<&'a Authenticator>,
     pub tokens: Option<&'a TokenTable>,
 }
@@ -204,6 +239,7 @@ impl Gateway {
                     auth,
                     tokens,
                     pool: Arc::new(Pool::new(r)),
+                    relay: RouteRelay::new(r, config.gateway.close_timeout),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -320,6 +356,7 @@ impl Gateway {
             config: &self.config.routes[index],
             tls: prepared.connector.as_ref(),
             pool: &prepared.pool,
+            relay: &prepared.relay,
             auth: prepared.auth.as_deref(),
             tokens: prepared.tokens.as_deref(),
         })

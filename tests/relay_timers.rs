@@ -36,7 +36,7 @@ fn start(
     let relay = tokio::spawn(relay_ws(
         client,
         upstream,
-        settings,
+        std::sync::Arc::new(settings),
         ShutdownSignals::default(),
         Flow::default(),
     ));

@@ -8,6 +8,7 @@
 //! Shutdown: what the upstream has already sent (readable now) is delivered, then Close 1001.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
@@ -27,7 +28,7 @@ type ClientPeer<'s, C> = Peer<'s, WriteHalf<C>>;
 pub fn relay_stream<C>(
     client: C,
     upstream: UpstreamStream,
-    settings: RelaySettings,
+    settings: Arc<RelaySettings>,
     shutdown: ShutdownSignals,
     flow: Flow,
 ) -> impl Future<Output = Summary>

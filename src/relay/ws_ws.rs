@@ -7,6 +7,7 @@
 //! pass that removes the client's.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
@@ -31,7 +32,7 @@ enum Direction {
 pub fn relay_ws<C, U>(
     client: C,
     upstream: U,
-    settings: RelaySettings,
+    settings: Arc<RelaySettings>,
     shutdown: ShutdownSignals,
     flow: Flow,
 ) -> impl Future<Output = Summary>

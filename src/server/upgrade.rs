@@ -40,12 +40,13 @@ use crate::auth::{AuthError, Authenticated, Credentials};
 use crate::config::{Framing, RouteConfig, Target, TokenFrom, Upstream};
 use crate::faults;
 use crate::forwarded::{self, ClientAddr};
-use crate::gateway::{Gateway, ListenerRef, RouteTarget};
+use crate::gateway::{Gateway, ListenerRef, RouteRelay, RouteTarget};
 use crate::handshake::{self, HandshakeError};
 use crate::origin::{self, OriginRefused};
 use crate::relay::{self, RelaySettings, Summary};
 use crate::routing::{self, PathError};
 use crate::targets::{TokenRefused, TokenTable};
+use crate::telemetry::metrics::Flow;
 use crate::telemetry::ratelimit::Verdict;
 use crate::upstream::{self, Connected, Introduction, Lease, UpstreamError};
 use crate::webroot::{self, FileBody};
@@ -363,9 +364,9 @@ impl UpgradeRequest<'_> {
             ),
             None => None,
         };
-        let (route, pool) = match &single {
-            Some((route, pool)) => (route, pool),
-            None => (route, target.pool),
+        let (route, pool, shared) = match &single {
+            Some((route, pool, shared)) => (route, pool, shared),
+            None => (route, target.pool, target.relay),
         };
 
         let introduction = Introduction {
@@ -470,6 +471,7 @@ impl UpgradeRequest<'_> {
             h2,
             route,
             pool,
+            shared,
             connected,
             lease,
             permit,
@@ -503,7 +505,8 @@ impl UpgradeRequest<'_> {
         })
     }
 
-    /// A copy of the route with the token's target as its one upstream, and a pool of it.
+    /// A copy of the route with the token's target as its one upstream, a pool of it, and
+    /// what its relay shares (with no one).
     async fn token_target<B>(
         &self,
         route: &RouteConfig,
@@ -511,7 +514,7 @@ impl UpgradeRequest<'_> {
         authenticated: &Authenticated,
         req: &Request<B>,
         path: &str,
-    ) -> Result<(RouteConfig, Arc<upstream::Pool>), Rejection> {
+    ) -> Result<(RouteConfig, Arc<upstream::Pool>, RouteRelay), Rejection> {
         let from = route.targets.as_ref().map_or(TokenFrom::Query, |t| t.from);
         let token = match &authenticated.target {
             Some(claimed) => Some(claimed.clone()),
@@ -542,7 +545,8 @@ impl UpgradeRequest<'_> {
         }];
         single.connect_attempts = 1;
         let pool = Arc::new(upstream::Pool::new(&single));
-        Ok((single, pool))
+        let shared = RouteRelay::new(&single, self.gateway.config.gateway.close_timeout);
+        Ok((single, pool, shared))
     }
 
     /// Takes a slot in each connection budget: the gateway's, the listener's, the client
@@ -573,28 +577,24 @@ impl UpgradeRequest<'_> {
         h2: bool,
         route: &RouteConfig,
         pool: &Arc<upstream::Pool>,
+        shared: &RouteRelay,
         connected: Connected,
         lease: Lease,
         permit: ConnectionPermit,
         user: Option<String>,
         compress: bool,
     ) -> Relay {
-        let settings = RelaySettings {
-            max_message_size: route.max_message_size,
-            max_frame_size: route.max_frame_size,
-            close_timeout: self.gateway.config.gateway.close_timeout,
-            idle_timeout: route.idle_timeout,
-            ping: route.ping,
-            // The gateway's own (tcp and unix routes), or the upstream's (ws routes).
-            compressed: compress
-                || matches!(
-                    connected,
-                    Connected::WebSocket {
-                        extensions: Some(_),
-                        ..
-                    }
-                ),
-        };
+        // The gateway's own (tcp and unix routes), or the upstream's (ws routes).
+        let compressed = compress
+            || matches!(
+                connected,
+                Connected::WebSocket {
+                    extensions: Some(_),
+                    ..
+                }
+            );
+        let settings = shared.settings(compressed);
+        let flow = shared.flow(&self.conn.listener.server.metrics, &route.path);
         let done = Finished {
             client: self.client,
             listener: self.listener.config.name.clone(),
@@ -618,7 +618,7 @@ impl UpgradeRequest<'_> {
             injection,
             // Unpacked only after the upgrade: captured as they are, they would stay in the
             // task's state for the connection's life next to the relay made of them.
-            parts: Box::new((settings, connected)),
+            parts: Box::new((settings, flow, connected)),
         }
     }
 }
@@ -636,7 +636,7 @@ struct Relay {
     conn: Arc<ConnectionContext>,
     done: Finished,
     injection: Option<Box<faults::Injection>>,
-    parts: Box<(RelaySettings, Connected)>,
+    parts: Box<(Arc<RelaySettings>, Flow, Connected)>,
 }
 
 impl Relay {
@@ -674,9 +674,8 @@ impl Relay {
             // Made in a block of its own, so that nothing it was made of stays in the task's
             // state beside it while it runs.
             let relay = {
-                let flow = metrics.flow(&done.route);
                 let shutdown = server.shutdown.clone();
-                let (settings, connected) = *parts;
+                let (settings, flow, connected) = *parts;
                 match injection {
                     None => Either::Left(match connected {
                         Connected::Stream(stream) => Either::Left(relay::relay_stream(
@@ -736,9 +735,9 @@ impl UpgradeRequest<'_> {
 async fn faulted<C>(
     client: C,
     connected: Connected,
-    settings: RelaySettings,
+    settings: Arc<RelaySettings>,
     shutdown: crate::relay::ShutdownSignals,
-    flow: crate::telemetry::metrics::Flow,
+    flow: Flow,
     injection: faults::Injection,
 ) -> Summary
 where
