@@ -59,7 +59,7 @@ where
         stage: shutdown.graceful.cancelled(),
         going_away: None,
         ping: None,
-        last_words: None,
+        ending: false,
     }
 }
 
@@ -86,11 +86,11 @@ pin_project_lite::pin_project! {
         timer: Sleep,
         #[pin]
         stage: Cancelled<'a>,
-        // Close 1001 for idle_timeout or shutdown.
+        // Close 1001 for idle_timeout or shutdown; once `ending`, the Close a client gets
+        // when the close deadline passed, after which the relay ends.
         going_away: Option<Write<'a, ()>>,
         ping: Option<Write<'a, Result<io::Result<bool>, Elapsed>>>,
-        // The Close a client gets when the close deadline passed; then the relay ends.
-        last_words: Option<Write<'a, ()>>,
+        ending: bool,
     }
 }
 
@@ -103,8 +103,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        if let Some(write) = this.last_words.as_mut() {
-            return write.as_mut().poll(cx);
+        if *this.ending {
+            return match this.going_away.as_mut() {
+                Some(write) => write.as_mut().poll(cx),
+                None => Poll::Ready(()),
+            };
         }
         let (state, client) = (*this.state, *this.client);
         if state.abort().poll_fired(cx).is_ready() || this.pumps.as_mut().poll(cx).is_ready() {
@@ -152,18 +155,15 @@ where
                     let now = Instant::now().max(at);
                     let due = this.clocks.due(now, state, this.settings);
                     if due.close_over {
+                        // As `select!` did: the timers' writes end before the last words.
                         *this.going_away = None;
                         *this.ping = None;
-                        match close_deadline_passed(state, client, this.shutdown) {
-                            Some(write) => {
-                                *this.last_words = Some(write);
-                                return this
-                                    .last_words
-                                    .as_mut()
-                                    .map_or(Poll::Ready(()), |w| w.as_mut().poll(cx));
-                            }
-                            None => return Poll::Ready(()),
-                        }
+                        *this.going_away = close_deadline_passed(state, client, this.shutdown);
+                        *this.ending = true;
+                        return match this.going_away.as_mut() {
+                            Some(write) => write.as_mut().poll(cx),
+                            None => Poll::Ready(()),
+                        };
                     }
                     if due.idle && this.going_away.is_none() {
                         *this.going_away = Some(Box::pin(client.going_away(state, "idle timeout")));

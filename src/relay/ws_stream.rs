@@ -10,7 +10,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::halves::{Half, Halves};
 
 use super::buffers::{self, Chunk};
 use super::codec::{Head, MAX_CONTROL, MAX_HEAD, OpCode, Output};
@@ -23,7 +25,7 @@ use crate::compression::{InflateError, Inflating};
 use crate::telemetry::metrics::Flow;
 use crate::upstream::{UpstreamReader, UpstreamStream, UpstreamWriter};
 
-type ClientPeer<'s, C> = Peer<'s, WriteHalf<C>>;
+type ClientPeer<'s, 'h, C> = Peer<'s, Half<'h, C>>;
 
 pub fn relay_stream<C>(
     client: C,
@@ -41,12 +43,13 @@ where
     // The pumps borrow the halves from the future's captures rather than taking them: moved
     // into a pump, each would take room twice in the connection's state (the capture's
     // place is not reused).
-    let (mut client_rx, client_tx) = tokio::io::split(client);
+    let client = Halves::new(client);
     let state = State::new(&settings, flow);
     let (upstream_rx, upstream_tx) = upstream.into_split();
     let mut upstream_tx = Coalescing::new(upstream_tx);
     async move {
-        // Made here, not before: it borrows `state`.
+        // Made here, not before: they borrow the captures.
+        let (mut client_rx, client_tx) = client.halves();
         let client = Peer::new(client_tx, false, &state);
         {
             let pumps = async {
@@ -85,9 +88,9 @@ enum Exit {
 }
 
 async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
-    client_rx: &mut ReadHalf<C>,
+    client_rx: &mut Half<'_, C>,
     upstream: &mut Coalescing<UpstreamWriter>,
-    client: &ClientPeer<'_, C>,
+    client: &ClientPeer<'_, '_, C>,
     state: &State,
     settings: &RelaySettings,
 ) {
@@ -131,9 +134,9 @@ async fn client_to_upstream<C: AsyncRead + AsyncWrite + Unpin>(
 /// Client → upstream: the payload of every data message, unmasked in the read buffer and
 /// written on in one write per read.
 async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
-    client_rx: &mut ReadHalf<C>,
+    client_rx: &mut Half<'_, C>,
     upstream: &mut Coalescing<UpstreamWriter>,
-    client: &ClientPeer<'_, C>,
+    client: &ClientPeer<'_, '_, C>,
     state: &State,
     settings: &RelaySettings,
 ) -> Exit {
@@ -304,7 +307,7 @@ enum Inflated {
 /// (and drops its zlib state), `text` says what it is.
 async fn inflate<C: AsyncRead + AsyncWrite + Unpin>(
     upstream: &mut Coalescing<UpstreamWriter>,
-    client: &ClientPeer<'_, C>,
+    client: &ClientPeer<'_, '_, C>,
     state: &State,
     piece: &[u8],
     (fin, text): (bool, bool),
@@ -338,7 +341,7 @@ async fn inflate<C: AsyncRead + AsyncWrite + Unpin>(
 /// `deflate`, the message is compressed first: permessage-deflate terminated here).
 async fn upstream_to_client<C: AsyncWrite + Unpin>(
     upstream: &UpstreamReader,
-    client: &ClientPeer<'_, C>,
+    client: &ClientPeer<'_, '_, C>,
     state: &State,
     deflate: bool,
 ) {
@@ -383,7 +386,7 @@ async fn upstream_to_client<C: AsyncWrite + Unpin>(
 
 /// Everything the upstream sent has been delivered; now the Close (echoing the client's
 /// own when it closed first, its error when it broke the protocol).
-async fn upstream_finished<C: AsyncWrite + Unpin>(client: &ClientPeer<'_, C>, state: &State) {
+async fn upstream_finished<C: AsyncWrite + Unpin>(client: &ClientPeer<'_, '_, C>, state: &State) {
     let payload = client.close_reply();
     if client.close_with(&payload).await {
         let code = frames::check_close(&payload).ok().flatten();
@@ -396,7 +399,7 @@ async fn upstream_finished<C: AsyncWrite + Unpin>(client: &ClientPeer<'_, C>, st
 }
 
 async fn upstream_failed<C: AsyncWrite + Unpin>(
-    client: &ClientPeer<'_, C>,
+    client: &ClientPeer<'_, '_, C>,
     state: &State,
     e: std::io::Error,
 ) {
@@ -416,7 +419,7 @@ async fn upstream_failed<C: AsyncWrite + Unpin>(
 /// forwarding.
 async fn forward<C: AsyncWrite + Unpin>(
     chunk: &mut Chunk,
-    client: &ClientPeer<'_, C>,
+    client: &ClientPeer<'_, '_, C>,
     state: &State,
     deflate: bool,
 ) -> bool {
@@ -449,7 +452,7 @@ fn compressed_message(data: &[u8]) -> (Vec<u8>, usize) {
 
 /// Writes one message's frame, which carries `len` bytes of the upstream's data.
 async fn send<C: AsyncWrite + Unpin>(
-    client: &ClientPeer<'_, C>,
+    client: &ClientPeer<'_, '_, C>,
     state: &State,
     frame: &[u8],
     len: usize,
@@ -474,7 +477,7 @@ async fn send<C: AsyncWrite + Unpin>(
 /// waiting), then Close 1001. The client's answer is read by the other pump.
 async fn drain_and_close<C: AsyncWrite + Unpin>(
     upstream: &UpstreamReader,
-    client: &ClientPeer<'_, C>,
+    client: &ClientPeer<'_, '_, C>,
     state: &State,
     deflate: bool,
 ) {

@@ -9,7 +9,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::halves::{Half, Halves};
 
 use super::buffers;
 use super::codec::{OpCode, Output};
@@ -20,7 +22,7 @@ use super::{
 };
 use crate::telemetry::metrics::Flow;
 
-type WsPeer<'s, S> = Peer<'s, WriteHalf<S>>;
+type WsPeer<'s, 'h, S> = Peer<'s, Half<'h, S>>;
 
 /// Which way a pump forwards.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -38,17 +40,18 @@ pub fn relay_ws<C, U>(
 ) -> impl Future<Output = Summary>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
-    U: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin + Send,
 {
     // Built before the future starts, as in relay_stream: arguments of an async fn stay in
     // its state next to what is made of them.
-    // The pumps borrow the read halves from the future's captures (rebound inside, each
-    // would take room twice in the connection's state).
-    let (mut client_rx, client_tx) = tokio::io::split(client);
-    let (mut upstream_rx, upstream_tx) = tokio::io::split(upstream);
+    // The streams stay in the future's captures and the pumps borrow their halves (see
+    // `halves`).
+    let (client, upstream) = (Halves::new(client), Halves::new(upstream));
     let state = State::new(&settings, flow);
     async move {
-        // Made here, not before: they borrow `state`.
+        // Made here, not before: they borrow the captures.
+        let (mut client_rx, client_tx) = client.halves();
+        let (mut upstream_rx, upstream_tx) = upstream.halves();
         let client = Peer::new(client_tx, false, &state);
         let upstream = Peer::new(upstream_tx, true, &state);
         {
@@ -104,8 +107,8 @@ enum Then {
 /// Forwards frames read from `from_rx` (the peer `from`) to the peer `to`.
 async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
-    from_rx: &mut ReadHalf<F>,
-    from: &WsPeer<'_, F>,
+    from_rx: &mut Half<'_, F>,
+    from: &WsPeer<'_, '_, F>,
     to: &Peer<'_, T>,
     state: &State,
     settings: &RelaySettings,
@@ -255,7 +258,7 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
 /// The side we read from went away without a Close.
 async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
-    from: &WsPeer<'_, F>,
+    from: &WsPeer<'_, '_, F>,
     to: &Peer<'_, T>,
     state: &State,
     detail: String,
@@ -306,7 +309,7 @@ async fn vanished<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
 /// `close_timeout` bounds the wait). Invalid UTF-8 is 1001 to the other side either way.
 async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     direction: Direction,
-    from: &WsPeer<'_, F>,
+    from: &WsPeer<'_, '_, F>,
     to: &Peer<'_, T>,
     state: &State,
     f: Failure,
@@ -355,7 +358,7 @@ async fn violated<F: AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
 /// Writing to the other side failed: it is gone.
 async fn broken<F: AsyncWrite + Unpin>(
     direction: Direction,
-    from: &WsPeer<'_, F>,
+    from: &WsPeer<'_, '_, F>,
     state: &State,
     detail: String,
 ) {

@@ -657,8 +657,11 @@ impl Relay {
         // Boxed: tokio copies a task's whole future into its cell and copies the cell's stage
         // over twice more when the task ends (3 kB each time here, 3% of a handshake's
         // instructions), and rounds the cell up to whole cache lines.
+        // The client comes boxed: a capture keeps its room in the task for the connection's
+        // whole life, and the stream moves on into the relay's state.
+        let client = Box::new(client);
         server.tracker.clone().spawn(Box::pin(async move {
-            let client = match client {
+            let client = match *client {
                 ClientSource::Ready(client) => client,
                 ClientSource::Hyper(on_upgrade) => match on_upgrade.await {
                     Ok(upgraded) => super::client::upgraded(upgraded),
