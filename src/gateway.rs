@@ -39,6 +39,8 @@ pub struct Gateway {
 }
 
 struct PreparedListener {
+    /// Its name, shared by the log lines of its connections.
+    name: Arc<str>,
     acceptor: Option<TlsAcceptor>,
     identity_header: Option<HeaderName>,
     spki_sha256: Option<String>,
@@ -62,6 +64,8 @@ struct PreparedRoute {
 /// and its flow counters. A held connection keeps pointers to them, not copies (about 100
 /// bytes of each connection's state), and its start makes neither.
 pub struct RouteRelay {
+    /// The route's path, which names it in metrics and log lines.
+    path: Arc<str>,
     /// Without and with the gateway's own permessage-deflate (or the upstream's, passed
     /// through on ws routes).
     settings: [Arc<RelaySettings>; 2],
@@ -73,6 +77,7 @@ impl RouteRelay {
         let settings =
             |compressed| Arc::new(RelaySettings::of_route(route, close_timeout, compressed));
         Self {
+            path: route.path.as_str().into(),
             settings: [settings(false), settings(true)],
             flow: std::sync::OnceLock::new(),
         }
@@ -82,9 +87,13 @@ impl RouteRelay {
         self.settings[usize::from(compressed)].clone()
     }
 
-    /// The route's flow counters (`route` is its path), looked up in `metrics` once.
-    pub fn flow(&self, metrics: &Metrics, route: &str) -> Flow {
-        self.flow.get_or_init(|| metrics.flow(route)).clone()
+    pub fn path(&self) -> &Arc<str> {
+        &self.path
+    }
+
+    /// The route's flow counters, looked up in `metrics` once.
+    pub fn flow(&self, metrics: &Metrics) -> Flow {
+        self.flow.get_or_init(|| metrics.flow(&self.path)).clone()
     }
 }
 
@@ -93,6 +102,8 @@ impl RouteRelay {
 pub struct ListenerRef<'a> {
     pub index: usize,
     pub config: &'a ListenerConfig,
+    /// `config.name`, shared.
+    pub name: &'a Arc<str>,
     pub acceptor: Option<&'a TlsAcceptor>,
     /// The header this listener sets to a verified client certificate's identity.
     pub identity_header: Option<&'a HeaderName>,
@@ -183,6 +194,7 @@ impl Gateway {
                     .and_then(|t| t.identity_header.as_deref())
                     .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok());
                 Ok(PreparedListener {
+                    name: l.name.as_str().into(),
                     acceptor,
                     identity_header,
                     spki_sha256,
@@ -414,6 +426,7 @@ impl Gateway {
         Some(ListenerRef {
             index,
             config: &self.config.listeners[index],
+            name: &prepared.name,
             acceptor: prepared.acceptor.as_ref(),
             identity_header: prepared.identity_header.as_ref(),
         })

@@ -594,11 +594,13 @@ impl UpgradeRequest<'_> {
                 }
             );
         let settings = shared.settings(compressed);
-        let flow = shared.flow(&self.conn.listener.server.metrics, &route.path);
+        let flow = shared.flow(&self.conn.listener.server.metrics);
         let done = Finished {
             client: self.client,
-            listener: self.listener.config.name.clone(),
-            route: route.path.clone(),
+            listener: self.listener.name.clone(),
+            route: shared.path().clone(),
+            tls: self.conn.tls.is_some(),
+            client_cert: self.conn.identity().map(|i| i.to_string().into_boxed_str()),
             upstream: pool.name(lease.index()).clone(),
             user,
             http: if h2 { "2" } else { "1.1" },
@@ -700,7 +702,7 @@ impl Relay {
                 summary.closed_by.as_str(),
                 done.started.elapsed(),
             );
-            log_summary(&conn, &done, &summary);
+            log_summary(&done, &summary);
         }));
     }
 }
@@ -804,8 +806,12 @@ async fn serve_file<B>(
 /// What the log line of a finished connection names.
 struct Finished {
     client: ClientAddr,
-    listener: String,
-    route: String,
+    listener: Arc<str>,
+    route: Arc<str>,
+    /// Over TLS, and the verified client certificate's identity (the connection's context
+    /// is not kept for the relay's life only to tell these).
+    tls: bool,
+    client_cert: Option<Box<str>>,
     upstream: std::sync::Arc<str>,
     /// The authenticated name, when the route authenticates.
     user: Option<String>,
@@ -819,14 +825,14 @@ struct Finished {
 }
 
 /// The one line per finished connection (SPEC §5).
-fn log_summary(conn: &ConnectionContext, done: &Finished, s: &Summary) {
+fn log_summary(done: &Finished, s: &Summary) {
     let close_code = s.close_code.map(i64::from).unwrap_or(1006);
     info!(
         client = %done.client,
         listener = %done.listener,
-        tls = conn.tls.is_some(),
+        tls = done.tls,
         http = done.http,
-        client_cert = %conn.identity().map(|i| i.to_string()).unwrap_or_default(),
+        client_cert = %done.client_cert.as_deref().unwrap_or(""),
         route = %done.route,
         upstream = %done.upstream,
         user = done.user.as_deref().unwrap_or(""),
