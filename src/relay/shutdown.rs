@@ -37,9 +37,10 @@ impl Stage {
         self.0.flag.load(Ordering::Acquire)
     }
 
-    /// The token, for child tokens and for tasks that wait on it rarely.
-    pub fn token(&self) -> &CancellationToken {
-        &self.0.token
+    /// A token cancelled with this stage, for tasks that wait on it rarely. A child, not the
+    /// token itself: cancelled directly, the token would leave the relays' flag down.
+    pub fn child_token(&self) -> CancellationToken {
+        self.0.token.child_token()
     }
 
     /// Resolves once the stage is reached.
@@ -119,7 +120,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!stage.is_cancelled());
         stage.cancel();
-        assert!(stage.is_cancelled() && stage.token().is_cancelled());
+        assert!(stage.is_cancelled() && stage.child_token().is_cancelled());
         tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
             .await
             .expect("the wait ended when the stage was reached")

@@ -167,8 +167,8 @@ impl Server {
             None => None,
         };
         let shutdown = ShutdownSignals::default();
-        gateway.start_health_checks(shutdown.graceful.token(), &metrics);
-        let retire = shutdown.graceful.token().child_token();
+        gateway.start_health_checks(&shutdown.graceful.child_token(), &metrics);
+        let retire = shutdown.graceful.child_token();
         let inner = Arc::new(Inner {
             gateway: ArcSwap::from_pointee(gateway),
             metrics,
@@ -389,7 +389,10 @@ impl Server {
             warn!("[admin] changed: the admin listener keeps its address until restart");
         }
         gateway.inherit_pools(&self.inner.gateway.load());
-        gateway.start_health_checks(self.inner.shutdown.graceful.token(), &self.inner.metrics);
+        gateway.start_health_checks(
+            &self.inner.shutdown.graceful.child_token(),
+            &self.inner.metrics,
+        );
         self.inner.gateway.store(Arc::new(gateway));
         {
             let mut running = self.lock_listeners();
@@ -597,7 +600,7 @@ fn bind_all(
 /// fails to load, is logged, and is tried again when the files change once more.
 async fn watch_certificates(server: Server) {
     let mut last = fingerprint(&server.gateway().watched_files());
-    let stop = server.inner.shutdown.graceful.token().clone();
+    let stop = server.inner.shutdown.graceful.child_token();
     loop {
         // The configuration in force when the files are read, whose files they are.
         let mut gateway = server.gateway();
