@@ -128,6 +128,18 @@ async fn json_logs() {
     let value: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(value["fields"]["closed_by"], "client");
     assert_eq!(value["fields"]["bytes_from_client"], 4);
+    // The rest of SPEC §5's line: where the connection came in and went.
+    assert_eq!(value["fields"]["listener"], "main", "{line}");
+    assert_eq!(value["fields"]["route"], "/", "{line}");
+    assert_eq!(
+        value["fields"]["upstream"],
+        format!("tcp://{upstream}"),
+        "{line}"
+    );
+    assert_eq!(value["fields"]["tls"], false, "{line}");
+    assert_eq!(value["fields"]["client_cert"], "", "{line}");
+    // `close(None)`: a Close without a code, recorded as 1005.
+    assert_eq!(value["fields"]["close_code"], 1005, "{line}");
     gw.signal("TERM");
     assert_eq!(gw.exit_code().await, Some(0));
 }
