@@ -141,7 +141,9 @@ where
             {
                 *this.going_away = None;
             }
-            if this.clocks.close_open() && state.closing().poll_fired(cx).is_ready() {
+            // Asked, not polled: the abort poll above put the task's waker in the slot that
+            // all of the connection's signals share, so a Close fired later wakes it too.
+            if this.clocks.close_open() && state.closing().is_fired() {
                 this.clocks
                     .start_close_deadline(state, this.settings.close_timeout);
             }
