@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::HeaderName;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
@@ -23,7 +23,7 @@ use crate::upstream::{self, Pool};
 pub struct Gateway {
     pub config: Config,
     router: Router,
-    /// Per listener, in configuration order: its TLS acceptor (`None` for plain ws://).
+    /// Per listener, in configuration order: its TLS server configuration (`None` for plain ws://).
     listeners: Vec<PreparedListener>,
     /// Listeners by what identifies a running socket (see [`ListenerKey`]).
     listener_index: HashMap<ListenerKey, usize>,
@@ -41,7 +41,7 @@ pub struct Gateway {
 struct PreparedListener {
     /// Its name, shared by the log lines of its connections.
     name: Arc<str>,
-    acceptor: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     identity_header: Option<HeaderName>,
     spki_sha256: Option<String>,
 }
@@ -104,7 +104,7 @@ pub struct ListenerRef<'a> {
     pub config: &'a ListenerConfig,
     /// `config.name`, shared.
     pub name: &'a Arc<str>,
-    pub acceptor: Option<&'a TlsAcceptor>,
+    pub tls: Option<&'a Arc<rustls::ServerConfig>>,
     /// The header this listener sets to a verified client certificate's identity.
     pub identity_header: Option<&'a HeaderName>,
 }
@@ -187,7 +187,7 @@ impl Gateway {
                     }
                 };
                 let spki_sha256 = server_tls.as_ref().and_then(|t| t.spki_sha256.clone());
-                let acceptor = server_tls.map(|t| TlsAcceptor::from(t.config));
+                let tls = server_tls.map(|t| t.config);
                 let identity_header = l
                     .tls
                     .as_ref()
@@ -195,7 +195,7 @@ impl Gateway {
                     .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok());
                 Ok(PreparedListener {
                     name: l.name.as_str().into(),
-                    acceptor,
+                    tls,
                     identity_header,
                     spki_sha256,
                 })
@@ -427,7 +427,7 @@ impl Gateway {
             index,
             config: &self.config.listeners[index],
             name: &prepared.name,
-            acceptor: prepared.acceptor.as_ref(),
+            tls: prepared.tls.as_ref(),
             identity_header: prepared.identity_header.as_ref(),
         })
     }

@@ -10,16 +10,17 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
 
+use super::tls_stream::TlsStream;
 use crate::prefixed::Prefixed;
 
 /// tokio-util's `Either` does the delegation: tcp inline; TLS boxed (a rustls session is
-/// large, and plain connections should not carry its size); hyper's upgraded stream.
+/// large, and plain connections should not carry its size), with the bytes read past the
+/// head put back inside it; hyper's upgraded stream.
 pub(crate) type ClientIo = Either<Prefixed<TcpStream>, Either<Box<TlsClient>, TokioIo<Upgraded>>>;
 
-type TlsClient = Prefixed<TlsStream<Prefixed<TcpStream>>>;
+type TlsClient = TlsStream<Prefixed<TcpStream>>;
 
 /// hyper's upgraded connection as a relay's client.
 pub(crate) fn upgraded(upgraded: Upgraded) -> ClientIo {
@@ -41,7 +42,8 @@ impl ClientStream for Prefixed<TcpStream> {
 }
 
 impl ClientStream for TlsStream<Prefixed<TcpStream>> {
-    fn into_client(self, unread: Vec<u8>) -> ClientIo {
-        Either::Right(Either::Left(Box::new(Prefixed::new(unread, self))))
+    fn into_client(mut self, unread: Vec<u8>) -> ClientIo {
+        self.unread(unread);
+        Either::Right(Either::Left(Box::new(self)))
     }
 }

@@ -17,6 +17,7 @@ use tracing::{debug, info};
 use super::ListenerContext;
 use super::client::ClientStream;
 use super::http1::{Head, read_head};
+use super::tls_stream::TlsStream;
 use crate::forwarded::ClientAddr;
 use crate::gateway::{Gateway, ListenerRef};
 use crate::prefixed::Prefixed;
@@ -162,7 +163,7 @@ async fn serve_listener(
     } else {
         Prefixed::new(Vec::new(), stream)
     };
-    let Some(acceptor) = this.acceptor.cloned() else {
+    let Some(tls_config) = this.tls.cloned() else {
         let who = Who {
             peer: client,
             proxied,
@@ -171,9 +172,9 @@ async fn serve_listener(
         };
         return serve_http(stream, who, listener, gateway, deadline, None).await;
     };
-    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+    match tokio::time::timeout_at(deadline, TlsStream::accept(tls_config, stream)).await {
         Ok(Ok(tls)) => {
-            let session = tls.get_ref().1;
+            let session = &tls;
             // rustls has verified the chain; only its identity is read here.
             let identity = session
                 .peer_certificates()

@@ -9,6 +9,7 @@ mod client;
 mod connection;
 mod http1;
 pub mod limits;
+mod tls_stream;
 mod upgrade;
 
 use std::io;
@@ -464,7 +465,7 @@ impl Server {
             let Some(this) = gateway.listener(&key) else {
                 continue;
             };
-            info!(listener = %this.config.name, addr = %local, tls = this.acceptor.is_some(), "listening");
+            info!(listener = %this.config.name, addr = %local, tls = this.tls.is_some(), "listening");
             let stop = self.inner.retire.child_token();
             // Only an upgrade needs it; without it (out of descriptors) the new binary binds
             // its own, which fails unless `reuse_port` is on, and the upgrade says so.

@@ -1,0 +1,781 @@
+//! The TLS layer of a client connection: rustls' unbuffered API over the socket, with
+//! buffers that exist only while bytes are in them.
+//!
+//! tokio-rustls keeps rustls' buffered connection, whose 4 KiB read buffer lives as long as
+//! the connection: a third of what a held wss:// connection cost. Here the ciphertext
+//! buffer is allocated when a read begins and freed when the socket has nothing more and no
+//! partial record is left, and the outgoing buffer is freed once written; an idle session
+//! is rustls' state and the keys. Reads also fit a whole record (up to 16 KiB) where
+//! tokio-rustls reads 4 KiB at a time.
+//!
+//! The server name a client asked for (SNI) is not exposed by rustls' unbuffered server
+//! connection, so the ClientHello is also given to rustls' `Acceptor`, used only to parse
+//! it.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
+use rustls::server::{Acceptor, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError, ReadTraffic,
+    WriteTraffic,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// How much is read from the socket at a time, unless a record needs more.
+const READ_SIZE: usize = 4096;
+/// A record's header: type, version, length.
+const RECORD_HEADER: usize = 5;
+/// rustls' limit for a handshake message, joined across records (64 KiB), and the record
+/// it ends in: no honest peer makes the ciphertext buffer larger.
+const MAX_BUFFERED: usize = 0xffff + RECORD_HEADER + 0x4000 + 2048;
+/// Plaintext encrypted per write: one full record, so the outgoing buffer stays one record.
+const MAX_WRITE: usize = 0x4000;
+
+/// A server-side TLS stream over `io`.
+pub struct TlsStream<IO> {
+    io: IO,
+    conn: UnbufferedServerConnection,
+    /// Ciphertext read and not yet consumed by rustls: at most a partial record between reads.
+    incoming: Incoming,
+    /// Ciphertext encoded and not yet written to the socket.
+    outgoing: Outgoing,
+    /// Plaintext decrypted and not yet read (it did not fit the reader's buffer, or it came
+    /// while writing), or put back with [`TlsStream::unread`].
+    plain: Plain,
+    server_name: Option<Box<str>>,
+    /// The peer sent close_notify: reads are at their end.
+    read_closed: bool,
+    /// close_notify was queued: nothing more is written.
+    write_closed: bool,
+}
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("{0}")]
+    Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+    /// Runs the server side of a handshake on `io`. On failure the alert rustls chose is
+    /// sent (as far as the socket takes it without waiting) before the error returns.
+    pub async fn accept(config: Arc<ServerConfig>, io: IO) -> Result<Self, HandshakeError> {
+        let mut stream = TlsStream {
+            io,
+            conn: UnbufferedServerConnection::new(config)?,
+            incoming: Incoming::default(),
+            outgoing: Outgoing::default(),
+            plain: Plain::default(),
+            server_name: None,
+            read_closed: false,
+            write_closed: false,
+        };
+        let mut hello = Some(Acceptor::default());
+        match std::future::poll_fn(|cx| stream.poll_handshake(cx, &mut hello)).await {
+            Ok(()) => Ok(stream),
+            Err(e) => {
+                // The alert is a courtesy: a peer that does not read it loses nothing.
+                let _ = std::future::poll_fn(|cx| match stream.poll_send(cx) {
+                    Poll::Pending => Poll::Ready(Ok(())),
+                    done => done,
+                })
+                .await;
+                Err(e)
+            }
+        }
+    }
+
+    fn poll_handshake(
+        &mut self,
+        cx: &mut Context<'_>,
+        hello: &mut Option<Acceptor>,
+    ) -> Poll<Result<(), HandshakeError>> {
+        loop {
+            let next = self.process(None, None)?;
+            // This flight (or the session tickets after the last) goes out before reading.
+            ready!(self.poll_send(cx))?;
+            match next {
+                Next::Input if !self.conn.is_handshaking() => {
+                    self.incoming.release_if_empty();
+                    return Poll::Ready(Ok(()));
+                }
+                Next::Input => {}
+                Next::Data | Next::Wrote => continue,
+                Next::Eof => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed the connection during the TLS handshake",
+                    )
+                    .into()));
+                }
+            }
+            let read = ready!(self.poll_fill(cx))?;
+            if read == 0 {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "tls handshake eof",
+                )
+                .into()));
+            }
+            let fresh = &self.incoming.buf[self.incoming.end - read..self.incoming.end];
+            if let Some(name) = hello.as_mut().and_then(|acceptor| sni(acceptor, fresh)) {
+                self.server_name = name;
+                *hello = None;
+            }
+        }
+    }
+
+    /// Puts `bytes` in front of what is still unread.
+    pub fn unread(&mut self, bytes: Vec<u8>) {
+        self.plain.unread(bytes);
+    }
+
+    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        self.conn.peer_certificates()
+    }
+
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+
+    pub fn server_name(&self) -> Option<&str> {
+        self.server_name.as_deref()
+    }
+
+    /// Runs rustls over the ciphertext at hand until it has plaintext for `read`, has taken
+    /// `write`, has reached the end, or needs more ciphertext. What rustls wants sent is
+    /// left in `outgoing`; plaintext with nowhere to go is kept in `plain`.
+    fn process(
+        &mut self,
+        mut read: Option<&mut ReadBuf<'_>>,
+        write: Option<Outbound<'_>>,
+    ) -> Result<Next, rustls::Error> {
+        loop {
+            let status = self.conn.process_tls_records(self.incoming.filled_mut());
+            let discard = status.discard;
+            let next = match status.state {
+                Ok(ConnectionState::ReadTraffic(mut records)) => {
+                    deliver(&mut records, read.as_deref_mut(), &mut self.plain)
+                        .map(|copied| copied.then_some(Next::Data))
+                }
+                Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                    encode(&mut data, &mut self.outgoing).map(|()| None)
+                }
+                Ok(ConnectionState::TransmitTlsData(data)) => {
+                    // `outgoing` holds it now; every path writes `outgoing` out first.
+                    data.done();
+                    Ok(None)
+                }
+                Ok(ConnectionState::PeerClosed) => {
+                    self.read_closed = true;
+                    Ok(read.is_some().then_some(Next::Eof))
+                }
+                Ok(ConnectionState::Closed) => {
+                    self.read_closed = true;
+                    Ok(Some(Next::Eof))
+                }
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => match write {
+                    Some(outbound) => encrypt(&mut traffic, outbound, &mut self.outgoing)
+                        .map(|()| Some(Next::Wrote)),
+                    None => Ok(Some(Next::Input)),
+                },
+                Ok(ConnectionState::BlockedHandshake) => Ok(Some(Next::Input)),
+                // Early data is off (rustls' default), and later states are not known.
+                Ok(_) => Err(rustls::Error::General("unexpected TLS state".into())),
+                Err(e) => Err(e),
+            };
+            self.incoming.discard(discard);
+            match next {
+                Ok(Some(next)) => return Ok(next),
+                Ok(None) => {}
+                Err(e) => {
+                    self.queue_alert();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// After an error rustls has the alert to send queued: into `outgoing` with it.
+    fn queue_alert(&mut self) {
+        while let Ok(ConnectionState::EncodeTlsData(mut data)) =
+            self.conn.process_tls_records(&mut []).state
+        {
+            if encode(&mut data, &mut self.outgoing).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Writes `outgoing` to the socket; ready once all of it is written.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.outgoing.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, self.outgoing.unsent()))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.outgoing.sent(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads ciphertext from the socket; `Ok(0)` is its end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let space = self.incoming.space()?;
+        let mut buf = ReadBuf::new(space);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        self.incoming.end += n;
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// What [`TlsStream::process`] stopped for.
+enum Next {
+    /// rustls needs more ciphertext (or, not handshaking, is ready to write).
+    Input,
+    /// Plaintext was copied to the reader.
+    Data,
+    /// The write was encrypted into `outgoing`.
+    Wrote,
+    /// The peer sent close_notify.
+    Eof,
+}
+
+/// What a caller gives rustls to send.
+#[derive(Clone, Copy)]
+enum Outbound<'a> {
+    Data(&'a [u8]),
+    CloseNotify,
+}
+
+/// Feeds the ClientHello's bytes to rustls' `Acceptor`: `Some` once it is parsed, with the
+/// server name it asked for. A ClientHello the Acceptor rejects is the connection's own
+/// concern (it fails the same way there); it is taken as naming no server.
+fn sni(acceptor: &mut Acceptor, mut bytes: &[u8]) -> Option<Option<Box<str>>> {
+    while !bytes.is_empty() {
+        if acceptor.read_tls(&mut bytes).is_err() {
+            return Some(None);
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                return Some(accepted.client_hello().server_name().map(Box::from));
+            }
+            Ok(None) => {}
+            Err(_) => return Some(None),
+        }
+    }
+    None
+}
+
+/// Copies the decrypted records to `read` as far as it has room; the rest to `plain`.
+/// True when some reached `read`.
+fn deliver(
+    records: &mut ReadTraffic<'_, '_, rustls::server::ServerConnectionData>,
+    mut read: Option<&mut ReadBuf<'_>>,
+    plain: &mut Plain,
+) -> Result<bool, rustls::Error> {
+    let mut copied = false;
+    while let Some(record) = records.next_record() {
+        let mut payload = record?.payload;
+        if let Some(read) = read.as_deref_mut() {
+            let n = payload.len().min(read.remaining());
+            read.put_slice(&payload[..n]);
+            copied |= n > 0;
+            payload = &payload[n..];
+        }
+        plain.push(payload);
+    }
+    Ok(copied)
+}
+
+fn encode(
+    data: &mut EncodeTlsData<'_, rustls::server::ServerConnectionData>,
+    outgoing: &mut Outgoing,
+) -> Result<(), rustls::Error> {
+    loop {
+        match data.encode(outgoing.tail()) {
+            Ok(n) => {
+                outgoing.filled(n);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                outgoing.reserve(required_size);
+            }
+            Err(EncodeError::AlreadyEncoded) => return Ok(()),
+        }
+    }
+}
+
+fn encrypt(
+    traffic: &mut WriteTraffic<'_, rustls::server::ServerConnectionData>,
+    outbound: Outbound<'_>,
+    outgoing: &mut Outgoing,
+) -> Result<(), rustls::Error> {
+    loop {
+        let done = match outbound {
+            Outbound::Data(data) => traffic.encrypt(data, outgoing.tail()),
+            Outbound::CloseNotify => traffic.queue_close_notify(outgoing.tail()),
+        };
+        match done {
+            Ok(n) => {
+                outgoing.filled(n);
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                outgoing.reserve(required_size);
+            }
+            Err(EncryptError::EncryptExhausted) => {
+                return Err(rustls::Error::EncryptError);
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.plain.take(buf) || this.read_closed {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            let next = this.process(Some(buf), None);
+            // What rustls wants sent (a key update's answer, an alert) goes out from here
+            // too: the write side may be idle. A full socket is the write side's wait.
+            if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
+            match next.map_err(invalid_data)? {
+                Next::Data | Next::Eof => return Poll::Ready(Ok(())),
+                Next::Input | Next::Wrote => {}
+            }
+            match this.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed connection without sending TLS close_notify",
+                    )));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    this.incoming.release_if_empty();
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        // Backpressure: what was taken before is on the socket before more is taken.
+        ready!(this.poll_send(cx))?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let data = &data[..data.len().min(MAX_WRITE)];
+        match this
+            .process(None, Some(Outbound::Data(data)))
+            .map_err(invalid_data)?
+        {
+            Next::Wrote => {}
+            Next::Eof => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            Next::Input | Next::Data => {
+                return Poll::Ready(Err(io::Error::other("TLS session cannot send data")));
+            }
+        }
+        // Taken: the socket being full now is the next write's wait.
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(data.len()))
+    }
+
+    /// The slices are joined into one record: a frame's header and payload written apart
+    /// would cost a record (and its 22 bytes) each.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut parts = bufs.iter().filter(|b| !b.is_empty());
+        let (Some(first), None) = (parts.next(), parts.next()) else {
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            let mut joined = Vec::with_capacity(total.min(MAX_WRITE));
+            for b in bufs {
+                let room = MAX_WRITE - joined.len();
+                joined.extend_from_slice(&b[..b.len().min(room)]);
+            }
+            return self.poll_write(cx, &joined);
+        };
+        self.poll_write(cx, first)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.write_closed {
+            this.write_closed = true;
+            // A session that failed or has closed has no close_notify to send.
+            let _ = this.process(None, Some(Outbound::CloseNotify));
+        }
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+fn invalid_data(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The ciphertext buffer: `buf[start..end]` is unconsumed; no allocation when empty and
+/// idle. Consumed records move `start` rather than the bytes behind them: a read of many
+/// small records would otherwise copy the rest of the buffer once per record.
+#[derive(Default)]
+struct Incoming {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Incoming {
+    fn filled_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.end]
+    }
+
+    fn discard(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Room for the next read: 4 KiB, or the rest of the record at the front. What is left
+    /// (part of a record, or of a handshake message) moves to the front first.
+    fn space(&mut self) -> io::Result<&mut [u8]> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end >= MAX_BUFFERED {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS message larger than 64 KiB",
+            ));
+        }
+        let record = match self.buf.get(3..RECORD_HEADER) {
+            Some(len) if self.end >= RECORD_HEADER => {
+                RECORD_HEADER + usize::from(u16::from_be_bytes([len[0], len[1]]))
+            }
+            _ => 0,
+        };
+        let want = (self.end + READ_SIZE).max(record).min(MAX_BUFFERED);
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        Ok(&mut self.buf[self.end..])
+    }
+
+    fn release_if_empty(&mut self) {
+        if self.end == 0 {
+            self.buf = Vec::new();
+        }
+    }
+}
+
+/// Ciphertext to send: `buf[sent..len]`; freed once all of it is written.
+#[derive(Default)]
+struct Outgoing {
+    buf: Vec<u8>,
+    len: usize,
+    sent: usize,
+}
+
+impl Outgoing {
+    fn is_empty(&self) -> bool {
+        self.sent == self.len
+    }
+
+    fn unsent(&self) -> &[u8] {
+        &self.buf[self.sent..self.len]
+    }
+
+    fn sent(&mut self, n: usize) {
+        self.sent += n;
+        if self.sent == self.len {
+            *self = Outgoing::default();
+        }
+    }
+
+    fn tail(&mut self) -> &mut [u8] {
+        &mut self.buf[self.len..]
+    }
+
+    fn reserve(&mut self, n: usize) {
+        self.buf.resize(self.len + n, 0);
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+/// Plaintext not yet read: `buf[at..]`.
+#[derive(Default)]
+struct Plain {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Plain {
+    fn push(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    fn unread(&mut self, mut bytes: Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        bytes.extend_from_slice(&self.buf[self.at..]);
+        self.buf = bytes;
+        self.at = 0;
+    }
+
+    /// Copies what fits into `read`; true when there was something.
+    fn take(&mut self, read: &mut ReadBuf<'_>) -> bool {
+        if self.at == self.buf.len() {
+            return false;
+        }
+        let n = (self.buf.len() - self.at).min(read.remaining());
+        read.put_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        if self.at == self.buf.len() {
+            *self = Plain::default();
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::client::TlsStream as ClientTls;
+
+    use super::*;
+
+    /// A server on a loopback socket and a tokio-rustls client, handshake done; the
+    /// certificate is made here for `localhost`.
+    async fn pair() -> (TlsStream<TcpStream>, ClientTls<TcpStream>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let provider = crate::tls::provider();
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let (server, client) = tokio::join!(
+            async {
+                let (socket, _) = listener.accept().await.expect("accept");
+                TlsStream::accept(Arc::new(server), socket).await
+            },
+            async {
+                let socket = TcpStream::connect(addr).await.expect("connect");
+                let name = ServerName::try_from("localhost").expect("name");
+                connector.connect(name, socket).await
+            }
+        );
+        (
+            server.expect("server handshake"),
+            client.expect("client handshake"),
+        )
+    }
+
+    fn holds_no_buffers<IO>(stream: &TlsStream<IO>) -> bool {
+        stream.incoming.buf.capacity() == 0
+            && stream.outgoing.buf.capacity() == 0
+            && stream.plain.buf.capacity() == 0
+    }
+
+    #[tokio::test]
+    async fn an_idle_session_holds_no_buffers() {
+        let (mut server, mut client) = pair().await;
+        assert_eq!(server.server_name(), Some("localhost"));
+        assert!(holds_no_buffers(&server), "after the handshake");
+        client.write_all(b"ping").await.expect("client write");
+        client.flush().await.expect("client flush");
+        let mut got = [0; 4];
+        server.read_exact(&mut got).await.expect("server read");
+        assert_eq!(&got, b"ping");
+        server.write_all(b"pong").await.expect("server write");
+        client.read_exact(&mut got).await.expect("client read");
+        assert_eq!(&got, b"pong");
+        // The server's next read finds nothing: its buffer goes back before it waits.
+        let waiting = tokio::time::timeout(Duration::from_millis(20), server.read(&mut got)).await;
+        assert!(waiting.is_err(), "nothing was sent");
+        assert!(holds_no_buffers(&server), "after a round trip");
+    }
+
+    #[tokio::test]
+    async fn streams_survive_records_split_across_reads_and_vectored_writes() {
+        let (server, client) = pair().await;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let (mut server_read, mut server_write) = tokio::io::split(server);
+        let sent = data.clone();
+        let echo = async move {
+            // Odd-sized reads, written back as a header and a body in one vectored write.
+            let mut buf = vec![0; 7919];
+            loop {
+                let n = server_read.read(&mut buf).await.expect("server read");
+                if n == 0 {
+                    break;
+                }
+                let (head, body) = buf[..n].split_at(n.min(3));
+                let mut parts = [io::IoSlice::new(head), io::IoSlice::new(body)];
+                let mut parts = &mut parts[..];
+                while !parts.is_empty() {
+                    let written = server_write
+                        .write_vectored(parts)
+                        .await
+                        .expect("server write");
+                    io::IoSlice::advance_slices(&mut parts, written);
+                }
+            }
+            server_write.shutdown().await.expect("server shutdown");
+        };
+        let send = async move {
+            client_write.write_all(&sent).await.expect("client write");
+            client_write.shutdown().await.expect("client shutdown");
+        };
+        let receive = async move {
+            let mut got = Vec::new();
+            client_read
+                .read_to_end(&mut got)
+                .await
+                .expect("client read");
+            got
+        };
+        let ((), (), got) = tokio::join!(echo, send, receive);
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the bytes came back in order");
+    }
+
+    #[tokio::test]
+    async fn close_notify_is_the_end_and_a_bare_close_is_an_error() {
+        let (mut server, mut client) = pair().await;
+        client.shutdown().await.expect("client close_notify");
+        let mut buf = [0; 16];
+        assert_eq!(server.read(&mut buf).await.expect("clean end"), 0);
+        assert_eq!(server.read(&mut buf).await.expect("still the end"), 0);
+
+        let (mut server, client) = pair().await;
+        let (mut socket, _) = client.into_inner();
+        socket.shutdown().await.expect("FIN");
+        let err = server.read(&mut buf).await.expect_err("no close_notify");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_client_key_update_is_taken_and_traffic_goes_on() {
+        let (mut server, mut client) = pair().await;
+        client
+            .get_mut()
+            .1
+            .refresh_traffic_keys()
+            .expect("TLS 1.3 key update");
+        client.write_all(b"after").await.expect("client write");
+        client.flush().await.expect("client flush");
+        let mut got = [0; 5];
+        server.read_exact(&mut got).await.expect("server read");
+        assert_eq!(&got, b"after");
+        server.write_all(b"reply").await.expect("server write");
+        client.read_exact(&mut got).await.expect("client read");
+        assert_eq!(&got, b"reply");
+    }
+
+    #[tokio::test]
+    async fn garbage_after_the_handshake_is_invalid_data_with_an_alert() {
+        let (mut server, mut client) = pair().await;
+        // An application-data record that no key decrypts, under the client's session.
+        let mut garbage = vec![23, 3, 3, 0, 20];
+        garbage.extend(1..=20u8);
+        let socket = client.get_ref().0;
+        let mut rest = &garbage[..];
+        while !rest.is_empty() {
+            socket.writable().await.expect("writable");
+            if let Ok(n) = socket.try_write(rest) {
+                rest = &rest[n..];
+            }
+        }
+        let mut buf = [0; 16];
+        let err = server
+            .read(&mut buf)
+            .await
+            .expect_err("undecryptable record");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // The client is told why.
+        let err = client.read(&mut buf).await.expect_err("an alert");
+        let alert = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>());
+        assert!(
+            matches!(alert, Some(rustls::Error::AlertReceived(_))),
+            "{err:?}"
+        );
+    }
+}
