@@ -34,8 +34,9 @@
 //! # Data path
 //!
 //! ```text
-//! accept (server; sockets: nodelay, keepalive) → PROXY header (proxy_protocol) → TLS (tls)
-//!   → HTTP/1.1 (hyper) → forwarded::real_client (trusted proxies only)
+//! accept (server; sockets: nodelay, keepalive) → PROXY header (proxy_protocol)
+//!   → TLS (settings: tls; the session: server::tls_stream, rustls' unbuffered API)
+//!   → HTTP/1.1 (server::http1; hyper for all but a first upgrade) → forwarded::real_client (trusted proxies only)
 //!   → handshake::check_request_line → routing::normalize_path → Gateway::route
 //!   → handshake::validate → origin::check → limits
 //!   → upstream::connect (pool pick, failover; TCP/Unix + PROXY header, or TLS + WS handshake;

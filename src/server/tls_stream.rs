@@ -3,15 +3,17 @@
 //!
 //! tokio-rustls keeps rustls' buffered connection, whose 4 KiB read buffer lives as long as
 //! the connection: a third of what a held wss:// connection cost. Here the ciphertext
-//! buffer is allocated when a read begins and freed when the socket has nothing more and no
-//! partial record is left, and the outgoing buffer is freed once written; an idle session
-//! is rustls' state and the keys. Reads also fit a whole record (up to 16 KiB) where
-//! tokio-rustls reads 4 KiB at a time.
+//! buffer is taken when a read begins and given back when the socket has nothing more and no
+//! partial record is left, and the outgoing buffer is given back once written; an idle
+//! session is rustls' state and the keys. The buffers come from a small per-thread pool
+//! (as the relay's read buffers do), so a busy connection neither allocates nor zeroes one
+//! per read. Reads take up to two records, where tokio-rustls reads 4 KiB at a time.
 //!
 //! The server name a client asked for (SNI) is not exposed by rustls' unbuffered server
 //! connection, so the ClientHello is also given to rustls' `Acceptor`, used only to parse
 //! it.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,15 +28,45 @@ use rustls::unbuffered::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// How much is read from the socket at a time, unless a record needs more.
-const READ_SIZE: usize = 4096;
+/// A pooled buffer: two full records (16 KiB of plaintext each, and their overhead).
+const SPARE: usize = 2 * (0x4000 + 256);
+/// Spare buffers a thread keeps; more are freed when given back.
+const POOL: usize = 16;
 /// A record's header: type, version, length.
 const RECORD_HEADER: usize = 5;
 /// rustls' limit for a handshake message, joined across records (64 KiB), and the record
 /// it ends in: no honest peer makes the ciphertext buffer larger.
 const MAX_BUFFERED: usize = 0xffff + RECORD_HEADER + 0x4000 + 2048;
-/// Plaintext encrypted per write: one full record, so the outgoing buffer stays one record.
-const MAX_WRITE: usize = 0x4000;
+/// Plaintext encrypted per write: two full records, so the ciphertext fits one spare buffer.
+const MAX_WRITE: usize = 2 * 0x4000;
+/// Vectored writes up to this size are joined into one record.
+const JOIN: usize = 2048;
+
+thread_local! {
+    static SPARES: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `SPARE` bytes from the thread's pool (zeroed once, when first made).
+fn take_spare() -> Vec<u8> {
+    SPARES
+        .try_with(|spares| spares.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| vec![0; SPARE])
+}
+
+/// Back to the pool; one grown past `SPARE` (a long handshake message) is freed.
+fn give_spare(buf: Vec<u8>) {
+    if buf.len() != SPARE {
+        return;
+    }
+    let _ = SPARES.try_with(|spares| {
+        let mut spares = spares.borrow_mut();
+        if spares.len() < POOL {
+            spares.push(buf);
+        }
+    });
+}
 
 /// A server-side TLS stream over `io`.
 pub struct TlsStream<IO> {
@@ -107,7 +139,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                     return Poll::Ready(Ok(()));
                 }
                 Next::Input => {}
-                Next::Data | Next::Wrote => continue,
+                Next::Data | Next::Wrote(_) => continue,
                 Next::Eof => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -183,7 +215,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 }
                 Ok(ConnectionState::WriteTraffic(mut traffic)) => match write {
                     Some(outbound) => encrypt(&mut traffic, outbound, &mut self.outgoing)
-                        .map(|()| Some(Next::Wrote)),
+                        .map(|n| Some(Next::Wrote(n))),
                     None => Ok(Some(Next::Input)),
                 },
                 Ok(ConnectionState::BlockedHandshake) => Ok(Some(Next::Input)),
@@ -243,8 +275,8 @@ enum Next {
     Input,
     /// Plaintext was copied to the reader.
     Data,
-    /// The write was encrypted into `outgoing`.
-    Wrote,
+    /// The write was encrypted into `outgoing`: this many bytes of it.
+    Wrote(usize),
     /// The peer sent close_notify.
     Eof,
 }
@@ -252,7 +284,8 @@ enum Next {
 /// What a caller gives rustls to send.
 #[derive(Clone, Copy)]
 enum Outbound<'a> {
-    Data(&'a [u8]),
+    /// Up to `MAX_WRITE` bytes of these, a record (or two) per slice.
+    Data(&'a [io::IoSlice<'a>]),
     CloseNotify,
 }
 
@@ -314,17 +347,35 @@ fn encode(
     }
 }
 
+/// Encrypts `outbound` into `outgoing`; how many bytes of plaintext it took.
 fn encrypt(
     traffic: &mut WriteTraffic<'_, rustls::server::ServerConnectionData>,
     outbound: Outbound<'_>,
     outgoing: &mut Outgoing,
+) -> Result<usize, rustls::Error> {
+    let Outbound::Data(slices) = outbound else {
+        seal(outgoing, |out| traffic.queue_close_notify(out))?;
+        return Ok(0);
+    };
+    let mut taken = 0;
+    for slice in slices {
+        let part = &slice[..slice.len().min(MAX_WRITE - taken)];
+        if part.is_empty() {
+            continue;
+        }
+        seal(outgoing, |out| traffic.encrypt(part, out))?;
+        taken += part.len();
+    }
+    Ok(taken)
+}
+
+/// Runs `write` into `outgoing`'s free space, growing it as rustls asks.
+fn seal(
+    outgoing: &mut Outgoing,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
 ) -> Result<(), rustls::Error> {
     loop {
-        let done = match outbound {
-            Outbound::Data(data) => traffic.encrypt(data, outgoing.tail()),
-            Outbound::CloseNotify => traffic.queue_close_notify(outgoing.tail()),
-        };
-        match done {
+        match write(outgoing.tail()) {
             Ok(n) => {
                 outgoing.filled(n);
                 return Ok(());
@@ -332,9 +383,7 @@ fn encrypt(
             Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
                 outgoing.reserve(required_size);
             }
-            Err(EncryptError::EncryptExhausted) => {
-                return Err(rustls::Error::EncryptError);
-            }
+            Err(EncryptError::EncryptExhausted) => return Err(rustls::Error::EncryptError),
         }
     }
 }
@@ -358,7 +407,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
             }
             match next.map_err(invalid_data)? {
                 Next::Data | Next::Eof => return Poll::Ready(Ok(())),
-                Next::Input | Next::Wrote => {}
+                Next::Input | Next::Wrote(_) => {}
             }
             match this.poll_fill(cx) {
                 Poll::Ready(Ok(0)) => {
@@ -378,57 +427,68 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
     }
 }
 
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+    /// Encrypts up to `MAX_WRITE` bytes of `data` and starts writing them.
+    fn poll_write_slices(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        // Backpressure: what was taken before is on the socket before more is taken.
+        ready!(self.poll_send(cx))?;
+        if data.iter().all(|b| b.is_empty()) {
+            return Poll::Ready(Ok(0));
+        }
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let taken = match self
+            .process(None, Some(Outbound::Data(data)))
+            .map_err(invalid_data)?
+        {
+            Next::Wrote(taken) => taken,
+            Next::Eof => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            Next::Input | Next::Data => {
+                return Poll::Ready(Err(io::Error::other("TLS session cannot send data")));
+            }
+        };
+        // Taken: the socket being full now is the next write's wait.
+        if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(taken))
+    }
+}
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        // Backpressure: what was taken before is on the socket before more is taken.
-        ready!(this.poll_send(cx))?;
-        if data.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        if this.write_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        let data = &data[..data.len().min(MAX_WRITE)];
-        match this
-            .process(None, Some(Outbound::Data(data)))
-            .map_err(invalid_data)?
-        {
-            Next::Wrote => {}
-            Next::Eof => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            Next::Input | Next::Data => {
-                return Poll::Ready(Err(io::Error::other("TLS session cannot send data")));
-            }
-        }
-        // Taken: the socket being full now is the next write's wait.
-        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Poll::Ready(Ok(data.len()))
+        self.get_mut()
+            .poll_write_slices(cx, &[io::IoSlice::new(data)])
     }
 
-    /// The slices are joined into one record: a frame's header and payload written apart
-    /// would cost a record (and its 22 bytes) each.
+    /// Small slices are joined into one record; larger ones get records of their own, as
+    /// copying them would cost more than a record's 22 bytes.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let mut parts = bufs.iter().filter(|b| !b.is_empty());
-        let (Some(first), None) = (parts.next(), parts.next()) else {
-            let total: usize = bufs.iter().map(|b| b.len()).sum();
-            let mut joined = Vec::with_capacity(total.min(MAX_WRITE));
-            for b in bufs {
-                let room = MAX_WRITE - joined.len();
-                joined.extend_from_slice(&b[..b.len().min(room)]);
-            }
-            return self.poll_write(cx, &joined);
-        };
-        self.poll_write(cx, first)
+        let this = self.get_mut();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total > JOIN || bufs.iter().filter(|b| !b.is_empty()).count() < 2 {
+            return this.poll_write_slices(cx, bufs);
+        }
+        let mut joined = [0; JOIN];
+        let mut len = 0;
+        for b in bufs {
+            joined[len..len + b.len()].copy_from_slice(b);
+            len += b.len();
+        }
+        this.poll_write_slices(cx, &[io::IoSlice::new(&joined[..len])])
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -480,8 +540,8 @@ impl Incoming {
         }
     }
 
-    /// Room for the next read: 4 KiB, or the rest of the record at the front. What is left
-    /// (part of a record, or of a handshake message) moves to the front first.
+    /// Room for the next read: a spare buffer's worth, or the rest of the record (or joined
+    /// handshake message) at the front. What is left moves to the front first.
     fn space(&mut self) -> io::Result<&mut [u8]> {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -500,7 +560,11 @@ impl Incoming {
             }
             _ => 0,
         };
-        let want = (self.end + READ_SIZE).max(record).min(MAX_BUFFERED);
+        if self.buf.is_empty() {
+            self.buf = take_spare();
+        }
+        // Only a handshake message longer than a spare (a long certificate chain) grows it.
+        let want = (self.end + 4096).max(record).min(MAX_BUFFERED);
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }
@@ -508,8 +572,8 @@ impl Incoming {
     }
 
     fn release_if_empty(&mut self) {
-        if self.end == 0 {
-            self.buf = Vec::new();
+        if self.end == 0 && !self.buf.is_empty() {
+            give_spare(std::mem::take(&mut self.buf));
         }
     }
 }
@@ -534,7 +598,9 @@ impl Outgoing {
     fn sent(&mut self, n: usize) {
         self.sent += n;
         if self.sent == self.len {
-            *self = Outgoing::default();
+            give_spare(std::mem::take(&mut self.buf));
+            self.len = 0;
+            self.sent = 0;
         }
     }
 
@@ -543,7 +609,12 @@ impl Outgoing {
     }
 
     fn reserve(&mut self, n: usize) {
-        self.buf.resize(self.len + n, 0);
+        if self.buf.is_empty() {
+            self.buf = take_spare();
+        }
+        if self.buf.len() < self.len + n {
+            self.buf.resize(self.len + n, 0);
+        }
     }
 
     fn filled(&mut self, n: usize) {
@@ -661,7 +732,10 @@ mod tests {
         let mut got = [0; 4];
         server.read_exact(&mut got).await.expect("server read");
         assert_eq!(&got, b"ping");
-        server.write_all(b"pong").await.expect("server write");
+        // Small slices go out joined into one record.
+        let parts = [io::IoSlice::new(b"po"), io::IoSlice::new(b"ng")];
+        let written = server.write_vectored(&parts).await.expect("server write");
+        assert_eq!(written, 4);
         client.read_exact(&mut got).await.expect("client read");
         assert_eq!(&got, b"pong");
         // The server's next read finds nothing: its buffer goes back before it waits.
