@@ -136,6 +136,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             match next {
                 Next::Input if !self.conn.is_handshaking() => {
                     self.incoming.release_if_empty();
+                    self.incoming.pooled = true;
+                    self.outgoing.pooled = true;
                     return Poll::Ready(Ok(()));
                 }
                 Next::Input => {}
@@ -525,6 +527,9 @@ struct Incoming {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Once the handshake is done: buffers from the pool. A handshake's flights are small,
+    /// and many at once (a burst of new connections) would each hold a spare.
+    pooled: bool,
 }
 
 impl Incoming {
@@ -560,7 +565,7 @@ impl Incoming {
             }
             _ => 0,
         };
-        if self.buf.is_empty() {
+        if self.buf.is_empty() && self.pooled {
             self.buf = take_spare();
         }
         // Only a handshake message longer than a spare (a long certificate chain) grows it.
@@ -584,6 +589,8 @@ struct Outgoing {
     buf: Vec<u8>,
     len: usize,
     sent: usize,
+    /// As `Incoming::pooled`.
+    pooled: bool,
 }
 
 impl Outgoing {
@@ -609,7 +616,7 @@ impl Outgoing {
     }
 
     fn reserve(&mut self, n: usize) {
-        if self.buf.is_empty() {
+        if self.buf.is_empty() && self.pooled {
             self.buf = take_spare();
         }
         if self.buf.len() < self.len + n {
