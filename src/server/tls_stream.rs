@@ -678,9 +678,8 @@ mod tests {
 
     use super::*;
 
-    /// A server on a loopback socket and a tokio-rustls client, handshake done; the
-    /// certificate is made here for `localhost`.
-    async fn pair() -> (TlsStream<TcpStream>, ClientTls<TcpStream>) {
+    /// A server and a client configuration, with a certificate for `localhost` made here.
+    fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
             .expect("params")
@@ -703,13 +702,19 @@ mod tests {
             .expect("versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// A server on a loopback socket and a tokio-rustls client, handshake done.
+    async fn pair() -> (TlsStream<TcpStream>, ClientTls<TcpStream>) {
+        let (server, client) = configs();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let connector = tokio_rustls::TlsConnector::from(client);
         let (server, client) = tokio::join!(
             async {
                 let (socket, _) = listener.accept().await.expect("accept");
-                TlsStream::accept(Arc::new(server), socket).await
+                TlsStream::accept(server, socket).await
             },
             async {
                 let socket = TcpStream::connect(addr).await.expect("connect");
@@ -749,6 +754,56 @@ mod tests {
         let waiting = tokio::time::timeout(Duration::from_millis(20), server.read(&mut got)).await;
         assert!(waiting.is_err(), "nothing was sent");
         assert!(holds_no_buffers(&server), "after a round trip");
+    }
+
+    #[tokio::test]
+    async fn a_handshake_trickled_a_byte_at_a_time_completes_and_names_the_server() {
+        let (server_config, client_config) = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let front = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
+        let front_addr = front.local_addr().expect("front addr");
+        // Between client and server: the client's bytes go on one per write, so the
+        // ClientHello (and the rest of the client's flights) reach the server in pieces.
+        let trickler = tokio::spawn(async move {
+            let (from_client, _) = front.accept().await.expect("accept");
+            let to_server = TcpStream::connect(addr).await.expect("connect");
+            to_server.set_nodelay(true).expect("nodelay");
+            let (mut client_read, mut client_write) = from_client.into_split();
+            let (mut server_read, mut server_write) = to_server.into_split();
+            let up = async move {
+                let mut byte = [0; 1];
+                while client_read.read(&mut byte).await.is_ok_and(|n| n == 1) {
+                    if server_write.write_all(&byte).await.is_err() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                let _ = server_write.shutdown().await;
+            };
+            let down = tokio::io::copy(&mut server_read, &mut client_write);
+            let _ = tokio::join!(up, down);
+        });
+        let connector = tokio_rustls::TlsConnector::from(client_config);
+        let (server, client) = tokio::join!(
+            async {
+                let (socket, _) = listener.accept().await.expect("accept");
+                TlsStream::accept(server_config, socket).await
+            },
+            async {
+                let socket = TcpStream::connect(front_addr).await.expect("connect");
+                let name = ServerName::try_from("localhost").expect("name");
+                connector.connect(name, socket).await
+            }
+        );
+        let (mut server, mut client) = (server.expect("server"), client.expect("client"));
+        assert_eq!(server.server_name(), Some("localhost"));
+        client.write_all(b"slowly").await.expect("client write");
+        client.flush().await.expect("client flush");
+        let mut got = [0; 6];
+        server.read_exact(&mut got).await.expect("server read");
+        assert_eq!(&got, b"slowly");
+        trickler.abort();
     }
 
     #[tokio::test]
