@@ -84,6 +84,9 @@ pub struct TlsStream<IO> {
     read_closed: bool,
     /// close_notify was queued: nothing more is written.
     write_closed: bool,
+    /// The session failed (its alert queued): every later read and write fails too, and
+    /// nothing more is encrypted (RFC 8446 §6.2).
+    failed: bool,
 }
 
 /// Why a handshake failed.
@@ -108,6 +111,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             server_name: None,
             read_closed: false,
             write_closed: false,
+            failed: false,
         };
         let mut hello = Some(Acceptor::default());
         match std::future::poll_fn(|cx| stream.poll_handshake(cx, &mut hello)).await {
@@ -191,13 +195,22 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         mut read: Option<&mut ReadBuf<'_>>,
         write: Option<Outbound<'_>>,
     ) -> Result<Next, rustls::Error> {
+        if self.failed {
+            return Err(rustls::Error::General(
+                "the TLS session failed earlier".into(),
+            ));
+        }
         loop {
             let status = self.conn.process_tls_records(self.incoming.filled_mut());
-            let discard = status.discard;
+            let mut discard = status.discard;
             let next = match status.state {
                 Ok(ConnectionState::ReadTraffic(mut records)) => {
-                    deliver(&mut records, read.as_deref_mut(), &mut self.plain)
-                        .map(|copied| copied.then_some(Next::Data))
+                    deliver(&mut records, read.as_deref_mut(), &mut self.plain).map(
+                        |(copied, consumed)| {
+                            discard += consumed;
+                            copied.then_some(Next::Data)
+                        },
+                    )
                 }
                 Ok(ConnectionState::EncodeTlsData(mut data)) => {
                     encode(&mut data, &mut self.outgoing).map(|()| None)
@@ -230,6 +243,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 Ok(Some(next)) => return Ok(next),
                 Ok(None) => {}
                 Err(e) => {
+                    self.failed = true;
                     self.queue_alert();
                     return Err(e);
                 }
@@ -237,15 +251,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         }
     }
 
-    /// After an error rustls has the alert to send queued: into `outgoing` with it.
+    /// After an error rustls has the alert queued: into `outgoing` with it. One call, given
+    /// the same buffer as before: what rustls' handshake deframer still holds points into
+    /// it (an empty slice makes it panic), and a second call would deframe the failed
+    /// record again and raise a second fatal alert. (Had the failing message queued
+    /// something before its alert, that goes out instead, and the connection closes all
+    /// the same.)
     fn queue_alert(&mut self) {
-        while let Ok(ConnectionState::EncodeTlsData(mut data)) =
-            self.conn.process_tls_records(&mut []).state
-        {
-            if encode(&mut data, &mut self.outgoing).is_err() {
-                break;
-            }
+        let status = self.conn.process_tls_records(self.incoming.filled_mut());
+        let discard = status.discard;
+        if let Ok(ConnectionState::EncodeTlsData(mut data)) = status.state {
+            let _ = encode(&mut data, &mut self.outgoing);
         }
+        self.incoming.discard(discard);
     }
 
     /// Writes `outgoing` to the socket; ready once all of it is written.
@@ -311,15 +329,19 @@ fn sni(acceptor: &mut Acceptor, mut bytes: &[u8]) -> Option<Option<Box<str>>> {
 }
 
 /// Copies the decrypted records to `read` as far as it has room; the rest to `plain`.
-/// True when some reached `read`.
+/// Whether some reached `read`, and the ciphertext the records let go of.
 fn deliver(
     records: &mut ReadTraffic<'_, '_, rustls::server::ServerConnectionData>,
     mut read: Option<&mut ReadBuf<'_>>,
     plain: &mut Plain,
-) -> Result<bool, rustls::Error> {
+) -> Result<(bool, usize), rustls::Error> {
     let mut copied = false;
+    let mut consumed = 0;
     while let Some(record) = records.next_record() {
-        let mut payload = record?.payload;
+        let record = record?;
+        // 0 in rustls 0.23 (it copies records out); in-place decryption would set it.
+        consumed += record.discard;
+        let mut payload = record.payload;
         if let Some(read) = read.as_deref_mut() {
             let n = payload.len().min(read.remaining());
             read.put_slice(&payload[..n]);
@@ -328,7 +350,7 @@ fn deliver(
         }
         plain.push(payload);
     }
-    Ok(copied)
+    Ok((copied, consumed))
 }
 
 fn encode(
@@ -397,19 +419,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.plain.take(buf) || this.read_closed {
+        // No room: nothing to read into (and decrypting would only pile up in `plain`).
+        if buf.remaining() == 0 || this.plain.take(buf) || this.read_closed {
             return Poll::Ready(Ok(()));
         }
         loop {
             let next = this.process(Some(buf), None);
             // What rustls wants sent (a key update's answer, an alert) goes out from here
-            // too: the write side may be idle. A full socket is the write side's wait.
-            if let Poll::Ready(Err(e)) = this.poll_send(cx) {
-                return Poll::Ready(Err(e));
-            }
+            // too: the write side may be idle. A full socket is the write side's wait; a
+            // failing one is told after the plaintext already read is handed over.
+            let sent = this.poll_send(cx);
             match next.map_err(invalid_data)? {
-                Next::Data | Next::Eof => return Poll::Ready(Ok(())),
+                Next::Data | Next::Eof => {
+                    this.incoming.release_if_empty();
+                    return Poll::Ready(Ok(()));
+                }
                 Next::Input | Next::Wrote(_) => {}
+            }
+            if let Poll::Ready(Err(e)) = sent {
+                return Poll::Ready(Err(e));
             }
             match this.poll_fill(cx) {
                 Poll::Ready(Ok(0)) => {
@@ -444,10 +472,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         if self.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        let taken = match self
-            .process(None, Some(Outbound::Data(data)))
-            .map_err(invalid_data)?
-        {
+        let next = self.process(None, Some(Outbound::Data(data)));
+        if next.is_err() {
+            // The alert goes out if the socket takes it now.
+            let _ = self.poll_send(cx);
+        }
+        let taken = match next.map_err(invalid_data)? {
             Next::Wrote(taken) => taken,
             Next::Eof => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             Next::Input | Next::Data => {
@@ -807,6 +837,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_bad_flight_gets_an_alert_not_a_panic() {
+        let (server_config, client_config) = configs();
+        // A real ClientHello with four more bytes in its record: an empty handshake message
+        // rustls refuses while it still holds it (the alert path must not panic there).
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut hello = rustls::ClientConnection::new(client_config, name).expect("client");
+        let mut flight = Vec::new();
+        hello.write_tls(&mut flight).expect("ClientHello");
+        assert_eq!(flight[0], 22, "a handshake record");
+        let len = u16::from_be_bytes([flight[3], flight[4]]) + 4;
+        flight[3..5].copy_from_slice(&len.to_be_bytes());
+        flight.extend_from_slice(&[0, 0, 0, 0]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            TlsStream::accept(server_config, socket).await.map(|_| ())
+        });
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client.write_all(&flight).await.expect("flight");
+        let outcome = server.await.expect("the handshake ends without a panic");
+        assert!(outcome.is_err(), "the flight is refused");
+        let mut record = [0; 1];
+        client.read_exact(&mut record).await.expect("an alert");
+        assert_eq!(record[0], 21, "an alert record");
+    }
+
+    #[tokio::test]
     async fn streams_survive_records_split_across_reads_and_vectored_writes() {
         let (server, client) = pair().await;
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
@@ -904,6 +962,11 @@ mod tests {
             .await
             .expect_err("undecryptable record");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // Nothing is encrypted after a fatal alert.
+        server
+            .write_all(b"late")
+            .await
+            .expect_err("the session failed");
         // The client is told why.
         let err = client.read(&mut buf).await.expect_err("an alert");
         let alert = err
