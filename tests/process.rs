@@ -144,6 +144,56 @@ async fn json_logs() {
     assert_eq!(gw.exit_code().await, Some(0));
 }
 
+/// SPEC §5 on an mTLS listener: the connection line says TLS, and names the verified client
+/// certificate.
+#[tokio::test]
+async fn json_logs_name_the_client_certificate() {
+    let upstream = tcp_echo().await;
+    let server = make_pki(&["localhost"]);
+    let clients = make_pki(&["alice.example"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlog_format = \"json\"\nworkers = 1\n[[listener]]\nname = \"mtls\"\nbind = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }}\n[[route]]\npath = \"/\"\nupstream = \"tcp://{upstream}\"\n",
+            server.cert.display(),
+            server.key.display(),
+            clients.ca_cert.display()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&config, "", &[]);
+    let line = gw.wait_for_line("listening").await;
+    let value: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let addr: std::net::SocketAddr = value["fields"]["addr"]
+        .as_str()
+        .expect("addr field")
+        .parse()
+        .expect("an address");
+    let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = clients
+        .client_connector(&server)
+        .connect(name, socket)
+        .await
+        .expect("mTLS handshake");
+    let url = format!("wss://localhost:{}/", addr.port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    ws.send(Message::text("who")).await.unwrap();
+    next_data(&mut ws).await;
+    ws.close(None).await.unwrap();
+    let line = gw.wait_for_line("connection closed").await;
+    let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(value["fields"]["listener"], "mtls", "{line}");
+    assert_eq!(value["fields"]["tls"], true, "{line}");
+    let cert = value["fields"]["client_cert"].as_str().unwrap_or_default();
+    assert!(cert.contains("DNS:alice.example"), "{line}");
+    gw.signal("TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
 /// With RLIMIT_NOFILE at 48, holding 80 connections runs the process out of descriptors.
 /// The accept loop must log, back off (not spin), and serve again once descriptors are free.
 #[tokio::test]
