@@ -740,6 +740,17 @@ mod tests {
         let (server, client) = configs();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        handshake(&listener, addr, server, client).await
+    }
+
+    /// The server's handshake on the next connection `listener` accepts, and a client's
+    /// that connects to `to` (the listener, or something in between).
+    async fn handshake(
+        listener: &TcpListener,
+        to: std::net::SocketAddr,
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> (TlsStream<TcpStream>, ClientTls<TcpStream>) {
         let connector = tokio_rustls::TlsConnector::from(client);
         let (server, client) = tokio::join!(
             async {
@@ -747,7 +758,7 @@ mod tests {
                 TlsStream::accept(server, socket).await
             },
             async {
-                let socket = TcpStream::connect(addr).await.expect("connect");
+                let socket = TcpStream::connect(to).await.expect("connect");
                 let name = ServerName::try_from("localhost").expect("name");
                 connector.connect(name, socket).await
             }
@@ -814,19 +825,8 @@ mod tests {
             let down = tokio::io::copy(&mut server_read, &mut client_write);
             let _ = tokio::join!(up, down);
         });
-        let connector = tokio_rustls::TlsConnector::from(client_config);
-        let (server, client) = tokio::join!(
-            async {
-                let (socket, _) = listener.accept().await.expect("accept");
-                TlsStream::accept(server_config, socket).await
-            },
-            async {
-                let socket = TcpStream::connect(front_addr).await.expect("connect");
-                let name = ServerName::try_from("localhost").expect("name");
-                connector.connect(name, socket).await
-            }
-        );
-        let (mut server, mut client) = (server.expect("server"), client.expect("client"));
+        let (mut server, mut client) =
+            handshake(&listener, front_addr, server_config, client_config).await;
         assert_eq!(server.server_name(), Some("localhost"));
         client.write_all(b"slowly").await.expect("client write");
         client.flush().await.expect("client flush");
@@ -862,6 +862,23 @@ mod tests {
         let mut record = [0; 1];
         client.read_exact(&mut record).await.expect("an alert");
         assert_eq!(record[0], 21, "an alert record");
+    }
+
+    #[tokio::test]
+    async fn a_read_with_no_room_returns_at_once() {
+        let (mut server, mut client) = pair().await;
+        client.write_all(b"x").await.expect("client write");
+        client.flush().await.expect("client flush");
+        // Wait for the record, then ask with no room: the answer comes on the first poll.
+        tokio::time::timeout(Duration::from_secs(5), server.io.readable())
+            .await
+            .expect("the record came")
+            .expect("readable");
+        let empty = futures_util::FutureExt::now_or_never(server.read(&mut []));
+        assert_eq!(empty.expect("not left waiting").expect("no error"), 0);
+        let mut got = [0; 1];
+        server.read_exact(&mut got).await.expect("server read");
+        assert_eq!(&got, b"x");
     }
 
     #[tokio::test]
