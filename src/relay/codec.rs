@@ -101,6 +101,7 @@ impl Head {
     }
 
     /// Parses a header at the start of `bytes`: `Ok(None)` when it is not all there yet.
+    #[inline(always)]
     pub fn parse(bytes: &[u8]) -> Result<Option<(Head, usize)>, Failure> {
         let [b0, b1, ..] = *bytes else {
             return Ok(None);
@@ -243,53 +244,53 @@ impl Decoder {
 
     /// The next piece in `buf[*pos..]`, advancing `pos`; `None` when the rest must wait for
     /// more bytes (they are kept here if they are part of a header or control payload).
+    #[inline(always)]
     pub fn next(&mut self, buf: &[u8], pos: &mut usize) -> Result<Option<Piece>, Failure> {
-        loop {
-            if let Some((head, done)) = self.frame {
-                return Ok(self.payload(head, done, buf, pos));
-            }
-            if *pos == buf.len() {
-                return Ok(None);
-            }
-            let Some((head, used)) = self.parse_head(buf, pos)? else {
-                return Ok(None);
-            };
-            *pos += used;
-            if head.mask.is_some() != self.expect_masked {
-                return Err(Failure::protocol(if self.expect_masked {
-                    "client frames must be masked"
-                } else {
-                    "server frames must not be masked"
-                }));
-            }
-            if head.rsv1
-                && (!self.compressed
-                    || head.opcode.is_control()
-                    || head.opcode == OpCode::Continuation)
-            {
-                return Err(Failure::protocol("reserved bits set"));
-            }
-            if head.len > self.max_frame_size {
-                return Err(Failure {
-                    code: frames::TOO_BIG,
-                    reason: "message too big",
-                });
-            }
-            if head.len == 0 && !head.opcode.is_control() {
-                // An empty data frame has no payload piece to carry its header.
-                return Ok(Some(Piece::Data {
-                    head,
-                    offset: 0,
-                    range: *pos..*pos,
-                    end: true,
-                }));
-            }
-            self.frame = Some((head, 0));
+        // Taken, not copied: `payload` puts the frame back only while it is unfinished, so
+        // a frame that arrived whole (the common case) never touches `self.frame`.
+        if let Some((head, done)) = self.frame.take() {
+            return Ok(self.payload(head, done, buf, pos));
         }
+        if *pos == buf.len() {
+            return Ok(None);
+        }
+        let Some((head, used)) = self.parse_head(buf, pos)? else {
+            return Ok(None);
+        };
+        *pos += used;
+        if head.mask.is_some() != self.expect_masked {
+            return Err(Failure::protocol(if self.expect_masked {
+                "client frames must be masked"
+            } else {
+                "server frames must not be masked"
+            }));
+        }
+        if head.rsv1
+            && (!self.compressed || head.opcode.is_control() || head.opcode == OpCode::Continuation)
+        {
+            return Err(Failure::protocol("reserved bits set"));
+        }
+        if head.len > self.max_frame_size {
+            return Err(Failure {
+                code: frames::TOO_BIG,
+                reason: "message too big",
+            });
+        }
+        if head.len == 0 && !head.opcode.is_control() {
+            // An empty data frame has no payload piece to carry its header.
+            return Ok(Some(Piece::Data {
+                head,
+                offset: 0,
+                range: *pos..*pos,
+                end: true,
+            }));
+        }
+        Ok(self.payload(head, 0, buf, pos))
     }
 
     /// Parses a header from the bytes carried over plus `buf[*pos..]`. Returns how many bytes
     /// of `buf` it used.
+    #[inline(always)]
     fn parse_head(&mut self, buf: &[u8], pos: &usize) -> Result<Option<(Head, usize)>, Failure> {
         let rest = &buf[*pos..];
         if self.head_len == 0 {
@@ -316,6 +317,9 @@ impl Decoder {
         }
     }
 
+    /// The next piece of the frame `head`, of which `done` bytes came before; puts the frame
+    /// back in `self.frame` (taken by the caller) while it is unfinished.
+    #[inline(always)]
     fn payload(&mut self, head: Head, done: u64, buf: &[u8], pos: &mut usize) -> Option<Piece> {
         let available = (buf.len() - *pos) as u64;
         let take = (head.len - done).min(available) as usize;
@@ -323,16 +327,17 @@ impl Decoder {
         *pos += take;
         let now = done + take as u64;
         let end = now == head.len;
+        if !end {
+            self.frame = Some((head, now));
+        }
         if head.opcode.is_control() {
             if done == 0 {
                 self.control.clear();
             }
             self.control.extend_from_slice(&buf[start..*pos]);
             if !end {
-                self.frame = Some((head, now));
                 return None;
             }
-            self.frame = None;
             if let Some(key) = head.mask {
                 apply_mask(&mut self.control, key, 0);
             }
@@ -341,7 +346,6 @@ impl Decoder {
         if take == 0 {
             return None;
         }
-        self.frame = if end { None } else { Some((head, now)) };
         Some(Piece::Data {
             head,
             offset: done,
@@ -364,13 +368,22 @@ pub struct Output {
 
 impl Output {
     /// Appends `head` followed by the bytes at `payload`.
+    #[inline(always)]
     pub fn push(&mut self, buf: &mut [u8], head: &[u8], payload: Range<usize>) {
         let here = payload.start - head.len();
         let at = match &self.range {
             None => here,
             Some(r) => r.end,
         };
-        buf[at..at + head.len()].copy_from_slice(head);
+        let dst = &mut buf[at..at + head.len()];
+        // Copies of a known length are a few moves; a copy of any length is a call to memcpy,
+        // which for a header of a few bytes costs more than the rest of the push.
+        match head.len() {
+            0 => {}
+            2 => dst.copy_from_slice(&head[..2]),
+            6 => dst.copy_from_slice(&head[..6]),
+            _ => dst.copy_from_slice(head),
+        }
         let body = at + head.len();
         if body != payload.start {
             buf.copy_within(payload.clone(), body);

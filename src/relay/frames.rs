@@ -88,15 +88,16 @@ impl Incoming {
     }
 
     /// The next piece in `buf[*pos..]`, checked; see [`Decoder::next`].
+    #[inline(always)]
     pub fn next(&mut self, buf: &[u8], pos: &mut usize) -> Result<Option<Piece>, Failure> {
-        let piece = self.decoder.next(buf, pos)?;
-        if let Some(Piece::Data {
+        let piece = self.decoder.next(buf, pos);
+        if let Ok(Some(Piece::Data {
             head, offset: 0, ..
-        }) = &piece
+        })) = &piece
         {
             self.message.start(head)?;
         }
-        Ok(piece)
+        piece
     }
 }
 
@@ -127,6 +128,7 @@ impl MessageCheck {
 
     /// Checks the header of a data frame (Text, Binary or Continuation) against the message
     /// so far, before any of its payload is passed on.
+    #[inline(always)]
     pub fn start(&mut self, head: &Head) -> Result<(), Failure> {
         let opcode = match (head.opcode, self.current) {
             (OpCode::Continuation, Some(op)) => op,
