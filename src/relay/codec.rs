@@ -76,6 +76,18 @@ impl Head {
         }
     }
 
+    /// How many bytes [`Head::encode`] writes.
+    pub fn encoded_len(&self) -> usize {
+        let ext = if self.len < 126 {
+            0
+        } else if self.len <= u64::from(u16::MAX) {
+            2
+        } else {
+            8
+        };
+        2 + ext + if self.mask.is_some() { 4 } else { 0 }
+    }
+
     /// Writes the header with the shortest length encoding (RFC 6455 §5.2 asks for it);
     /// returns how many bytes of `out` it took.
     pub fn encode(&self, out: &mut [u8; MAX_HEAD]) -> usize {
@@ -185,6 +197,9 @@ pub enum Piece {
         offset: u64,
         range: Range<usize>,
         end: bool,
+        /// The header's length when it lies, as it arrived, right before `range` in this
+        /// buffer (a first piece whose header came whole in this read); else 0.
+        head_here: usize,
     },
     /// A whole control frame; its payload, unmasked, is [`Decoder::control`].
     Control(Head),
@@ -249,15 +264,17 @@ impl Decoder {
         // Taken, not copied: `payload` puts the frame back only while it is unfinished, so
         // a frame that arrived whole (the common case) never touches `self.frame`.
         if let Some((head, done)) = self.frame.take() {
-            return Ok(self.payload(head, done, buf, pos));
+            return Ok(self.payload(head, done, 0, buf, pos));
         }
         if *pos == buf.len() {
             return Ok(None);
         }
+        let carried = self.head_len > 0;
         let Some((head, used)) = self.parse_head(buf, pos)? else {
             return Ok(None);
         };
         *pos += used;
+        let head_here = if carried { 0 } else { used };
         if head.mask.is_some() != self.expect_masked {
             return Err(Failure::protocol(if self.expect_masked {
                 "client frames must be masked"
@@ -283,9 +300,10 @@ impl Decoder {
                 offset: 0,
                 range: *pos..*pos,
                 end: true,
+                head_here,
             }));
         }
-        Ok(self.payload(head, 0, buf, pos))
+        Ok(self.payload(head, 0, head_here, buf, pos))
     }
 
     /// Parses a header from the bytes carried over plus `buf[*pos..]`. Returns how many bytes
@@ -317,10 +335,18 @@ impl Decoder {
         }
     }
 
-    /// The next piece of the frame `head`, of which `done` bytes came before; puts the frame
-    /// back in `self.frame` (taken by the caller) while it is unfinished.
+    /// The next piece of the frame `head`, of which `done` bytes came before (`head_here`:
+    /// see [`Piece::Data`]); puts the frame back in `self.frame` (taken by the caller) while
+    /// it is unfinished.
     #[inline(always)]
-    fn payload(&mut self, head: Head, done: u64, buf: &[u8], pos: &mut usize) -> Option<Piece> {
+    fn payload(
+        &mut self,
+        head: Head,
+        done: u64,
+        head_here: usize,
+        buf: &[u8],
+        pos: &mut usize,
+    ) -> Option<Piece> {
         let available = (buf.len() - *pos) as u64;
         let take = (head.len - done).min(available) as usize;
         let start = *pos;
@@ -351,6 +377,7 @@ impl Decoder {
             offset: done,
             range: start..*pos,
             end,
+            head_here,
         })
     }
 }
@@ -435,6 +462,7 @@ mod tests {
                         offset,
                         range,
                         end,
+                        ..
                     })) => {
                         assert_eq!(offset as usize, current.len());
                         // Exactly one piece starts each frame (it carries the header out).

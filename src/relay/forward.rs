@@ -72,13 +72,14 @@ impl Forward {
         mut count: impl FnMut(usize, bool),
     ) -> Stop {
         loop {
-            let (head, offset, range, end) = match self.frames.next(buf, pos) {
+            let (head, offset, range, end, head_here) = match self.frames.next(buf, pos) {
                 Ok(Some(Piece::Data {
                     head,
                     offset,
                     range,
                     end,
-                })) => (head, offset, range, end),
+                    head_here,
+                })) => (head, offset, range, end, head_here),
                 Ok(Some(Piece::Control(head))) => return Stop::Control(head),
                 Ok(None) => return Stop::End,
                 Err(f) => return Stop::Violated(f, false),
@@ -103,7 +104,8 @@ impl Forward {
                     if offset == 0 {
                         // A fresh key per frame: reusing the client's would let it choose
                         // the exact bytes on the gateway→upstream link (RFC 6455 §10.3).
-                        self.remask = rand::random();
+                        // One draw of four bytes (an array would take four draws).
+                        self.remask = rand::random::<u32>().to_ne_bytes();
                     }
                     if self.frames.message.checks_text() {
                         apply_mask(payload, key, offset);
@@ -135,17 +137,140 @@ impl Forward {
             match self.reframe {
                 Reframe::Payload | Reframe::Inflated => out.push(buf, &[], range),
                 Reframe::Frames { mask } => {
-                    // The header travels with the frame's first piece.
-                    let mut h = [0u8; MAX_HEAD];
-                    let n = if offset == 0 {
-                        let mask = mask.then_some(self.remask);
-                        Head { mask, ..head }.encode(&mut h)
-                    } else {
-                        0
+                    if offset > 0 {
+                        out.push(buf, &[], range);
+                        continue;
+                    }
+                    // The header travels with the frame's first piece. It goes out as it
+                    // came but for the masking key (which side masks does not change on
+                    // the way through), so where it still lies in the buffer, in the
+                    // shortest encoding, it is reused in place: a read of whole frames is
+                    // then forwarded without moving a byte.
+                    let out_head = Head {
+                        mask: mask.then_some(self.remask),
+                        ..head
                     };
-                    out.push(buf, &h[..n], range);
+                    if head_here == out_head.encoded_len() {
+                        if mask {
+                            buf[range.start - 4..range.start].copy_from_slice(&self.remask);
+                        }
+                        out.push(buf, &[], range.start - head_here..range.end);
+                    } else {
+                        let mut h = [0u8; MAX_HEAD];
+                        let n = out_head.encode(&mut h);
+                        out.push(buf, &h[..n], range);
+                    }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::codec::OpCode;
+
+    /// A frame as a peer puts it on the wire, with its length in `ext` extra bytes (0, 2 or
+    /// 8: RFC 6455 asks for the shortest, a careless peer may not use it).
+    fn frame(payload: &[u8], ext: usize, key: Option<[u8; 4]>) -> Vec<u8> {
+        let mut wire = vec![0x82];
+        let m = if key.is_some() { 0x80 } else { 0 };
+        match ext {
+            0 => wire.push(m | payload.len() as u8),
+            2 => {
+                wire.push(m | 126);
+                wire.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            }
+            _ => {
+                wire.push(m | 127);
+                wire.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+            }
+        }
+        let mut body = payload.to_vec();
+        if let Some(key) = key {
+            wire.extend_from_slice(&key);
+            apply_mask(&mut body, key, 0);
+        }
+        wire.extend_from_slice(&body);
+        wire
+    }
+
+    /// Forwards `wire` (read whole, after `MAX_HEAD` bytes of headroom) and returns what
+    /// goes out.
+    fn forward(wire: &[u8], from_client: bool) -> Vec<u8> {
+        let frames = Incoming::new(from_client, false, false, 1 << 20, 1 << 20);
+        let mut fwd = Forward::new(frames, Reframe::Frames { mask: from_client });
+        let mut buf = vec![0u8; MAX_HEAD];
+        buf.extend_from_slice(wire);
+        let (mut pos, mut out) = (MAX_HEAD, Output::default());
+        assert!(matches!(
+            fwd.data(&mut buf, &mut pos, &mut out, true, |_, _| {}),
+            Stop::End
+        ));
+        buf[out.take()].to_vec()
+    }
+
+    /// Splits what went out into (header, payload unmasked) per frame.
+    fn read_back(mut wire: &[u8]) -> Vec<(Head, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while let Some((head, n)) = Head::parse(wire).unwrap() {
+            let mut body = wire[n..n + head.len as usize].to_vec();
+            if let Some(key) = head.mask {
+                apply_mask(&mut body, key, 0);
+            }
+            frames.push((head, body));
+            wire = &wire[n + head.len as usize..];
+        }
+        assert!(wire.is_empty());
+        frames
+    }
+
+    #[test]
+    fn whole_frames_toward_a_client_go_out_as_they_came() {
+        let wire = [frame(b"one", 0, None), frame(&[5; 300], 2, None)].concat();
+        assert_eq!(forward(&wire, false), wire);
+    }
+
+    #[test]
+    fn a_length_in_more_bytes_than_needed_is_written_the_short_way() {
+        let wire = [
+            frame(b"five!", 2, None),
+            frame(b"tiny", 8, None),
+            frame(b"ok", 0, None),
+        ]
+        .concat();
+        let out = forward(&wire, false);
+        assert_eq!(
+            out,
+            [
+                frame(b"five!", 0, None),
+                frame(b"tiny", 0, None),
+                frame(b"ok", 0, None)
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn frames_toward_an_upstream_get_a_fresh_key_each() {
+        let key = Some([1, 2, 3, 4]);
+        let wire = [
+            frame(b"hello", 0, key),
+            frame(&[7; 200], 2, key),
+            frame(b"x", 2, key),
+        ]
+        .concat();
+        let sent = forward(&wire, true);
+        // The third had a long-form length; it went out in the short form.
+        assert_eq!(sent.len(), (6 + 5) + (8 + 200) + (6 + 1));
+        let out = read_back(&sent);
+        let payloads: Vec<&[u8]> = out.iter().map(|(_, p)| p.as_slice()).collect();
+        assert_eq!(payloads, [&b"hello"[..], &[7; 200][..], &b"x"[..]]);
+        for (head, _) in &out {
+            assert_eq!(head.opcode, OpCode::Binary);
+            assert!(head.mask.is_some_and(|k| k != [1, 2, 3, 4]), "{head:?}");
+        }
+        assert_ne!(out[0].0.mask, out[1].0.mask, "a key per frame");
     }
 }
