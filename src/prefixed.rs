@@ -8,18 +8,66 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Bytes waiting to be read before anything new: `buf[at..]`. Holds no memory when empty.
+#[derive(Default)]
+pub struct PutBack {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl PutBack {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self { buf: bytes, at: 0 }
+    }
+
+    /// Adds `bytes` behind what is waiting.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    /// Puts `bytes` in front of what is waiting.
+    pub fn unread(&mut self, mut bytes: Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        bytes.extend_from_slice(&self.buf[self.at..]);
+        self.buf = bytes;
+        self.at = 0;
+    }
+
+    /// Copies what fits into `read`; true when there was something. The memory goes once
+    /// all of it has been read.
+    pub fn take(&mut self, read: &mut ReadBuf<'_>) -> bool {
+        if self.at == self.buf.len() {
+            return false;
+        }
+        let n = (self.buf.len() - self.at).min(read.remaining());
+        read.put_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        if self.at == self.buf.len() {
+            *self = PutBack::default();
+        }
+        true
+    }
+
+    /// The memory held (for tests of what an idle connection keeps).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
 /// A stream that yields `prefix` before its own bytes.
 pub struct Prefixed<S> {
-    prefix: Vec<u8>,
-    at: usize,
+    prefix: PutBack,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
     pub fn new(prefix: Vec<u8>, inner: S) -> Self {
         Self {
-            prefix,
-            at: 0,
+            prefix: PutBack::new(prefix),
             inner,
         }
     }
@@ -30,15 +78,8 @@ impl<S> Prefixed<S> {
 
     /// Puts `bytes` back in front of whatever is still unread: what was read past a request
     /// head comes first, then the rest of the prefix, then the stream.
-    pub fn unread(&mut self, mut bytes: Vec<u8>) {
-        if bytes.is_empty() {
-            return;
-        }
-        if self.at < self.prefix.len() {
-            bytes.extend_from_slice(&self.prefix[self.at..]);
-        }
-        self.prefix = bytes;
-        self.at = 0;
+    pub fn unread(&mut self, bytes: Vec<u8>) {
+        self.prefix.unread(bytes);
     }
 }
 
@@ -49,15 +90,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.at < this.prefix.len() {
-            let rest = &this.prefix[this.at..];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.at += n;
-            if this.at == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.at = 0;
-            }
+        if this.prefix.take(buf) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

@@ -28,6 +28,8 @@ use rustls::unbuffered::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::prefixed::PutBack;
+
 /// A pooled buffer: two full records (16 KiB of plaintext each, and their overhead).
 const SPARE: usize = 2 * (0x4000 + 256);
 /// Spare buffers a thread keeps; more are freed when given back.
@@ -78,7 +80,7 @@ pub struct TlsStream<IO> {
     outgoing: Outgoing,
     /// Plaintext decrypted and not yet read (it did not fit the reader's buffer, or it came
     /// while writing), or put back with [`TlsStream::unread`].
-    plain: Plain,
+    plain: PutBack,
     server_name: Option<Box<str>>,
     /// The peer sent close_notify: reads are at their end.
     read_closed: bool,
@@ -107,7 +109,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             conn: UnbufferedServerConnection::new(config)?,
             incoming: Incoming::default(),
             outgoing: Outgoing::default(),
-            plain: Plain::default(),
+            plain: PutBack::default(),
             server_name: None,
             read_closed: false,
             write_closed: false,
@@ -333,7 +335,7 @@ fn sni(acceptor: &mut Acceptor, mut bytes: &[u8]) -> Option<Option<Box<str>>> {
 fn deliver(
     records: &mut ReadTraffic<'_, '_, rustls::server::ServerConnectionData>,
     mut read: Option<&mut ReadBuf<'_>>,
-    plain: &mut Plain,
+    plain: &mut PutBack,
 ) -> Result<(bool, usize), rustls::Error> {
     let mut copied = false;
     let mut consumed = 0;
@@ -659,44 +661,6 @@ impl Outgoing {
     }
 }
 
-/// Plaintext not yet read: `buf[at..]`.
-#[derive(Default)]
-struct Plain {
-    buf: Vec<u8>,
-    at: usize,
-}
-
-impl Plain {
-    fn push(&mut self, bytes: &[u8]) {
-        if !bytes.is_empty() {
-            self.buf.extend_from_slice(bytes);
-        }
-    }
-
-    fn unread(&mut self, mut bytes: Vec<u8>) {
-        if bytes.is_empty() {
-            return;
-        }
-        bytes.extend_from_slice(&self.buf[self.at..]);
-        self.buf = bytes;
-        self.at = 0;
-    }
-
-    /// Copies what fits into `read`; true when there was something.
-    fn take(&mut self, read: &mut ReadBuf<'_>) -> bool {
-        if self.at == self.buf.len() {
-            return false;
-        }
-        let n = (self.buf.len() - self.at).min(read.remaining());
-        read.put_slice(&self.buf[self.at..self.at + n]);
-        self.at += n;
-        if self.at == self.buf.len() {
-            *self = Plain::default();
-        }
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -772,7 +736,7 @@ mod tests {
     fn holds_no_buffers<IO>(stream: &TlsStream<IO>) -> bool {
         stream.incoming.buf.capacity() == 0
             && stream.outgoing.buf.capacity() == 0
-            && stream.plain.buf.capacity() == 0
+            && stream.plain.capacity() == 0
     }
 
     #[tokio::test]
