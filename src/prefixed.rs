@@ -1,6 +1,7 @@
-//! A stream with bytes already read from it put back in front: what followed a PROXY header
-//! in the same read, what an upstream sent right behind its 101, or a client's first request
-//! head (for hyper) and what came behind it (for the relay).
+//! Bytes already read put back in front of a stream: what followed a PROXY header in the
+//! same read, what an upstream sent right behind its 101, a client's first request head (for
+//! hyper) and what came behind it (for the relay), and the TLS stream's plaintext that did
+//! not fit the reader's buffer.
 
 use std::io;
 use std::pin::Pin;

@@ -751,7 +751,10 @@ mod tests {
         assert_eq!(&got, b"ping");
         // The record was used up by the read that returned it: its buffer went back then,
         // not at the next read that finds nothing.
-        assert!(holds_no_buffers(&server), "after a read that used up its record");
+        assert!(
+            holds_no_buffers(&server),
+            "after a read that used up its record"
+        );
         // Small slices go out joined into one record.
         let parts = [io::IoSlice::new(b"po"), io::IoSlice::new(b"ng")];
         let written = server.write_vectored(&parts).await.expect("server write");
