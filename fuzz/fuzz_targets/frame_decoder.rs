@@ -16,7 +16,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wsgate::relay::codec::{OpCode, Piece, apply_mask};
+use wsgate::relay::codec::{Head, OpCode, Piece, apply_mask};
 use wsgate::relay::frames::{Failure, Incoming, check_close};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -81,8 +81,21 @@ fn run<'a>(
                     offset,
                     range,
                     end,
+                    head_here,
                 } => {
                     assert!(!head.opcode.is_control());
+                    if head_here > 0 {
+                        // The relay reuses these bytes as the outgoing header: they must be
+                        // exactly this frame's header, whole, right before its payload.
+                        assert_eq!(offset, 0, "a header before a later piece");
+                        let at = range.start - head_here;
+                        assert!(at >= before, "a header from an earlier step");
+                        assert_eq!(
+                            Head::parse(&buf[at..range.start]),
+                            Ok(Some((head, head_here))),
+                            "the bytes before the payload are not its header"
+                        );
+                    }
                     assert!(
                         range.start >= before && range.end == pos,
                         "{range:?} {before} {pos}"

@@ -59,7 +59,11 @@ fn build(data: &[u8]) -> Option<Request<()>> {
         .ok()?;
     if connect && version == Version::HTTP_2 {
         // hyper's `:protocol`; half the CONNECTs ask for another protocol than websocket.
-        let protocol = if data.len() % 2 == 0 { "websocket" } else { "webtransport" };
+        let protocol = if data.len() % 2 == 0 {
+            "websocket"
+        } else {
+            "webtransport"
+        };
         req.extensions_mut()
             .insert(hyper::ext::Protocol::from_static(protocol));
     }
@@ -115,7 +119,11 @@ fuzz_target!(|data: &[u8]| {
                 );
                 let response = handshake::connect_accepted::<()>(None);
                 assert_eq!(response.status(), StatusCode::OK);
-                assert!(!response.headers().contains_key(header::SEC_WEBSOCKET_ACCEPT));
+                assert!(
+                    !response
+                        .headers()
+                        .contains_key(header::SEC_WEBSOCKET_ACCEPT)
+                );
                 assert_eq!(
                     upgrade.protocols,
                     handshake::offered_protocols(req.headers())

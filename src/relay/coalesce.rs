@@ -17,11 +17,13 @@ use tokio::io::AsyncWrite;
 /// would cost more than the system call it saves.
 const DIRECT: usize = 8 * 1024;
 /// With nothing buffered, writes at least this large go straight to the socket. A pump
-/// writes the frames of one read as one slice, and its next read of a socket that has more
-/// would fill a whole read buffer (past `DIRECT`), so a batch of this size would not have
-/// been joined by another before the flush: copying it in, allocating for it and freeing it
-/// were all waste (a tenth of the ws relay's instructions per small message). Smaller
-/// writes (control frames, a lone small message) still wait for company.
+/// writes the frames of one read as one slice and, nearly always, its next read either finds
+/// nothing (tokio clears readiness after a short read, and the flush follows) or fills a
+/// whole read buffer (past `DIRECT`): no later write would have joined the batch before the
+/// flush, so copying it in, allocating for it and freeing it were waste (a tenth of the ws
+/// relay's instructions per small message). When a few more bytes do follow at once, or a
+/// control frame splits a read's frames, this costs a system call more, nothing else.
+/// Smaller writes (control frames, a lone small message) still wait for company.
 const PASS: usize = 512;
 /// The buffer is flushed when it would grow past this.
 const LIMIT: usize = 32 * 1024;
@@ -70,7 +72,8 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Coalescing<W> {
             match Pin::new(&mut this.inner).poll_write(cx, data) {
                 // A short write: `write_all` comes back with the rest.
                 Poll::Ready(done) => return Poll::Ready(done),
-                // The socket is full: the bytes wait in the buffer like any others.
+                // The socket is full: below `DIRECT` the bytes wait in the buffer like any
+                // others; at or past it the write waits for the socket, as before.
                 Poll::Pending => {}
             }
         }

@@ -223,7 +223,8 @@ impl<W: AsyncWrite + Unpin> PeerWriter<'_, W> {
 
     pub(super) async fn write_control(&mut self, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
         let payload = &payload[..payload.len().min(MAX_CONTROL)];
-        let mask = self.peer.masks.then(rand::random::<[u8; 4]>);
+        // One draw of four bytes (an array would take four draws).
+        let mask = self.peer.masks.then(|| rand::random::<u32>().to_ne_bytes());
         let mut frame = [0u8; MAX_HEAD + MAX_CONTROL];
         let mut head = [0u8; MAX_HEAD];
         let n = Head::new(true, opcode, mask, payload.len()).encode(&mut head);
