@@ -61,30 +61,47 @@ impl<W: AsyncWrite + Unpin> Coalescing<W> {
     }
 }
 
+impl<W: AsyncWrite + Unpin> Coalescing<W> {
+    /// Takes a write of `len` bytes: `write` sends them to the inner writer, `copy` appends
+    /// them to the buffer. Bytes go straight out only with nothing buffered before them, so
+    /// order holds; the inner writer is polled at most once per drained buffer.
+    fn poll_put(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        write: impl FnOnce(Pin<&mut W>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+        copy: impl FnOnce(&mut Vec<u8>),
+    ) -> Poll<io::Result<usize>> {
+        if !self.buf.is_empty() && (len >= DIRECT || self.buf.len() + len > LIMIT) {
+            ready!(self.poll_drain(cx))?;
+        }
+        if self.buf.is_empty() && len >= PASS {
+            match write(Pin::new(&mut self.inner), cx) {
+                // A short write: `write_all` comes back with the rest.
+                Poll::Ready(done) => return Poll::Ready(done),
+                // The socket is full: a large write waits for it; a smaller one waits in the
+                // buffer like any other.
+                Poll::Pending if len >= DIRECT => return Poll::Pending,
+                Poll::Pending => {}
+            }
+        }
+        copy(&mut self.buf);
+        Poll::Ready(Ok(len))
+    }
+}
+
 impl<W: AsyncWrite + Unpin> AsyncWrite for Coalescing<W> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.buf.is_empty() && data.len() >= PASS {
-            match Pin::new(&mut this.inner).poll_write(cx, data) {
-                // A short write: `write_all` comes back with the rest.
-                Poll::Ready(done) => return Poll::Ready(done),
-                // The socket is full: below `DIRECT` the bytes wait in the buffer like any
-                // others; at or past it the write waits for the socket, as before.
-                Poll::Pending => {}
-            }
-        }
-        if data.len() >= DIRECT || this.buf.len() + data.len() > LIMIT {
-            ready!(this.poll_drain(cx))?;
-            if data.len() >= DIRECT {
-                return Pin::new(&mut this.inner).poll_write(cx, data);
-            }
-        }
-        this.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        self.get_mut().poll_put(
+            cx,
+            data.len(),
+            |inner, cx| inner.poll_write(cx, data),
+            |buf| buf.extend_from_slice(data),
+        )
     }
 
     fn poll_write_vectored(
@@ -92,24 +109,13 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Coalescing<W> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let this = self.get_mut();
-        if this.buf.is_empty() && total >= PASS {
-            match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-                Poll::Ready(done) => return Poll::Ready(done),
-                Poll::Pending => {}
-            }
-        }
-        if total >= DIRECT || this.buf.len() + total > LIMIT {
-            ready!(this.poll_drain(cx))?;
-            if total >= DIRECT {
-                return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-            }
-        }
-        for b in bufs {
-            this.buf.extend_from_slice(b);
-        }
-        Poll::Ready(Ok(total))
+        let total = bufs.iter().map(|b| b.len()).sum();
+        self.get_mut().poll_put(
+            cx,
+            total,
+            |inner, cx| inner.poll_write_vectored(cx, bufs),
+            |buf| bufs.iter().for_each(|b| buf.extend_from_slice(b)),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
