@@ -23,9 +23,7 @@ impl PutBack {
 
     /// Adds `bytes` behind what is waiting.
     pub fn push(&mut self, bytes: &[u8]) {
-        if !bytes.is_empty() {
-            self.buf.extend_from_slice(bytes);
-        }
+        self.buf.extend_from_slice(bytes);
     }
 
     /// Puts `bytes` in front of what is waiting.

@@ -402,15 +402,7 @@ impl Output {
             None => here,
             Some(r) => r.end,
         };
-        let dst = &mut buf[at..at + head.len()];
-        // Copies of a known length are a few moves; a copy of any length is a call to memcpy,
-        // which for a header of a few bytes costs more than the rest of the push.
-        match head.len() {
-            0 => {}
-            2 => dst.copy_from_slice(&head[..2]),
-            6 => dst.copy_from_slice(&head[..6]),
-            _ => dst.copy_from_slice(head),
-        }
+        buf[at..at + head.len()].copy_from_slice(head);
         let body = at + head.len();
         if body != payload.start {
             buf.copy_within(payload.clone(), body);
@@ -542,6 +534,17 @@ mod tests {
         let mut d = Decoder::new(false, 10);
         let err = d.next(&[0x82, 11], &mut 0).unwrap_err();
         assert_eq!(err.code, frames::TOO_BIG);
+    }
+
+    #[test]
+    fn encoded_len_is_what_encode_writes() {
+        for len in [0, 125, 126, 65_535, 65_536] {
+            for mask in [None, Some([1, 2, 3, 4])] {
+                let head = Head::new(true, OpCode::Binary, mask, len);
+                let mut out = [0u8; MAX_HEAD];
+                assert_eq!(head.encoded_len(), head.encode(&mut out), "{head:?}");
+            }
+        }
     }
 
     #[test]

@@ -199,16 +199,25 @@ mod tests {
     /// Forwards `wire` (read whole, after `MAX_HEAD` bytes of headroom) and returns what
     /// goes out.
     fn forward(wire: &[u8], from_client: bool) -> Vec<u8> {
+        forward_reads(&[wire], from_client)
+    }
+
+    /// Forwards `reads`, one after the other as a pump reads them, and returns what goes out.
+    fn forward_reads(reads: &[&[u8]], from_client: bool) -> Vec<u8> {
         let frames = Incoming::new(from_client, false, false, 1 << 20, 1 << 20);
         let mut fwd = Forward::new(frames, Reframe::Frames { mask: from_client });
-        let mut buf = vec![0u8; MAX_HEAD];
-        buf.extend_from_slice(wire);
-        let (mut pos, mut out) = (MAX_HEAD, Output::default());
-        assert!(matches!(
-            fwd.data(&mut buf, &mut pos, &mut out, true, |_, _| {}),
-            Stop::End
-        ));
-        buf[out.take()].to_vec()
+        let mut sent = Vec::new();
+        for read in reads {
+            let mut buf = vec![0u8; MAX_HEAD];
+            buf.extend_from_slice(read);
+            let (mut pos, mut out) = (MAX_HEAD, Output::default());
+            assert!(matches!(
+                fwd.data(&mut buf, &mut pos, &mut out, true, |_, _| {}),
+                Stop::End
+            ));
+            sent.extend_from_slice(&buf[out.take()]);
+        }
+        sent
     }
 
     /// Splits what went out into (header, payload unmasked) per frame.
@@ -250,6 +259,20 @@ mod tests {
             ]
             .concat()
         );
+    }
+
+    #[test]
+    fn a_header_split_across_reads_is_written_whole() {
+        let key = Some([1, 2, 3, 4]);
+        let wire = [frame(b"first", 0, key), frame(&[3; 300], 2, key)].concat();
+        // The second header ends three bytes into the next read: it is carried over, so it
+        // cannot be reused where it lies and is written afresh.
+        let cut = 6 + 5 + 5;
+        let sent = forward_reads(&[&wire[..cut], &wire[cut..]], true);
+        let out = read_back(&sent);
+        let payloads: Vec<&[u8]> = out.iter().map(|(_, p)| p.as_slice()).collect();
+        assert_eq!(payloads, [&b"first"[..], &[3; 300][..]]);
+        assert_eq!(sent.len(), (6 + 5) + (8 + 300));
     }
 
     #[test]
