@@ -22,8 +22,8 @@
 //!   deadlines; PROXY header, TLS and the client handshake for ws upstreams.
 //! - [`relay`]: the two pumps per connection: frames parsed and streamed in place through
 //!   pooled read buffers; close codes, half-close, limits.
-//! - [`tls`], [`shutdown`], [`telemetry`], [`sockets`]: TLS settings, signals, logs and
-//!   counters, TCP options.
+//! - [`tls`], [`shutdown`], [`telemetry`], [`sockets`], [`runtime`]: TLS settings, signals,
+//!   logs and counters, TCP options, the tokio runtime (one thread for one worker).
 //! - [`systemd`], [`handover`]: running under a supervisor: readiness and watchdog
 //!   notifications, socket activation, and the binary upgrade that hands the listening
 //!   sockets to a new process.
@@ -79,6 +79,7 @@ pub mod proxy_protocol;
 pub mod ready;
 pub mod relay;
 pub mod routing;
+pub mod runtime;
 pub mod server;
 pub mod shutdown;
 pub mod sockets;

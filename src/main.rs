@@ -239,13 +239,7 @@ fn run(path: &Path, options: RunOptions) -> ExitCode {
     wsgate::telemetry::init_logging(
         options.log_json || config.gateway.log_format == LogFormat::Json,
     );
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // Default: one worker per CPU in the process's affinity mask (tokio's default), so a
-    // gateway pinned with taskset runs one worker instead of contending with itself.
-    if let Some(workers) = config.gateway.workers {
-        builder.worker_threads(workers);
-    }
-    let runtime = match builder.enable_all().build() {
+    let runtime = match wsgate::runtime::build(config.gateway.workers) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("wsgate: cannot start the runtime: {e}");
