@@ -66,6 +66,9 @@ pub(super) struct State {
     /// The client pump is blocked writing to a slow upstream, so it reads no pongs: the
     /// client may well be alive (keepalive must not judge it then).
     pub(super) upstream_backlog: AtomicBool,
+    /// Raised by each pump when it starts a flush, lowered at every poll of the pumps (see
+    /// `read_or_flush`).
+    flushing: [AtomicBool; 2],
 }
 
 impl State {
@@ -84,7 +87,26 @@ impl State {
             timed_out: AtomicBool::new(false),
             cut_short: AtomicBool::new(false),
             upstream_backlog: AtomicBool::new(false),
+            flushing: [AtomicBool::new(false), AtomicBool::new(false)],
         }
+    }
+
+    /// The pumps are being polled (only the timers call it, once per poll).
+    pub(super) fn polling(&self) {
+        for flag in &self.flushing {
+            flag.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Pump number `pump` starts a flush.
+    pub(super) fn flush_starts(&self, pump: usize) {
+        self.flushing[pump].store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the pumps have not been polled again since pump number `pump` started its
+    /// flush.
+    pub(super) fn flushed_in_the_same_poll(&self, pump: usize) -> bool {
+        self.flushing[pump].load(Ordering::Relaxed)
     }
 
     /// Fires at the first Close frame in either direction: the close deadline starts.

@@ -110,6 +110,7 @@ where
             };
         }
         let (state, client) = (*this.state, *this.client);
+        state.polling();
         if state.abort().poll_fired(cx).is_ready() || this.pumps.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }

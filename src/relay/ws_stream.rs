@@ -162,6 +162,8 @@ async fn forward_client<C: AsyncRead + AsyncWrite + Unpin>(
         let read = std::pin::pin!(buffers::read(client_rx));
         let flushed = read_or_flush!(
             read,
+            state,
+            0,
             {
                 let _backlog = state.writing_upstream();
                 // A failure shows again at the next write, or in the other pump's read.

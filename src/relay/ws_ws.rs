@@ -129,11 +129,10 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
     let mut held = None;
     loop {
         let read = std::pin::pin!(buffers::read(from_rx));
-        // Holding the writer in the middle of a frame, the wait is for this side's data, not
-        // for the peer's reading (see keepalive).
-        let mid_frame_wait = held.is_some().then_some(&to.awaiting_frame_rest);
         let read = read_or_flush!(
             read,
+            state,
+            usize::from(to_upstream),
             {
                 // Toward the upstream, the wait counts as its backlog (see keepalive).
                 let _backlog = to_upstream.then(|| state.writing_upstream());
@@ -143,7 +142,9 @@ async fn pump<F: AsyncRead + AsyncWrite + Unpin, T: AsyncWrite + Unpin>(
                     None => to.flush().await,
                 };
             },
-            mid_frame_wait
+            // Holding the writer in the middle of a frame, the wait is for this side's data,
+            // not for the peer's reading (see keepalive).
+            held.is_some().then_some(&to.awaiting_frame_rest)
         );
         let mid_frame = forward.frames.decoder.in_data_frame();
         let mut chunk = match read {
