@@ -579,6 +579,73 @@ async fn basic_auth_against_htpasswd() {
     gw.stop().await;
 }
 
+/// `web_auth` (websockify's `--web-auth`): the files need the credentials the WebSocket needs;
+/// without it the same files are public.
+#[tokio::test]
+async fn web_auth_guards_the_web_root_with_the_route_auth() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "page").unwrap();
+    let hash = bcrypt::hash("opensesame", 4).unwrap();
+    let users = write(dir.path(), "users", &format!("alice:{hash}\n"));
+    let echo = tcp_echo().await;
+    let route = |path: &str, web_auth: bool| {
+        format!(
+            "[[route]]\npath = \"{path}\"\nweb_root = \"{}\"\nweb_auth = {web_auth}\nupstream = \"tcp://{echo}\"\nauth = {{ basic = {{ htpasswd = \"{users}\", realm = \"fleet\" }} }}\n",
+            dir.path().display()
+        )
+    };
+    let gw = start_gateway(&format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n\n{}\n{}",
+        route("/guarded", true),
+        route("/open", false)
+    ))
+    .await;
+    let authorization = |password: &str| {
+        format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(format!("alice:{password}"))
+        )
+    };
+    let get = |path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n")
+    };
+    for extra in [String::new(), authorization("wrong")] {
+        let refused = raw_request(gw.addr(), &get("/guarded/index.html", &extra)).await;
+        assert_eq!(refused.status, 401, "{extra}");
+        assert_eq!(
+            refused.header("www-authenticate"),
+            Some("Basic realm=\"fleet\", charset=\"UTF-8\"")
+        );
+        assert!(!refused.body.contains("page"), "{}", refused.body);
+    }
+    // HEAD: the answer has a length and no body, so only its head is read.
+    let mut stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    stream
+        .write_all(
+            get("/guarded/index.html", "")
+                .replacen("GET", "HEAD", 1)
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    within("the HEAD answer", stream.read_to_end(&mut head))
+        .await
+        .unwrap();
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let served = raw_request(
+        gw.addr(),
+        &get("/guarded/index.html", &authorization("opensesame")),
+    )
+    .await;
+    assert_eq!((served.status, served.body.as_str()), (200, "page"));
+    let public = raw_request(gw.addr(), &get("/open/index.html", "")).await;
+    assert_eq!((public.status, public.body.as_str()), (200, "page"));
+    gw.stop().await;
+}
+
 /// An auth service: `Authorization: Bearer good` → 200 with `X-User: alice`, `forbidden` →
 /// 403, `hang` → no answer at all, anything else → 401.
 async fn auth_service() -> std::net::SocketAddr {
@@ -848,6 +915,14 @@ fn fleet_configuration_errors_name_the_key() {
         (
             "upstream = \"ws://127.0.0.1:1\"\nframing = \"lines\"",
             "route[0].framing: applies to tcp and unix upstreams",
+        ),
+        (
+            "upstream = \"tcp://127.0.0.1:1\"\nweb_auth = true\nauth = { basic = { htpasswd = \"u\" } }",
+            "route[0].web_auth: needs web_root",
+        ),
+        (
+            "web_root = \"/\"\nweb_auth = true",
+            "route[0].web_auth: needs auth",
         ),
         (
             "upstream = \"tcp://127.0.0.1:1\"\nidentity_header = \"x-user\"",

@@ -123,6 +123,7 @@ pub struct RouteSection {
     pub insecure_skip_verify: Option<Spanned<bool>>,
     pub faults: Option<Spanned<FaultsSection>>,
     pub web_root: Option<Spanned<String>>,
+    pub web_auth: Option<Spanned<bool>>,
     pub targets: Option<Spanned<TargetsSection>>,
     pub token_from: Option<Spanned<String>>,
     pub allowed_targets: Option<Spanned<Vec<String>>>,

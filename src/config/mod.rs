@@ -352,6 +352,9 @@ pub struct RouteConfig {
     pub faults: Option<Faults>,
     /// Plain GET and HEAD requests under the route's path are answered from this folder.
     pub web_root: Option<PathBuf>,
+    /// The web root's files are answered only to clients that pass `auth` (websockify's
+    /// `--web-auth`); without it they are public, as the page that starts the login must be.
+    pub web_auth: bool,
     /// The upstream is chosen per connection by a token (websockify's TokenFile), in place of
     /// `upstreams` (which is then empty).
     pub targets: Option<TokenTargets>,

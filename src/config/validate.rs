@@ -1007,6 +1007,7 @@ impl Validator<'_> {
         let client_key_path = wss_only(section.client_key, "client_key");
         let tls_server_name = wss_only(section.tls_server_name, "tls_server_name");
         let faults = section.faults.and_then(|f| self.faults(f, &key));
+        let web_root_written = section.web_root.is_some();
         let web_root = section.web_root.take().and_then(|dir| {
             let path = PathBuf::from(dir.get_ref());
             if path.is_dir() {
@@ -1095,7 +1096,22 @@ impl Validator<'_> {
                 rules
             }
         };
+        let auth_written = section.auth.is_some();
         let auth = section.auth.take().and_then(|a| self.auth(a, &key));
+        let web_auth = match section.web_auth.take() {
+            Some(flag) if *flag.get_ref() => {
+                let missing = match (web_root_written, auth_written) {
+                    (false, _) => Some("needs web_root: it guards the web root's files"),
+                    (true, false) => Some("needs auth: it says who may fetch the files"),
+                    (true, true) => None,
+                };
+                if let Some(message) = missing {
+                    self.issue(&flag, format!("{key}.web_auth"), message);
+                }
+                true
+            }
+            _ => false,
+        };
         let identity_header = section.identity_header.take().and_then(|name| {
             if http::HeaderName::from_bytes(name.get_ref().as_bytes()).is_err() {
                 self.issue(
@@ -1211,6 +1227,7 @@ impl Validator<'_> {
             insecure_skip_verify,
             faults,
             web_root,
+            web_auth,
             targets,
             allowed_targets,
             auth,

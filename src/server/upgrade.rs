@@ -4,7 +4,7 @@
 //!    Host): 400;
 //! 2. the path, normalised (`routing::normalize_path`): 400 for dot segments or bad escapes;
 //! 3. the route for (listener, Host, path): 404; a plain GET under its `web_root` is answered
-//!    with the file here;
+//!    with the file here (after authentication, with `web_auth`: 401 or 403);
 //! 4. the upgrade itself (RFC 6455 §4.2.1, no body; RFC 8441's extended CONNECT over
 //!    HTTP/2): 405, 426, 400 or 501;
 //! 5. the route's Origin allow-list: 403;
@@ -324,6 +324,9 @@ impl UpgradeRequest<'_> {
         if let Some(root) = &route.web_root
             && !handshake::wants_upgrade(req)
         {
+            if route.web_auth {
+                self.authenticate(&target, req, &[]).await?;
+            }
             return Ok(Answer::Served(serve_file(root, route, &path, req).await));
         }
         if route.upstreams.is_empty() && target.tokens.is_none() {
